@@ -1,0 +1,28 @@
+# The two commands: `make demo` and `make test`. Both install first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# torch/torchvision are pinned only here, to the pair this machine's wheel cache holds;
+# setup.py asks for ranges so the package installs anywhere.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(STAMP): setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	bash scripts/demo.sh
+
+clean:
+	rm -rf $(VENV) save/demo

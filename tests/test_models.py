@@ -1,0 +1,223 @@
+"""The model zoo against RepDistiller's facts and the `Features` contract.
+
+The reference (tests/data/repdistiller_models.json, a copy of
+shared/reference/repdistiller_models.json) was read off RepDistiller's own
+models: parameter count, every state_dict key and shape (num_classes=100),
+and the feature shapes for a 2x3x32x32 input.
+
+Tests are grouped per model by the module-scoped `name` fixture, so each
+model is built once and only one lives at a time. Its BatchNorm affine
+parameters and running statistics are randomised, so that eval-mode checks
+(e.g. "preact is BN(stage)") cannot pass by BN being the identity.
+"""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models import FeatureModel, Features, model_dict
+
+HERE = Path(__file__).resolve().parent
+REF_PATH = HERE / "data" / "repdistiller_models.json"
+SHARED_REF_PATH = (Path(__file__).resolve().parents[2] / "shared" / "reference"
+                   / "repdistiller_models.json")
+REF = json.loads(REF_PATH.read_text())
+MODELS = REF["models"]
+NAMES = list(MODELS)
+
+RESNETS = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet44",
+           "resnet56", "resnet110", "resnet8x4", "resnet32x4",
+           "ResNet18", "ResNet34", "ResNet50"]
+VGGS = ["vgg8", "vgg11", "vgg13", "vgg16", "vgg19"]
+WRNS = ["wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"]
+POST_ACTIVATION = set(RESNETS + VGGS + ["ShuffleV1", "ShuffleV2"])
+NO_RELU_AFTER_STAGE = {"MobileNetV2"}
+
+
+def _input() -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(*REF["input_shape"], generator=g)
+
+
+def _randomise_bn(model: nn.Module) -> None:
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.weight.copy_(0.5 + torch.rand(c, generator=g))
+                m.bias.copy_(0.1 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+
+
+@pytest.fixture(scope="module", params=NAMES)
+def name(request):
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def model(name):
+    torch.manual_seed(0)
+    m = model_dict[name]()  # default num_classes is 100
+    _randomise_bn(m)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def feats(model) -> Features:
+    with torch.no_grad():
+        return model.forward_features(_input())
+
+
+def _shape(t):
+    return list(t.shape)
+
+
+# --- registry and reference -------------------------------------------------
+
+def test_registry_holds_exactly_the_reference_names():
+    assert set(model_dict) == set(MODELS)
+    assert len(model_dict) == 24
+
+
+def test_reference_copy_matches_shared():
+    if not SHARED_REF_PATH.exists():
+        pytest.skip("shared/reference is not present (clean clone)")
+    assert json.loads(SHARED_REF_PATH.read_text()) == REF
+
+
+# --- structure ----------------------------------------------------------------
+
+def test_state_dict_keys_and_shapes(name, model):
+    want = {k: shape for k, shape in MODELS[name]["state_dict"]}
+    got = {k: _shape(v) for k, v in model.state_dict().items()}
+    assert set(got) == set(want), (
+        f"missing {sorted(set(want) - set(got))[:5]}, "
+        f"extra {sorted(set(got) - set(want))[:5]}")
+    bad = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+    assert not bad
+
+
+def test_parameter_count(name, model):
+    assert sum(p.numel() for p in model.parameters()) == MODELS[name]["params"]
+
+
+def test_is_feature_model_with_one_code_path(model):
+    assert isinstance(model, FeatureModel)
+    # forward is the base class's (logits of forward_features), not a copy.
+    assert type(model).forward is FeatureModel.forward
+
+
+def test_num_classes_argument(name):
+    m = model_dict[name](num_classes=10).eval()
+    with torch.no_grad():
+        assert _shape(m(_input())) == [2, 10]
+
+
+# --- features -----------------------------------------------------------------
+
+def test_feature_shapes(name, feats):
+    want = MODELS[name]["features"]
+    assert isinstance(feats, Features)
+    assert _shape(feats.stem) == want["stem"]
+    assert [_shape(s) for s in feats.stages] == want["stages"]
+    assert _shape(feats.pooled) == want["pooled"]
+    assert _shape(feats.logits) == want["logits"]
+    assert torch.isfinite(feats.logits).all()
+
+
+def test_preact_shapes(feats):
+    assert len(feats.preact) == len(feats.stages)
+    for pre, stage in zip(feats.preact, feats.stages):
+        assert pre.shape == stage.shape
+
+
+def test_stage_channels(model, feats):
+    assert len(model.stage_channels) == len(feats.stages)
+    assert model.stage_channels == [s.shape[1] for s in feats.stages]
+    assert all(type(c) is int for c in model.stage_channels)
+
+
+def test_bn_before_relu(name, model):
+    bns = model.bn_before_relu()
+    assert len(bns) == len(model.stage_channels)
+    own = {id(m) for m in model.modules()}
+    for bn, c in zip(bns, model.stage_channels):
+        assert isinstance(bn, nn.BatchNorm2d)
+        assert id(bn) in own
+        # ShuffleV2's bn3 sits on the convolved half of the split.
+        assert bn.num_features == (c // 2 if name == "ShuffleV2" else c)
+    assert model.get_bn_before_relu() == bns
+
+
+def test_forward_returns_the_logits_of_forward_features(model, feats):
+    with torch.no_grad():
+        logits = model(_input())
+    assert isinstance(logits, torch.Tensor)
+    torch.testing.assert_close(logits, feats.logits, rtol=0, atol=0)
+
+
+def test_preact_relation(name, model, feats):
+    if name in POST_ACTIVATION:
+        for pre, stage in zip(feats.preact, feats.stages):
+            assert (pre < 0).any()  # a real pre-activation, not the output
+            assert torch.equal(F.relu(pre), stage)
+    elif name in NO_RELU_AFTER_STAGE:
+        for pre, stage in zip(feats.preact, feats.stages):
+            assert torch.equal(pre, stage)
+    else:
+        assert name in WRNS
+        # The BN that next reads each stage output, applied in eval mode.
+        bns = [model.block2.layer[0].bn1, model.block3.layer[0].bn1,
+               model.bn1]
+        assert bns == model.bn_before_relu()
+        with torch.no_grad():
+            for bn, pre, stage in zip(bns, feats.preact, feats.stages):
+                torch.testing.assert_close(pre, bn(stage))
+                assert not torch.allclose(pre, stage)
+
+
+def test_train_forward_updates_each_bn_once_and_backprops(model):
+    m = copy.deepcopy(model).train()
+    bns = [x for x in m.modules() if isinstance(x, nn.BatchNorm2d)]
+    assert bns and all(int(bn.num_batches_tracked) == 0 for bn in bns)
+    f = m.forward_features(_input())
+    counts = {n: int(x.num_batches_tracked) for n, x in m.named_modules()
+              if isinstance(x, nn.BatchNorm2d)}
+    assert all(c == 1 for c in counts.values()), {
+        n: c for n, c in counts.items() if c != 1}
+    # Every returned tensor is differentiable and no in-place op broke autograd.
+    loss = f.logits.sum() + f.pooled.sum() + f.stem.sum()
+    loss = loss + sum(s.sum() for s in f.stages) + sum(p.sum() for p in f.preact)
+    loss.backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+# --- checkpoints ----------------------------------------------------------------
+
+def test_loads_repdistiller_checkpoint(name, model, tmp_path):
+    g = torch.Generator().manual_seed(2)
+    sd = {}
+    for key, shape in MODELS[name]["state_dict"]:
+        if key.endswith("num_batches_tracked"):
+            sd[key] = torch.randint(0, 1000, shape, generator=g)
+        elif key.endswith("running_var"):
+            sd[key] = 0.5 + torch.rand(shape, generator=g)
+        else:
+            sd[key] = torch.randn(shape, generator=g)
+    path = tmp_path / "ckpt_epoch_240.pth"
+    torch.save({"model": sd, "epoch": 240}, path)
+
+    ckpt = torch.load(path, map_location="cpu")
+    m = copy.deepcopy(model)
+    m.load_state_dict(ckpt["model"], strict=True)
+    loaded = m.state_dict()
+    assert set(loaded) == set(sd)
+    for key, value in sd.items():
+        assert torch.equal(loaded[key], value), key
+
