@@ -1,0 +1,49 @@
+"""Checkpoints in RepDistiller's format ({'model': state_dict, 'epoch', 'best_acc', ...}),
+written atomically: a write interrupted half-way never destroys the last good file."""
+import os
+from pathlib import Path
+
+import torch
+
+from engine.errors import UserError
+
+
+def save_checkpoint(state: dict, path) -> None:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist; check the path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file: say which, not a traceback
+        raise UserError(f"cannot read checkpoint {path} ({type(err).__name__}); "
+                        "is it a PyTorch checkpoint?") from None
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        return state
+    if isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values()):
+        return {"model": state}  # a bare state_dict
+    raise UserError(f"checkpoint {path} holds no model weights under the key 'model'")
+
+
+def load_model_weights(model: torch.nn.Module, state_dict: dict, model_name: str, path) -> None:
+    """strict=True loading with one readable line when the architecture does not fit."""
+    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError:
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected))
+        mismatched = sorted(k for k in set(expected) & set(state_dict)
+                            if expected[k].shape != state_dict[k].shape)
+        detail = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                           for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                              ("wrong shape", mismatched)) if keys)
+        raise UserError(f"checkpoint {path} does not fit architecture {model_name} ({detail}); "
+                        "name the right architecture or number of classes") from None

@@ -1,0 +1,95 @@
+"""Per-epoch metrics: one CSV row, TensorBoard scalars and hyper-parameters.
+
+Each stage of a run (an init stage such as FT's paraphraser training, then the
+main training) logs to its own TensorBoard writer, so epoch numbers stay each
+stage's own. The main stage writes into the run directory itself; an init stage
+into a sub-directory named after it.
+"""
+import csv
+from pathlib import Path
+
+METRICS_FILE = "metrics.csv"
+MAIN_STAGE = "main"
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path, resume_position: dict = None, enabled: bool = True):
+        """resume_position: {'rows': CSV rows to keep, 'stage': ..., 'epoch': ...} from the
+        checkpoint being resumed; what was logged after that checkpoint is dropped."""
+        self.enabled = enabled
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / METRICS_FILE
+        self.resume_position = resume_position or {"rows": 0, "stage": None, "epoch": 0}
+        self.writers = {}
+        self.rows = self.resume_position["rows"]
+        if enabled:
+            self._keep_first_rows(self.rows)
+
+    def _keep_first_rows(self, n: int) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)[:n]
+            fields = reader.fieldnames or []
+        self._rewrite(rows, fields)
+
+    def _rewrite(self, rows, fields) -> None:
+        with open(self.path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            if fields:
+                writer.writeheader()
+            writer.writerows(rows)
+
+    def _writer(self, stage: str):
+        if stage not in self.writers:
+            from torch.utils.tensorboard import SummaryWriter
+            log_dir = self.run_dir if stage == MAIN_STAGE else self.run_dir / stage
+            purge = None
+            if self.resume_position["stage"] == stage:
+                purge = self.resume_position["epoch"] + 1
+            self.writers[stage] = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
+        return self.writers[stage]
+
+    def log_epoch(self, stage: str, epoch: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self._append({"stage": stage, "epoch": epoch, **metrics})
+        writer = self._writer(stage)
+        for key, value in metrics.items():
+            writer.add_scalar(_tb_tag(key), value, epoch)
+        writer.flush()
+
+    def _append(self, row: dict) -> None:
+        fields, old_rows = [], []
+        if self.path.exists() and self.path.stat().st_size:
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                old_rows = list(reader)
+                fields = list(reader.fieldnames or [])
+        new_fields = [k for k in row if k not in fields]
+        if new_fields:  # a later stage logs terms the earlier did not: widen the header
+            fields += new_fields
+            self._rewrite(old_rows, fields)
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=fields).writerow(row)
+        self.rows += 1
+
+    def log_hparams(self, hparams: dict, final_metrics: dict) -> None:
+        """Hyper-parameters with the final figures, for TensorBoard's HParams comparison."""
+        if not self.enabled:
+            return
+        clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        writer = self._writer(MAIN_STAGE)
+        writer.add_hparams(clean, {f"hparam/{k}": v for k, v in final_metrics.items()}, run_name=".")
+        writer.flush()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+
+def _tb_tag(key: str) -> str:
+    """train_top1 -> train/top1, so TensorBoard groups scalars by phase."""
+    phase, _, rest = key.partition("_")
+    return f"{phase}/{rest}" if phase in ("train", "test") and rest else key

@@ -1,0 +1,51 @@
+"""Start-up shared by the entry points: arguments (restored on --resume), device,
+seeds, the run directory and its args.json."""
+import argparse
+from pathlib import Path
+
+from engine import runs
+from engine.args import finalize_common_args
+from engine.distributed import barrier, setup
+from engine.precision import seed_everything
+
+# Flags that say how to run, not what to compute: on --resume the command line's values win.
+EXECUTION_FLAGS = ("device", "num_workers", "print_freq", "data_folder", "download", "resume", "save_dir")
+
+
+def restore_args(args: argparse.Namespace, kind: str, default_name) -> argparse.Namespace:
+    """On --resume, the run's stored arguments win over the command line, except how to run."""
+    run_dir = runs.locate_run_dir(args, kind, default_name(args))
+    stored = runs.load_run_args(run_dir)
+    merged = argparse.Namespace(**{**stored, **{k: getattr(args, k) for k in EXECUTION_FLAGS}})
+    merged.run_name = run_dir.name
+    merged.save_dir = str(run_dir.parent.parent)
+    return merged
+
+
+def start(args: argparse.Namespace, kind: str, trained_model, default_name):
+    """Returns (args, ctx, run_dir). `default_name(args)` names a new run's directory, which
+    `create_run_dir` makes once the data and networks are known to be usable."""
+    if args.resume:
+        args = restore_args(args, kind, default_name)
+    else:
+        args = finalize_common_args(args, trained_model(args))
+    ctx = setup(args.device)
+    seed_everything(args.seed, args.deterministic)
+    run_dir = runs.locate_run_dir(args, kind, default_name(args))
+    return args, ctx, run_dir
+
+
+def create_run_dir(args, ctx, run_dir: Path) -> None:
+    """Make a new run's directory with its args.json (rank 0; a resumed run has both)."""
+    barrier()
+    if ctx.is_main and not args.resume:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runs.write_json(Path(run_dir) / runs.ARGS_FILE, {k: v for k, v in vars(args).items() if k != "resume"})
+
+
+def build_data(args, ctx, contrast=None):
+    from dataset.loaders import build_loaders
+    return build_loaders(args.dataset, args.data_folder, args.batch_size, loader=args.loader,
+                         device=ctx.device, num_workers=args.num_workers, seed=args.seed,
+                         download=args.download, contrast=contrast, rank=ctx.rank,
+                         world_size=ctx.world_size, channels_last=False)

@@ -1,0 +1,53 @@
+"""What the trainer optimises. A task owns the trained network (`model`) and turns a
+batch into named loss terms; subclasses add teachers, connectors and init stages."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Task(nn.Module):
+    def __init__(self, model: nn.Module, num_classes: int):
+        super().__init__()
+        self.model = model
+        self.num_classes = num_classes
+
+    def init_stages(self) -> list:
+        """Stages to run before the main training (none by default)."""
+        return []
+
+    def main_parameters(self) -> list:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each main epoch (warm-ups and schedules hook in here)."""
+
+    def compile_networks(self) -> None:
+        """torch.compile the networks' forward passes in place (state_dict keys unchanged)."""
+        compile_features(self.model)
+
+    def keep_frozen_in_eval(self) -> None:
+        """Called after task.train(): frozen networks (a teacher) go back to eval mode."""
+
+    def epoch_metrics(self) -> dict:
+        """Extra figures to log once per epoch (e.g. a learned temperature)."""
+        return {}
+
+    def extra_state(self) -> dict:
+        """What a checkpoint needs beyond `model` to resume (connectors, memory banks)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+
+class SupervisedTask(Task):
+    """Plain cross-entropy training: how teachers and vanilla students are trained."""
+
+    def forward(self, images, targets, *unused):
+        logits = self.model(images)
+        ce = F.cross_entropy(logits, targets)
+        return {"loss": ce, "ce": ce}, logits
+
+
+def compile_features(model: nn.Module) -> None:
+    model.forward_features = torch.compile(model.forward_features)

@@ -1,0 +1,196 @@
+"""The training driver both entry points share: stages, epochs, evaluation,
+checkpoints, resume, logging and the final results file.
+
+A *task* is an nn.Module whose forward(images, targets, indices, ...) returns
+(loss terms, logits); terms['loss'] is what is minimised. It owns the trained
+network as `task.model` and may declare init stages (e.g. FT's paraphraser)
+that run before the main training. The trainer knows no method by name.
+"""
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+from engine import runs
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.loop import evaluate, train_epoch
+from engine.metrics_log import MAIN_STAGE, MetricsLog
+from engine.optim import build_sgd, lr_at, set_lr
+from engine.precision import resolve_amp, resolve_channels_last
+
+
+@dataclass
+class Stage:
+    """A phase of training with its own optimiser over its own parameters."""
+
+    name: str
+    epochs: int
+    module: nn.Module          # forward(images, targets, indices, ...) -> (terms, logits or None)
+    params: List[nn.Parameter]
+    evaluate: bool = True      # evaluate task.model after every epoch
+    lr_schedule: bool = True   # apply the step decay (init stages use a constant lr, as RepDistiller)
+
+
+class Trainer:
+    def __init__(self, args, ctx, run_dir: Path, task, model_name: str, train_loader, test_loader,
+                 describe: Optional[dict] = None):
+        self.args, self.ctx, self.run_dir, self.task = args, ctx, Path(run_dir), task
+        self.model_name = model_name
+        self.train_loader, self.test_loader = train_loader, test_loader
+        self.describe = describe or {}
+        self.amp_dtype = resolve_amp(args.amp, ctx.device)
+        self.channels_last = resolve_channels_last(args.channels_last, ctx.device)
+        if self.channels_last:
+            task.to(memory_format=torch.channels_last)
+        if args.compile:
+            task.compile_networks()
+        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
+        self.best_acc, self.best_epoch, self.elapsed = 0.0, 0, 0.0
+        self.position = {"stage": None, "epoch": 0, "rows": 0}
+        self.resume_state = self._load_resume() if args.resume else None
+        self.log = MetricsLog(self.run_dir, self.position if args.resume else None, enabled=ctx.is_main)
+
+    # --- resume -----------------------------------------------------------------------------
+    def _load_resume(self) -> dict:
+        state = load_checkpoint(self.run_dir / runs.LAST_CKPT)
+        self.task.model.load_state_dict(state["model"])
+        self.task.load_extra_state(state.get("extra", {}))
+        self.best_acc, self.best_epoch = state["best_acc"], state.get("best_epoch", 0)
+        self.elapsed = state.get("elapsed", 0.0)
+        self.position = {"stage": state["stage"], "epoch": state["epoch"], "rows": state["rows"]}
+        if self.ctx.is_main:
+            print(f"resuming {self.run_dir} after {state['stage']} epoch {state['epoch']}")
+        return state
+
+    def _start_epoch(self, stage_index: int, stages: List[Stage], optimizer) -> int:
+        """First epoch to run in this stage (0 past the end means skip it)."""
+        if self.resume_state is None:
+            return 1
+        names = [s.name for s in stages]
+        resumed = names.index(self.resume_state["stage"])
+        if stage_index < resumed:
+            return stages[stage_index].epochs + 1
+        if stage_index == resumed:
+            optimizer.load_state_dict(self.resume_state["optimizer"])
+            if "scaler" in self.resume_state:
+                self.scaler.load_state_dict(self.resume_state["scaler"])
+            return self.resume_state["epoch"] + 1
+        return 1
+
+    # --- the run ----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        stages = self.task.init_stages() + [
+            Stage(MAIN_STAGE, self.args.epochs, self.task, self.task.main_parameters())]
+        epoch_offset = 0
+        for index, stage in enumerate(stages):
+            optimizer = build_sgd(stage.params, self.args, self.ctx.device)
+            first = self._start_epoch(index, stages, optimizer)
+            for epoch in range(first, stage.epochs + 1):
+                self._run_epoch(stage, epoch, epoch_offset + epoch, optimizer)
+            epoch_offset += stage.epochs
+        return self._finish()
+
+    def _run_epoch(self, stage: Stage, epoch: int, global_epoch: int, optimizer) -> None:
+        lr = lr_at(epoch, self.args) if stage.lr_schedule else self.args.learning_rate
+        set_lr(optimizer, lr)
+        self.train_loader.set_epoch(global_epoch)
+        if stage.name == MAIN_STAGE:
+            self.task.set_epoch(epoch)
+        module = self._wrap(stage.module)
+        module.train()
+        self.task.keep_frozen_in_eval()
+        desc = f"{stage.name} {epoch}/{stage.epochs}"
+        metrics = train_epoch(module, self.train_loader, optimizer, self.scaler, device=self.ctx.device,
+                              amp_dtype=self.amp_dtype, channels_last=self.channels_last,
+                              print_freq=self.args.print_freq, desc=desc,
+                              show_progress=self.ctx.is_main, with_accuracy=stage.evaluate)
+        if stage.evaluate:
+            metrics.update(evaluate(self.task.model, self.test_loader, device=self.ctx.device,
+                                    amp_dtype=self.amp_dtype, channels_last=self.channels_last))
+        metrics["lr"] = lr
+        metrics.update(self.task.epoch_metrics())
+        self.elapsed += metrics["epoch_time"]
+        improved = stage.name == MAIN_STAGE and metrics["test_top1"] > self.best_acc
+        if improved:
+            self.best_acc, self.best_epoch = metrics["test_top1"], epoch
+        self.last_metrics = metrics
+        if self.ctx.is_main:
+            self.log.log_epoch(stage.name, epoch, metrics)
+            print(summary_line(desc, metrics, self.best_acc if stage.name == MAIN_STAGE else None),
+                  flush=True)
+            self._save(stage, epoch, optimizer, improved)
+
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        if not self.ctx.distributed:
+            return module
+        if not hasattr(module, "_ddp"):
+            from torch.nn.parallel import DistributedDataParallel
+            ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
+            # buffers (BN statistics, CRD's memory bank) are kept per rank; every rank applies the
+            # same gathered updates to the memory bank, so broadcasting it would only cost time
+            module._ddp = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False,
+                                                  find_unused_parameters=True)
+        return module._ddp
+
+    # --- files ------------------------------------------------------------------------------
+    def _identity(self) -> dict:
+        return {"arch": self.model_name, "num_classes": self.task.num_classes, "dataset": self.args.dataset}
+
+    def _save(self, stage: Stage, epoch: int, optimizer, improved: bool) -> None:
+        state = {"model": self.task.model.state_dict(), "epoch": epoch, "stage": stage.name,
+                 "best_acc": self.best_acc, "best_epoch": self.best_epoch, "optimizer": optimizer.state_dict(),
+                 "extra": self.task.extra_state(), "rows": self.log.rows, "elapsed": self.elapsed,
+                 "seed": self.args.seed, **self._identity()}
+        if self.scaler.is_enabled():
+            state["scaler"] = self.scaler.state_dict()
+        save_checkpoint(state, self.run_dir / runs.LAST_CKPT)
+        if improved:
+            save_checkpoint({"model": state["model"], "epoch": epoch, "best_acc": self.best_acc,
+                             **self._identity()}, self.run_dir / runs.BEST_CKPT)
+        if stage.name == MAIN_STAGE and self.args.save_freq > 0 and epoch % self.args.save_freq == 0:
+            save_checkpoint({"model": state["model"], "epoch": epoch, "accuracy": self.last_metrics["test_top1"],
+                             **self._identity()}, self.run_dir / f"ckpt_epoch_{epoch}.pth")
+
+    def _finish(self) -> dict:
+        last = getattr(self, "last_metrics", None) or self._reread_last_metrics()
+        results = {
+            "model": self.model_name, "dataset": self.args.dataset, "trial": self.args.trial,
+            "seed": self.args.seed, "epochs": self.args.epochs,
+            "best_top1": self.best_acc, "best_epoch": self.best_epoch,
+            "last_top1": last["test_top1"], "last_top5": last["test_top5"],
+            "params": sum(p.numel() for p in self.task.model.parameters()),
+            "wall_time_s": round(self.elapsed, 2), "code_version": runs.code_version(),
+            **self.describe,
+        }
+        if self.ctx.is_main:
+            runs.write_json(self.run_dir / runs.RESULTS_FILE, results)
+            hparams = {k: v for k, v in self.describe.items()}
+            hparams.update(model=self.model_name, dataset=self.args.dataset, trial=self.args.trial,
+                           lr=self.args.learning_rate, batch_size=self.args.batch_size, epochs=self.args.epochs)
+            self.log.log_hparams(hparams, {"best_top1": results["best_top1"], "last_top1": results["last_top1"]})
+            self.log.close()
+        return results
+
+    def _reread_last_metrics(self) -> dict:
+        """A resumed run that had already finished: take the last evaluation from metrics.csv."""
+        import csv
+        with open(self.run_dir / "metrics.csv", newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r["stage"] == MAIN_STAGE]
+        return {k: float(rows[-1][k]) for k in ("test_top1", "test_top5")}
+
+
+def summary_line(desc: str, metrics: dict, best: Optional[float]) -> str:
+    terms = " ".join(f"{k[6:]} {v:.4f}" for k, v in metrics.items()
+                     if k.startswith("train_") and k not in ("train_top1", "train_top5"))
+    parts = [desc, f"lr {metrics['lr']:.4g}", terms]
+    if "train_top1" in metrics:
+        parts.append(f"train top1 {metrics['train_top1']:.2f}")
+    if "test_top1" in metrics:
+        parts.append(f"test top1 {metrics['test_top1']:.2f} top5 {metrics['test_top5']:.2f}")
+    if best is not None:
+        parts.append(f"best {best:.2f}")
+    parts.append(f"{metrics['epoch_time']:.1f}s {metrics['images_per_s']:.0f} img/s")
+    return " | ".join(parts)

@@ -1,0 +1,27 @@
+import json
+from pathlib import Path
+
+import pytest
+
+import train_teacher
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fast_args(save_dir, *extra):
+    """Flags for a quick CPU run on the embedded digits data."""
+    return ["--dataset", "digits", "--save_dir", str(save_dir), "--print_freq", "5", *extra]
+
+
+@pytest.fixture(scope="session")
+def digits_teacher(tmp_path_factory):
+    """A resnet8 teacher trained for one epoch on digits: (save_dir, run_dir)."""
+    save = tmp_path_factory.mktemp("save")
+    train_teacher.main(fast_args(save, "--model", "resnet8", "--epochs", "1", "--trial", "0"))
+    run_dir = save / "teachers" / "resnet8_digits_trial0"
+    return save, run_dir
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)

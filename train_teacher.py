@@ -1,0 +1,53 @@
+"""Train a network from scratch with cross-entropy: teachers, and the vanilla students
+of the published tables.
+
+    python train_teacher.py --model resnet32x4
+    python train_teacher.py --model resnet8 --dataset digits --epochs 2
+"""
+import argparse
+import sys
+
+from engine.args import add_common_args
+from engine.build import build_model, check_model_name
+from engine.errors import exits_cleanly
+from engine.loop import NonFiniteLoss
+from engine.session import build_data, create_run_dir, start
+from engine.task import SupervisedTask
+from engine.trainer import Trainer
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a teacher (or a vanilla student) with cross-entropy.")
+    parser.add_argument("--model", type=str, default="resnet110", help="a name of models.model_dict")
+    add_common_args(parser)
+    return parser.parse_args(argv)
+
+
+def run_name(args) -> str:
+    return f"{args.model}_{args.dataset}_trial{args.trial}"
+
+
+@exits_cleanly
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    check_model_name(args.model)
+    args, ctx, run_dir = start(args, "teachers", lambda a: a.model, run_name)
+    train_loader, test_loader, info = build_data(args, ctx)
+    model = build_model(args.model, info.num_classes).to(ctx.device)
+    task = SupervisedTask(model, info.num_classes)
+    create_run_dir(args, ctx, run_dir)
+    trainer = Trainer(args, ctx, run_dir, task, args.model, train_loader, test_loader,
+                      describe={"method": "teacher"})
+    try:
+        results = trainer.fit()
+    except NonFiniteLoss as err:
+        print(f"stopped: {err}; the last good checkpoint stays in {run_dir}", file=sys.stderr)
+        sys.exit(1)
+    if ctx.is_main:
+        print(f"{args.model} on {args.dataset}: best top-1 {results['best_top1']:.2f} "
+              f"(epoch {results['best_epoch']}), last {results['last_top1']:.2f}; run directory {run_dir}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
