@@ -1,0 +1,144 @@
+"""The interface every distillation method implements, the method registry, and the
+stage-pairing rule shared by the methods that match student and teacher stages.
+
+A method is two layers: its loss as a plain nn.Module on tensors, and a
+`Distiller` that picks the features it needs from `Features` by name, builds its
+connectors from one sample batch, and may declare an init stage. The training
+loop only sees the registry.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engine.errors import UserError
+from models.features import Features
+
+
+@dataclass
+class BuildContext:
+    """Everything a distiller may need to build its connectors."""
+
+    student: nn.Module
+    teacher: nn.Module
+    feat_s: Features           # features of one sample batch (no gradient)
+    feat_t: Features
+    args: object               # the parsed train_student.py arguments (kd_T, feat_dim, nce_k, ...)
+    n_train: int               # size of the training set (CRD's memory bank)
+    num_classes: int
+    student_name: str = ""
+    teacher_name: str = ""
+
+
+@dataclass
+class InitStage:
+    """Training that runs before the main stage (FT's paraphraser, AB, FSP).
+
+    `loss(feat_s, feat_t)` returns a dict of named terms whose key 'loss' is
+    minimised over `params` for `epochs` epochs at the base learning rate.
+    `needs_student` is False when the student takes no part (FT's paraphraser),
+    which saves its forward pass."""
+
+    epochs: int
+    params: List[nn.Parameter]
+    loss: Callable[[Features, Features], Dict[str, Tensor]]
+    needs_student: bool = True
+
+
+class Distiller(nn.Module):
+    """Base class of a registered method. A subclass builds its connectors in
+    __init__(ctx: BuildContext) and defines
+
+        forward(feat_s, feat_t, targets, indices, contrast_idx=None) -> (loss, parts)
+
+    where `loss` is the method's term (weighted by -b) and `parts` a dict of named
+    sub-terms to log (empty when the loss has a single term)."""
+
+    needs_contrast: bool = False   # the loader must yield CRD contrast indices
+
+    def __init__(self, ctx: BuildContext):
+        super().__init__()
+
+    def init_stage(self) -> Optional[InitStage]:
+        return None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called before each main epoch (DKD's warm-up)."""
+
+    def epoch_metrics(self) -> Dict[str, float]:
+        return {}
+
+
+@dataclass
+class MethodSpec:
+    name: str
+    cls: type
+    gamma: float                 # -r: weight of cross-entropy
+    alpha: float                 # -a: weight of KD
+    beta: float                  # -b: weight of the method's own loss
+    paper: str
+    aliases: Tuple[str, ...] = field(default_factory=tuple)
+
+
+METHODS: Dict[str, MethodSpec] = {}
+ALIASES: Dict[str, str] = {}
+
+
+def register(name: str, *, gamma: float, alpha: float, beta: float, paper: str, aliases=()):
+    """Class decorator adding a Distiller to the registry with its published default weights."""
+
+    def add(cls):
+        METHODS[name] = MethodSpec(name, cls, gamma, alpha, beta, paper, tuple(aliases))
+        for key in (name, *aliases):
+            ALIASES[key.lower()] = name
+        return cls
+
+    return add
+
+
+def resolve(name: str) -> MethodSpec:
+    key = ALIASES.get(name.lower())
+    if key is None:
+        raise UserError(f"unknown distillation method '{name}'; choose one of: "
+                        + ", ".join(sorted(set(ALIASES))))
+    return METHODS[key]
+
+
+# --- pairing student and teacher stages ------------------------------------------------------
+
+def pair_from_deepest(student: Sequence, teacher: Sequence) -> List[Tuple[int, int]]:
+    """Index pairs (student stage, teacher stage) matched by position from the deepest stage.
+
+    With equal stage counts this pairs stage i with stage i; otherwise the extra shallow
+    stages of the deeper network are left out, which `describe_pairing` reports."""
+    n = min(len(student), len(teacher))
+    return [(len(student) - n + i, len(teacher) - n + i) for i in range(n)]
+
+
+def match_spatial(f_s: Tensor, f_t: Tensor) -> Tuple[Tensor, Tensor]:
+    """Adaptive average pooling of the larger map down to the smaller one's size
+    (RepDistiller's rule for AT, NST and VID, applied here to every spatial method)."""
+    hs, ws = f_s.shape[-2:]
+    ht, wt = f_t.shape[-2:]
+    if (hs, ws) == (ht, wt):
+        return f_s, f_t
+    size = (min(hs, ht), min(ws, wt))
+    if (hs, ws) != size:
+        f_s = F.adaptive_avg_pool2d(f_s, size)
+    if (ht, wt) != size:
+        f_t = F.adaptive_avg_pool2d(f_t, size)
+    return f_s, f_t
+
+
+def describe_pairing(method: str, pairs, feat_s: Sequence[Tensor], feat_t: Sequence[Tensor]) -> str:
+    shapes = ", ".join(f"s{i}{tuple(feat_s[i].shape[1:])}->t{j}{tuple(feat_t[j].shape[1:])}" for i, j in pairs)
+    return f"{method}: stages paired from the deepest: {shapes}"
+
+
+def feature_parameters(model: nn.Module) -> List[nn.Parameter]:
+    """The student's parameters except its final classifier (AB's and FSP's init stage)."""
+    last_linear = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+    skip = {id(p) for p in last_linear.parameters()}
+    return [p for p in model.parameters() if id(p) not in skip]

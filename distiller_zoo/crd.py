@@ -1,0 +1,58 @@
+"""CRD: Tian, Krishnan & Isola, "Contrastive Representation Distillation", ICLR 2020.
+
+Student and teacher pooled features are embedded (linear + L2 normalisation, one trainable
+head per network, the teacher's included) into feat_dim = 128 dimensions. Each embedding is
+scored against the OTHER network's memory bank at the sample's own row (positive) and at K
+rows of other samples (negatives, drawn by the data loader: `contrast_idx`, 'exact' mode =
+negatives from other classes):
+
+    h(v, m) = exp(<v, m> / T) / Z,   T = 0.07, Z fixed on the first batch (mean * n_data)
+    L = -( sum_b log h_pos / (h_pos + K Pn) + sum_b sum_k log K Pn / (h_neg + K Pn) ) / B
+
+(paper Eq. 18, Pn = 1 / n_data, eps 1e-7 in the denominators), once with the student as
+the anchor ('s_anchor') and once with the teacher ('t_anchor'); the method's loss is their
+sum. The banks are updated with momentum 0.5 and renormalised after each step (crd/memory.py).
+
+Features: `pooled` only, so every student/teacher pair works, whatever the stage layout.
+Defaults (RepDistiller): -r 1 -a 0 -b 0.8, feat_dim 128, nce_k 16384, nce_t 0.07, nce_m 0.5.
+
+Needs the loader's dataset indices and contrast indices (`needs_contrast = True`). The two
+banks and the normalisation constants are buffers: checkpointed, restored on --resume.
+Under torchrun the memory update sees every rank's samples (see crd/memory.py).
+"""
+from torch import Tensor
+
+from crd.criterion import CRDLoss
+from distiller_zoo.base import BuildContext, Distiller, register
+from engine.errors import UserError
+
+
+@register("crd", gamma=1.0, alpha=0.0, beta=0.8,
+          paper="Tian, Krishnan & Isola, Contrastive Representation Distillation, ICLR 2020",
+          aliases=("crd",))
+class CRD(Distiller):
+    needs_contrast = True
+
+    def __init__(self, ctx: BuildContext):
+        super().__init__(ctx)
+        args = ctx.args
+        feat_dim = int(getattr(args, "feat_dim", 128))
+        nce_k = int(getattr(args, "nce_k", 16384))
+        nce_t = float(getattr(args, "nce_t", 0.07))
+        nce_m = float(getattr(args, "nce_m", 0.5))
+        if ctx.n_train < 2:
+            raise UserError(f"crd needs the training set size for its memory bank (got {ctx.n_train})")
+        if nce_k < 1 or feat_dim < 1:
+            raise UserError(f"crd needs --nce_k >= 1 and --feat_dim >= 1 (got {nce_k}, {feat_dim})")
+        if not 0.0 <= nce_m < 1.0:
+            raise UserError(f"crd needs 0 <= --nce_m < 1 (got {nce_m})")
+        s_dim = ctx.feat_s.pooled[0].numel()
+        t_dim = ctx.feat_t.pooled[0].numel()
+        self.criterion = CRDLoss(s_dim, t_dim, ctx.n_train, feat_dim=feat_dim, nce_k=nce_k,
+                                 nce_t=nce_t, nce_m=nce_m)
+
+    def forward(self, feat_s, feat_t, targets: Tensor, indices: Tensor, contrast_idx=None):
+        if indices is None:
+            raise UserError("crd needs the dataset index of every sample; use a loader built with "
+                            "contrast sampling (train_student.py does this for --distill crd)")
+        return self.criterion(feat_s.pooled, feat_t.pooled.detach(), indices, contrast_idx)

@@ -1,0 +1,146 @@
+"""FT (factor transfer): the factor loss against an independent computation, its zero,
+the paraphraser's init stage, and gradient flow in the main stage."""
+import argparse
+
+import numpy as np
+import pytest
+import torch
+
+from distiller_zoo.base import BuildContext, InitStage, resolve
+from distiller_zoo.ft import FT, FactorTransferLoss, Paraphraser, Translator
+from models import model_dict
+from models.features import Features
+
+
+def make_args(**kw):
+    base = dict(kd_T=4, hint_layer=2, feat_dim=128, nce_k=16, nce_t=0.07, nce_m=0.5,
+                mode="exact", init_epochs=30)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def make_ctx(s_name, t_name, **kw):
+    torch.manual_seed(0)
+    student = model_dict[s_name](num_classes=10)
+    teacher = model_dict[t_name](num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feat_s = student.forward_features(x)
+        feat_t = teacher.forward_features(x)
+    ctx = BuildContext(student=student, teacher=teacher, feat_s=feat_s, feat_t=feat_t,
+                       args=make_args(**kw), n_train=100, num_classes=10,
+                       student_name=s_name, teacher_name=t_name)
+    return ctx, x
+
+
+def with_last_stage(feat, last):
+    return Features(stem=feat.stem, stages=list(feat.stages[:-1]) + [last], preact=feat.preact,
+                    pooled=feat.pooled, logits=feat.logits)
+
+
+def reference_ft(fs, ft, p1=None):
+    """numpy: per sample, flatten (or reduce to mean_c f^p1), divide by the L2 norm, mean |diff|."""
+    fs = fs.detach().double().numpy()
+    ft = ft.detach().double().numpy()
+    diffs = []
+    for a, b in zip(fs, ft):
+        if p1 is not None:
+            a = (a ** p1).mean(axis=0)
+            b = (b ** p1).mean(axis=0)
+        a = a.ravel() / np.sqrt((a.ravel() ** 2).sum())
+        b = b.ravel() / np.sqrt((b.ravel() ** 2).sum())
+        diffs.append(np.abs(a - b))
+    return float(np.mean(np.stack(diffs)))
+
+
+def test_factor_loss_matches_independent_computation():
+    torch.manual_seed(1)
+    fs, ft = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
+    assert FactorTransferLoss()(fs, ft).item() == pytest.approx(reference_ft(fs, ft), rel=1e-5)
+    assert FactorTransferLoss(p1=2)(fs, ft).item() == pytest.approx(reference_ft(fs, ft, p1=2), rel=1e-5)
+
+
+def test_factor_loss_pools_the_larger_factor():
+    torch.manual_seed(2)
+    fs, ft = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)
+    pooled = fs.reshape(2, 3, 4, 2, 4, 2).mean(dim=(3, 5))  # 2x2 average pooling, by hand
+    assert FactorTransferLoss()(fs, ft).item() == pytest.approx(reference_ft(pooled, ft), rel=1e-5)
+
+
+def test_factor_loss_zero_for_proportional_factors():
+    torch.manual_seed(3)
+    ft = torch.randn(2, 4, 3, 3)
+    assert FactorTransferLoss()(ft * 5.0, ft).item() == pytest.approx(0.0, abs=1e-7)
+    assert FactorTransferLoss()(-ft, ft).item() > 0
+
+
+def test_paraphraser_and_translator_shapes():
+    x = torch.randn(2, 8, 4, 4)
+    para = Paraphraser(8, k=0.5)
+    factor, rec = para(x)
+    assert factor.shape == (2, 4, 4, 4) and rec.shape == x.shape
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in para.modules())
+    trans = Translator(6, 8, k=0.5)
+    assert trans(torch.randn(2, 6, 4, 4)).shape == (2, 4, 4, 4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in trans.modules())
+
+
+def test_init_stage_trains_the_paraphraser_alone():
+    ctx, x = make_ctx("resnet8", "resnet8", init_epochs=5)
+    ft = FT(ctx)
+    stage = ft.init_stage()
+    assert isinstance(stage, InitStage) and stage.epochs == 5 and stage.needs_student is False
+    assert {id(p) for p in stage.params} == {id(p) for p in ft.paraphraser.parameters()}
+    out = stage.loss(None, ctx.feat_t)
+    f_t = ctx.feat_t.stages[-1]
+    _, rec = ft.paraphraser(f_t)
+    expected = ((rec.detach().double() - f_t.double()) ** 2).mean().item()
+    assert out["loss"].item() == pytest.approx(expected, rel=1e-5)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in ft.paraphraser.parameters())
+    assert all(p.grad is None for p in ft.translator.parameters())
+
+
+def test_main_stage_gradients_reach_student_and_translator_only():
+    ctx, x = make_ctx("resnet8", "resnet8")
+    ft = FT(ctx).train()
+    feat_s = ctx.student.forward_features(x)
+    t_last = ctx.feat_t.stages[-1].clone().requires_grad_(True)
+    loss, parts = ft(feat_s, with_last_stage(ctx.feat_t, t_last), None, None)
+    assert parts == {} and loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    assert t_last.grad is None
+    assert all(p.grad is None for p in ft.paraphraser.parameters())
+    assert all(p.grad is None for p in ctx.teacher.parameters())
+    assert all(p.grad is not None for p in ft.translator.parameters())
+    assert ctx.student.conv1.weight.grad is not None and ctx.student.conv1.weight.grad.abs().sum() > 0
+    assert ft.paraphraser.training  # the eval switch for the teacher factor is undone
+
+
+def test_main_stage_value_is_factor_loss_of_translator_and_paraphraser():
+    ctx, x = make_ctx("resnet8", "resnet8")
+    ft = FT(ctx).eval()
+    feat_s = ctx.student.forward_features(x)
+    loss, _ = ft(feat_s, ctx.feat_t, None, None)
+    with torch.no_grad():
+        fs = ft.translator(feat_s.stages[-1])
+        fte = ft.paraphraser.encode(ctx.feat_t.stages[-1])
+    assert loss.item() == pytest.approx(reference_ft(fs, fte), rel=1e-5)
+
+
+def test_cross_architecture(capsys):
+    # vgg8 teacher: last stage 512x4x4; resnet8 student: 64x8x8
+    ctx, x = make_ctx("resnet8", "vgg8")
+    ft = FT(ctx)
+    assert "s2(64, 8, 8)->t3(512, 4, 4)" in capsys.readouterr().out
+    feat_s = ctx.student.forward_features(x)
+    loss, _ = ft(feat_s, ctx.feat_t, None, None)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert ft.translator.encoder[0][0].weight.grad is not None
+
+
+def test_registry():
+    spec = resolve("factor")
+    assert spec.name == "ft" and spec.cls is FT
+    assert (spec.gamma, spec.alpha, spec.beta) == (1.0, 0.0, 200.0)
