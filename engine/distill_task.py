@@ -1,0 +1,104 @@
+"""Student training: `gamma * CE + alpha * KD + sum(beta_m * method_m)` over the registered
+methods, with their init stages. Knows no method by name."""
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distiller_zoo.base import Distiller, InitStage
+from distiller_zoo.kd import DistillKL
+from engine.task import Task, compile_features
+from engine.trainer import Stage
+
+
+class DistillTask(Task):
+    def __init__(self, student: nn.Module, teacher: nn.Module, methods: List[Tuple[str, float, Distiller]],
+                 gamma: float, alpha: float, kd_T: float, num_classes: int):
+        super().__init__(student, num_classes)
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.distillers = nn.ModuleDict({name: d for name, _, d in methods})
+        self.weights: Dict[str, float] = {name: w for name, w, _ in methods}
+        self.gamma, self.alpha = gamma, alpha
+        self.kd = DistillKL(kd_T)
+
+    def teacher_features(self, images):
+        with torch.no_grad():
+            return self.teacher.forward_features(images)
+
+    def forward(self, images, targets, indices=None, contrast_idx=None):
+        feat_s = self.model.forward_features(images)
+        feat_t = self.teacher_features(images)
+        ce = F.cross_entropy(feat_s.logits.float(), targets)
+        terms = {"ce": ce}
+        loss = self.gamma * ce
+        if self.alpha:
+            terms["kd"] = self.kd(feat_s.logits, feat_t.logits)
+            loss = loss + self.alpha * terms["kd"]
+        for name, distiller in self.distillers.items():
+            if not self.weights[name]:
+                continue  # a zero weight switches a term off; it costs nothing
+            value, parts = distiller(feat_s, feat_t, targets, indices, contrast_idx)
+            terms[name] = value
+            terms.update({f"{name}_{k}": v.detach() for k, v in parts.items()})
+            loss = loss + self.weights[name] * value
+        terms["loss"] = loss
+        return terms, feat_s.logits
+
+    # --- stages -----------------------------------------------------------------------------
+    def _declared_init_stages(self):
+        return [(name, stage) for name, d in self.distillers.items()
+                if (stage := d.init_stage()) is not None and stage.epochs > 0]
+
+    def init_stages(self) -> list:
+        return [Stage(f"init_{name}", stage.epochs, InitStep(self, stage), stage.params,
+                      evaluate=False, lr_schedule=False)
+                for name, stage in self._declared_init_stages()]
+
+    def main_parameters(self) -> list:
+        """The student, and every connector no init stage owns (an init stage's connectors,
+        e.g. FT's paraphraser, are frozen once it has run)."""
+        owned = {id(p) for _, stage in self._declared_init_stages() for p in stage.params}
+        student = [p for p in self.model.parameters() if p.requires_grad]
+        student_ids = {id(p) for p in student}
+        connectors = [p for p in self.distillers.parameters()
+                      if p.requires_grad and id(p) not in owned and id(p) not in student_ids]
+        return student + connectors
+
+    def compile_networks(self) -> None:
+        compile_features(self.model)
+        compile_features(self.teacher)
+
+    def set_epoch(self, epoch: int) -> None:
+        for distiller in self.distillers.values():
+            distiller.set_epoch(epoch)
+
+    def keep_frozen_in_eval(self) -> None:
+        self.teacher.eval()
+
+    def epoch_metrics(self) -> dict:
+        return {f"{name}_{k}": v for name, d in self.distillers.items() for k, v in d.epoch_metrics().items()}
+
+    def extra_state(self) -> dict:
+        return {"distillers": self.distillers.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "distillers" in state:
+            self.distillers.load_state_dict(state["distillers"])
+
+
+class InitStep(nn.Module):
+    """One step of a method's init stage: its loss on the (frozen) teacher's features and,
+    when the stage needs it, the student's."""
+
+    def __init__(self, task: DistillTask, stage: InitStage):
+        super().__init__()
+        self.task = task
+        self.stage = stage
+
+    def forward(self, images, targets, *unused):
+        feat_t = self.task.teacher_features(images)
+        feat_s = self.task.model.forward_features(images) if self.stage.needs_student else None
+        return self.stage.loss(feat_s, feat_t), None

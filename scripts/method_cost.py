@@ -1,0 +1,83 @@
+"""Extra cost of each method's training step over plain KD.
+
+    python scripts/method_cost.py --teacher resnet32x4 --student resnet8x4 --batch 64 --steps 10
+
+Times forward + backward + SGD step of the full objective (CE + method) on random
+CIFAR-sized batches, after warm-up, and prints milliseconds per step and the ratio
+to KD. Init stages are not timed (they run once, before training).
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import distiller_zoo  # noqa: E402
+from distiller_zoo.base import BuildContext  # noqa: E402
+from engine.build import build_model  # noqa: E402
+from engine.distill_task import DistillTask  # noqa: E402
+from train_student import parse_args as student_defaults  # noqa: E402
+
+
+def build(method: str, teacher_name: str, student_name: str, images, n_train: int, num_classes: int):
+    args = student_defaults(["--distill", method, "--model_s", student_name])
+    spec = distiller_zoo.resolve(method)
+    teacher = build_model(teacher_name, num_classes).eval()
+    student = build_model(student_name, num_classes)
+    with torch.no_grad():
+        student.eval()
+        feat_s, feat_t = student.forward_features(images), teacher.forward_features(images)
+        student.train()
+    ctx = BuildContext(student, teacher, feat_s, feat_t, args, n_train, num_classes, student_name, teacher_name)
+    methods = [(spec.name, spec.beta or 1.0, spec.cls(ctx))] if spec.cls else []
+    return DistillTask(student, teacher, methods, spec.gamma, spec.alpha or 0.9, args.kd_T, num_classes), args
+
+
+def time_step(task, images, targets, indices, contrast, steps: int) -> float:
+    optimizer = torch.optim.SGD(task.main_parameters(), lr=0.01, momentum=0.9)
+    task.train()
+    task.keep_frozen_in_eval()
+
+    def step():
+        terms, _ = task(images, targets, indices, contrast)
+        optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) / steps * 1000
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default="resnet32x4")
+    parser.add_argument("--student", default="resnet8x4")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--methods", default=",".join(m for m in distiller_zoo.METHODS))
+    opts = parser.parse_args(argv)
+    torch.manual_seed(0)
+    num_classes, n_train = 100, 50000
+    images = torch.randn(opts.batch, 3, 32, 32)
+    targets = torch.randint(0, num_classes, (opts.batch,))
+    indices = torch.randint(0, n_train, (opts.batch,))
+    print(f"{opts.teacher} -> {opts.student}, batch {opts.batch}, {torch.get_num_threads()} threads, "
+          f"ms per training step (forward, backward, SGD), mean of {opts.steps}")
+    base = None
+    for method in opts.methods.split(","):
+        task, args = build(method, opts.teacher, opts.student, images, n_train, num_classes)
+        contrast = torch.randint(0, n_train, (opts.batch, args.nce_k + 1))
+        ms = time_step(task, images, targets, indices, contrast, opts.steps)
+        base = ms if base is None else base
+        print(f"{method:8s} {ms:8.1f} ms   x{ms / base:.2f} of {opts.methods.split(',')[0]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
