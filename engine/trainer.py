@@ -157,7 +157,8 @@ class Trainer:
     def _finish(self) -> dict:
         last = getattr(self, "last_metrics", None) or self._reread_last_metrics()
         results = {
-            "model": self.model_name, "dataset": self.args.dataset, "trial": self.args.trial,
+            "run_name": self.run_dir.name, "model": self.model_name, "dataset": self.args.dataset,
+            "trial": self.args.trial,
             "seed": self.args.seed, "epochs": self.args.epochs,
             "best_top1": self.best_acc, "best_epoch": self.best_epoch,
             "last_top1": last["test_top1"], "last_top5": last["test_top5"],
@@ -167,7 +168,7 @@ class Trainer:
         }
         if self.ctx.is_main:
             runs.write_json(self.run_dir / runs.RESULTS_FILE, results)
-            hparams = {k: v for k, v in self.describe.items()}
+            hparams = dict(self.describe)
             hparams.update(model=self.model_name, dataset=self.args.dataset, trial=self.args.trial,
                            lr=self.args.learning_rate, batch_size=self.args.batch_size, epochs=self.args.epochs)
             self.log.log_hparams(hparams, {"best_top1": results["best_top1"], "last_top1": results["last_top1"]})
