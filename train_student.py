@@ -16,10 +16,11 @@ import torch
 
 import distiller_zoo
 from distiller_zoo.base import BuildContext
+from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
 from engine.args import add_common_args
 from engine.build import build_model, check_model_name
 from engine.distill_task import DistillTask
-from engine.errors import exits_cleanly
+from engine.errors import UserError, exits_cleanly
 from engine.loop import NonFiniteLoss, move_batch
 from engine.objective import parse_objective
 from engine.session import build_data, create_run_dir, start
@@ -39,7 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("-r", "--gamma", type=float, default=None, help="weight of cross-entropy")
     m.add_argument("-a", "--alpha", type=float, default=None, help="weight of KD")
     m.add_argument("-b", "--beta", type=float, default=None, help="weight of the method's loss")
-    m.add_argument("--kd_T", type=float, default=4, help="KD temperature")
+    m.add_argument("--kd_T", type=float, default=None,
+                   help="temperature of the logit losses (KD, DKD, DIST, MLKD); default 4, or 2 with --logit_stand")
+    m.add_argument("--kd_T_schedule", type=str, default="constant", choices=SCHEDULES,
+                   help="move the temperature from --kd_T to --kd_T_end over the epochs")
+    m.add_argument("--kd_T_end", type=float, default=None, help="the temperature at the last epoch")
+    m.add_argument("--logit_stand", action="store_true",
+                   help="z-score logits before the temperature softmax (Sun et al., CVPR 2024)")
     m.add_argument("--init_epochs", type=int, default=30, help="epochs of an init stage (AB, FT, FSP)")
     m.add_argument("--hint_layer", type=int, default=2, choices=range(5), help="FitNet: 0 = stem, k = stage k")
     m.add_argument("--feat_dim", type=int, default=128, help="CRD/CC embedding size")
@@ -63,9 +70,15 @@ def resolve_run(args: argparse.Namespace) -> argparse.Namespace:
         print(f"no --path_t given: using the best {args.dataset} teacher, {args.path_t}")
     _, args.model_t = read_teacher(args.path_t, args.model_t)
     check_model_name(args.model_t, "--model_t")
-    objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta)
+    if args.kd_T is None:
+        args.kd_T = LOGIT_STAND_T if args.logit_stand else 4.0
+    if args.kd_T_schedule != "constant" and args.kd_T_end is None:
+        raise UserError(f"--kd_T_schedule {args.kd_T_schedule} needs --kd_T_end, the temperature at the last epoch")
+    objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand)
     args.gamma, args.alpha = objective.gamma, objective.alpha
     args.method, args.beta_label = objective.name, objective.beta_label
+    if args.logit_stand:
+        args.method += "+ls"
     return args
 
 
@@ -79,11 +92,14 @@ def build_task(args, objective, ctx, train_loader, info) -> DistillTask:
     teacher = build_teacher(state, args.model_t, info.num_classes, args.path_t).to(ctx.device)
     student = build_model(args.model_s, info.num_classes).to(ctx.device)
     feat_s, feat_t = sample_features(student, teacher, train_loader, ctx.device)
+    temperature = temperature_from_args(args)
     build = BuildContext(student=student, teacher=teacher, feat_s=feat_s, feat_t=feat_t, args=args,
                          n_train=info.n_train, num_classes=info.num_classes,
-                         student_name=args.model_s, teacher_name=args.model_t)
+                         student_name=args.model_s, teacher_name=args.model_t,
+                         temperature=temperature, logit_stand=args.logit_stand)
     methods = [(spec.name, weight, spec.cls(build)) for spec, weight in objective.methods]
-    task = DistillTask(student, teacher, methods, args.gamma, args.alpha, args.kd_T, info.num_classes)
+    task = DistillTask(student, teacher, methods, args.gamma, args.alpha, temperature, info.num_classes,
+                       args.logit_stand)
     return task.to(ctx.device)
 
 
@@ -102,12 +118,13 @@ def sample_features(student, teacher, loader, device):
 def main(argv=None) -> dict:
     args = resolve_run(parse_args(argv))
     args, ctx, run_dir = start(args, "students", lambda a: a.model_s, run_name)
-    objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta)
+    objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand)
     needs_contrast = any(spec.cls.needs_contrast for spec, _ in objective.methods)
     train_loader, test_loader, info = build_data(args, ctx, contrast=(args.nce_k, args.mode) if needs_contrast else None)
     task = build_task(args, objective, ctx, train_loader, info)
     describe = {"method": args.method, "teacher": args.model_t, "path_t": args.path_t, "gamma": args.gamma,
-                "alpha": args.alpha, "beta": args.beta_label, "kd_T": args.kd_T}
+                "alpha": args.alpha, "beta": args.beta_label, "kd_T": args.kd_T,
+                "kd_T_schedule": args.kd_T_schedule, "logit_stand": args.logit_stand}
     create_run_dir(args, ctx, run_dir)
     trainer = Trainer(args, ctx, run_dir, task, args.model_s, train_loader, test_loader, describe=describe)
     try:

@@ -30,6 +30,8 @@ class BuildContext:
     num_classes: int
     student_name: str = ""
     teacher_name: str = ""
+    temperature: object = 4.0  # the run's shared Temperature (float() gives the current value)
+    logit_stand: bool = False  # z-score logits before the temperature softmax (--logit_stand)
 
 
 @dataclass

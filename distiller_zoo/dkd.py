@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distiller_zoo.base import BuildContext, Distiller, register
+from distiller_zoo.temperature import prepare_logits
 from engine.errors import UserError
 
 DEFAULT_ALPHA = 1.0
@@ -57,11 +58,12 @@ def default_beta(teacher_name: str, student_name: str) -> float:
     return PAIR_BETA.get((teacher_name.lower(), student_name.lower()), DEFAULT_BETA)
 
 
-def dkd_terms(logits_s: Tensor, logits_t: Tensor, target: Tensor, T: float) -> Tuple[Tensor, Tensor]:
+def dkd_terms(logits_s: Tensor, logits_t: Tensor, target: Tensor, T: float,
+              stand: bool = False) -> Tuple[Tensor, Tensor]:
     """(TCKD, NCKD), each summed over the batch, divided by the batch size and times T^2."""
     with torch.autocast(device_type=logits_s.device.type, enabled=False):
-        z_s = logits_s.float() / T
-        z_t = logits_t.float() / T
+        z_s, z_t = prepare_logits(logits_s, logits_t, stand)
+        z_s, z_t = z_s / T, z_t / T
         batch, classes = z_s.shape
         gt = F.one_hot(target.reshape(-1).long(), classes).bool()
 
@@ -84,12 +86,12 @@ def dkd_terms(logits_s: Tensor, logits_t: Tensor, target: Tensor, T: float) -> T
 class DKDLoss(nn.Module):
     """alpha * TCKD + beta * NCKD (no warm-up; the Distiller applies it)."""
 
-    def __init__(self, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA, T: float = 4.0):
+    def __init__(self, alpha: float = DEFAULT_ALPHA, beta: float = DEFAULT_BETA, T=4.0, stand: bool = False):
         super().__init__()
-        self.alpha, self.beta, self.T = alpha, beta, T
+        self.alpha, self.beta, self.T, self.stand = alpha, beta, T, stand
 
     def forward(self, logits_s: Tensor, logits_t: Tensor, target: Tensor) -> Tuple[Tensor, Dict[str, Tensor]]:
-        tckd, nckd = dkd_terms(logits_s, logits_t, target, self.T)
+        tckd, nckd = dkd_terms(logits_s, logits_t, target, float(self.T), self.stand)
         parts = {"tckd": self.alpha * tckd, "nckd": self.beta * nckd}
         return parts["tckd"] + parts["nckd"], parts
 
@@ -113,11 +115,11 @@ class DKD(Distiller):
         self.warmup = int(_arg(args, "dkd_warmup", DEFAULT_WARMUP))
         if self.warmup < 0:
             raise UserError(f"--dkd_warmup must be >= 0 (got {self.warmup})")
-        self.loss = DKDLoss(alpha, beta, float(_arg(args, "kd_T", 4.0)))
+        self.loss = DKDLoss(alpha, beta, ctx.temperature, ctx.logit_stand)
         self.epoch: Optional[int] = None
         source = "--dkd_beta" if beta_arg is not None else (
             "per-pair default" if (ctx.teacher_name.lower(), ctx.student_name.lower()) in PAIR_BETA else "default")
-        print(f"dkd: alpha {alpha:g}, beta {beta:g} ({source}), T {self.loss.T:g}, "
+        print(f"dkd: alpha {alpha:g}, beta {beta:g} ({source}), T {self.loss.T!r}, "
               f"warm-up {self.warmup} epochs", flush=True)
 
     def set_epoch(self, epoch: int) -> None:

@@ -8,13 +8,15 @@ from torch import nn
 
 from distiller_zoo.base import Distiller, InitStage
 from distiller_zoo.kd import DistillKL
+from distiller_zoo.temperature import Temperature
 from engine.task import Task, compile_features
 from engine.trainer import Stage
 
 
 class DistillTask(Task):
     def __init__(self, student: nn.Module, teacher: nn.Module, methods: List[Tuple[str, float, Distiller]],
-                 gamma: float, alpha: float, kd_T: float, num_classes: int):
+                 gamma: float, alpha: float, temperature: Temperature, num_classes: int,
+                 logit_stand: bool = False):
         super().__init__(student, num_classes)
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
@@ -22,7 +24,8 @@ class DistillTask(Task):
         self.distillers = nn.ModuleDict({name: d for name, _, d in methods})
         self.weights: Dict[str, float] = {name: w for name, w, _ in methods}
         self.gamma, self.alpha = gamma, alpha
-        self.kd = DistillKL(kd_T)
+        self.temperature = temperature
+        self.kd = DistillKL(temperature, logit_stand)
 
     def teacher_features(self, images):
         with torch.no_grad():
@@ -72,6 +75,7 @@ class DistillTask(Task):
         compile_features(self.teacher)
 
     def set_epoch(self, epoch: int) -> None:
+        self.temperature.set_epoch(epoch)
         for distiller in self.distillers.values():
             distiller.set_epoch(epoch)
 
@@ -79,7 +83,8 @@ class DistillTask(Task):
         self.teacher.eval()
 
     def epoch_metrics(self) -> dict:
-        return {f"{name}_{k}": v for name, d in self.distillers.items() for k, v in d.epoch_metrics().items()}
+        metrics = {f"{name}_{k}": v for name, d in self.distillers.items() for k, v in d.epoch_metrics().items()}
+        return {"kd_T": float(self.temperature), **metrics}
 
     def extra_state(self) -> dict:
         return {"distillers": self.distillers.state_dict()}

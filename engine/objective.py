@@ -30,28 +30,34 @@ class Objective:
         return "+".join(f"{w:g}" for _, w in self.methods) or "0"
 
 
+# Logit standardisation's CIFAR-100 weights for plain KD (Sun et al., CVPR 2024).
+LOGIT_STAND_KD = (0.1, 9.0)
+
+
 def parse_objective(distill: str, gamma: Optional[float], alpha: Optional[float],
-                    beta: Optional[float]) -> Objective:
+                    beta: Optional[float], logit_stand: bool = False) -> Objective:
     entries = [_parse_entry(e) for e in distill.split(",") if e.strip()]
     if not entries:
         raise UserError("--distill is empty; name a method, e.g. --distill kd")
     if len(entries) > 1 and beta is not None:
         raise UserError("-b is ambiguous with several methods; give each its weight, e.g. --distill crd:0.8,at:1000")
-    first = entries[0][0]
-    kd_weights = [w for spec, w in entries if spec.cls is None and w is not None]
-    if alpha is None:
-        alpha = kd_weights[0] if kd_weights else first.alpha
-    methods = []
-    for spec, weight in entries:
-        if spec.cls is None:
-            continue
-        if weight is None:
-            weight = beta if beta is not None else spec.beta
-        methods.append((spec, weight))
+    methods = [(spec, _method_weight(spec, weight, beta)) for spec, weight in entries if spec.cls is not None]
     names = [spec.name for spec, _ in methods]
     if len(set(names)) != len(names):
         raise UserError(f"--distill names a method twice: {distill}")
-    return Objective(gamma=first.gamma if gamma is None else gamma, alpha=alpha, methods=methods)
+    first = entries[0][0]
+    default_gamma, default_alpha = LOGIT_STAND_KD if logit_stand and not methods else (first.gamma, first.alpha)
+    kd_weights = [w for spec, w in entries if spec.cls is None and w is not None]
+    if alpha is None:
+        alpha = kd_weights[0] if kd_weights else default_alpha
+    return Objective(gamma=default_gamma if gamma is None else gamma, alpha=alpha, methods=methods)
+
+
+def _method_weight(spec: MethodSpec, weight: Optional[float], beta: Optional[float]) -> float:
+    """`name:w` first, then -b, then the published default."""
+    if weight is not None:
+        return weight
+    return spec.beta if beta is None else beta
 
 
 def _parse_entry(entry: str) -> Tuple[MethodSpec, Optional[float]]:

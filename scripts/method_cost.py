@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import distiller_zoo  # noqa: E402
 from distiller_zoo.base import BuildContext  # noqa: E402
+from distiller_zoo.temperature import Temperature  # noqa: E402
 from engine.build import build_model  # noqa: E402
 from engine.distill_task import DistillTask  # noqa: E402
 from train_student import parse_args as student_defaults  # noqa: E402
@@ -31,9 +32,11 @@ def build(method: str, teacher_name: str, student_name: str, images, n_train: in
         student.eval()
         feat_s, feat_t = student.forward_features(images), teacher.forward_features(images)
         student.train()
-    ctx = BuildContext(student, teacher, feat_s, feat_t, args, n_train, num_classes, student_name, teacher_name)
+    temperature = Temperature(4.0)
+    ctx = BuildContext(student, teacher, feat_s, feat_t, args, n_train, num_classes, student_name, teacher_name,
+                       temperature)
     methods = [(spec.name, spec.beta or 1.0, spec.cls(ctx))] if spec.cls else []
-    return DistillTask(student, teacher, methods, spec.gamma, spec.alpha or 0.9, args.kd_T, num_classes), args
+    return DistillTask(student, teacher, methods, spec.gamma, spec.alpha or 0.9, temperature, num_classes), args
 
 
 def time_step(task, images, targets, indices, contrast, steps: int) -> float:
@@ -61,7 +64,8 @@ def main(argv=None):
     parser.add_argument("--student", default="resnet8x4")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--methods", default=",".join(m for m in distiller_zoo.METHODS))
+    parser.add_argument("--methods", default=",".join(["kd", *sorted(set(distiller_zoo.METHODS) - {"kd"})]),
+                        help="comma-separated; the first is the baseline of the ratios")
     opts = parser.parse_args(argv)
     torch.manual_seed(0)
     num_classes, n_train = 100, 50000

@@ -26,8 +26,9 @@ def logit_features(logits):
 
 def make_dkd(teacher_name="resnet32x4", student_name="resnet8x4", num_classes=5, **kw):
     f = logit_features(torch.zeros(2, num_classes))
-    return DKD(BuildContext(None, None, f, f, make_args(**kw), n_train=10, num_classes=num_classes,
-                            student_name=student_name, teacher_name=teacher_name))
+    args = make_args(**kw)
+    return DKD(BuildContext(None, None, f, f, args, n_train=10, num_classes=num_classes,
+                            student_name=student_name, teacher_name=teacher_name, temperature=args.kd_T))
 
 
 def np_softmax(z):

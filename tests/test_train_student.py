@@ -166,3 +166,18 @@ def test_a_teacher_of_another_class_count_is_refused(teachers, tmp_path, capsys)
         train_student.main(fast_args(tmp_path, "--path_t", str(path), *FAST))
     assert exit_info.value.code == 2
     assert "100 classes" in capsys.readouterr().err
+
+
+def test_logit_standardisation_and_a_temperature_schedule(teachers):
+    results = distill(teachers, STUDENT, "dkd", "--logit_stand", "--kd_T_schedule", "linear", "--kd_T", "4",
+                      "--kd_T_end", "2", "--epochs", "2")
+    assert results["method"] == "dkd+ls"
+    logged = [r for r in rows(teachers / "students" / results["run_name"]) if r["stage"] == "main"]
+    assert [float(r["kd_T"]) for r in logged] == [4.0, 2.0]
+
+
+def test_a_schedule_without_its_end_temperature_is_refused(teachers, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        distill(teachers, STUDENT, "kd", "--kd_T_schedule", "cosine")
+    assert exit_info.value.code == 2
+    assert "--kd_T_end" in capsys.readouterr().err
