@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-import distiller_zoo
+import distiller_zoo  # noqa: F401  (importing registers the methods)
 from distiller_zoo.base import BuildContext
 from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
 from engine.args import add_common_args
@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--dkd_alpha", type=float, default=None, help="DKD's TCKD weight (default 1)")
     m.add_argument("--dkd_beta", type=float, default=None, help="DKD's NCKD weight (default: per pair, else 8)")
     m.add_argument("--dkd_warmup", type=int, default=20, help="DKD's warm-up epochs")
+    m.add_argument("--ctkd_mode", type=str, default="global", choices=("global", "instance"),
+                   help="CTKD's learnable temperature: one scalar, or one per sample")
+    m.add_argument("--reviewkd_warmup", type=int, default=20, help="ReviewKD's warm-up epochs")
     add_common_args(parser)
     parser.set_defaults(trial="1")
     return parser.parse_args(argv)
@@ -77,8 +80,6 @@ def resolve_run(args: argparse.Namespace) -> argparse.Namespace:
     objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand)
     args.gamma, args.alpha = objective.gamma, objective.alpha
     args.method, args.beta_label = objective.name, objective.beta_label
-    if args.logit_stand:
-        args.method += "+ls"
     return args
 
 

@@ -9,7 +9,6 @@ loop only sees the registry.
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -71,6 +70,12 @@ class Distiller(nn.Module):
 
     def epoch_metrics(self) -> Dict[str, float]:
         return {}
+
+
+def option(args, name: str, default):
+    """A method's optional flag: its value on the command line, else the method's default."""
+    value = getattr(args, name, None)
+    return default if value is None else value
 
 
 @dataclass

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distiller_zoo.base import BuildContext, Distiller, register
+from distiller_zoo.base import BuildContext, Distiller, option, register
 from distiller_zoo.temperature import prepare_logits
 from engine.errors import UserError
 
@@ -96,11 +96,6 @@ class DKDLoss(nn.Module):
         return parts["tckd"] + parts["nckd"], parts
 
 
-def _arg(args, name: str, default):
-    value = getattr(args, name, None)
-    return default if value is None else value
-
-
 @register("dkd", gamma=1.0, alpha=0.0, beta=1.0,
           paper="Zhao et al., Decoupled Knowledge Distillation, CVPR 2022")
 class DKD(Distiller):
@@ -109,10 +104,10 @@ class DKD(Distiller):
         args = ctx.args
         if ctx.num_classes < 2:
             raise UserError(f"dkd needs at least two classes (got {ctx.num_classes})")
-        alpha = float(_arg(args, "dkd_alpha", DEFAULT_ALPHA))
+        alpha = float(option(args, "dkd_alpha", DEFAULT_ALPHA))
         beta_arg = getattr(args, "dkd_beta", None)
         beta = float(beta_arg) if beta_arg is not None else default_beta(ctx.teacher_name, ctx.student_name)
-        self.warmup = int(_arg(args, "dkd_warmup", DEFAULT_WARMUP))
+        self.warmup = int(option(args, "dkd_warmup", DEFAULT_WARMUP))
         if self.warmup < 0:
             raise UserError(f"--dkd_warmup must be >= 0 (got {self.warmup})")
         self.loss = DKDLoss(alpha, beta, ctx.temperature, ctx.logit_stand)

@@ -35,6 +35,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                    help="deterministic kernels; with --resume, an interrupted run ends bit-identical")
     r.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
                    help="continue the run from its ckpt_last.pth (the run named by the flags, or RUN_DIR)")
+    r.add_argument("--auto_resume", action="store_true",
+                   help="for table scripts: skip a finished run, resume an interrupted one, else start it")
     r.add_argument("--data_folder", type=str, default="./data")
     r.add_argument("--download", action="store_true", help="download the data set if missing")
     r.add_argument("--save_dir", type=str, default="./save")

@@ -16,13 +16,17 @@ class Objective:
     gamma: float
     alpha: float
     methods: List[Tuple[MethodSpec, float]]   # every method with a Distiller class, and its weight
+    logit_stand: bool = False
 
     @property
     def name(self) -> str:
-        """The run's method label: `crd`, `crd+kd` when KD is weighted in, `crd+at`, or `kd`."""
+        """The run's method label: `crd`, `crd+kd` when KD is weighted in, `crd+at`, `kd`;
+        `+ls` with logit standardisation."""
         names = [spec.name for spec, _ in self.methods]
         if self.alpha or not names:
             names.append("kd")
+        if self.logit_stand:
+            names.append("ls")
         return "+".join(names)
 
     @property
@@ -50,7 +54,8 @@ def parse_objective(distill: str, gamma: Optional[float], alpha: Optional[float]
     kd_weights = [w for spec, w in entries if spec.cls is None and w is not None]
     if alpha is None:
         alpha = kd_weights[0] if kd_weights else default_alpha
-    return Objective(gamma=default_gamma if gamma is None else gamma, alpha=alpha, methods=methods)
+    return Objective(gamma=default_gamma if gamma is None else gamma, alpha=alpha, methods=methods,
+                     logit_stand=logit_stand)
 
 
 def _method_weight(spec: MethodSpec, weight: Optional[float], beta: Optional[float]) -> float:

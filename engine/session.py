@@ -1,6 +1,7 @@
 """Start-up shared by the entry points: arguments (restored on --resume), device,
 seeds, the run directory and its args.json."""
 import argparse
+import sys
 from pathlib import Path
 
 from engine import runs
@@ -9,7 +10,8 @@ from engine.distributed import barrier, setup
 from engine.precision import seed_everything
 
 # Flags that say how to run, not what to compute: on --resume the command line's values win.
-EXECUTION_FLAGS = ("device", "num_workers", "print_freq", "data_folder", "download", "resume", "save_dir")
+EXECUTION_FLAGS = ("device", "num_workers", "print_freq", "data_folder", "download", "resume", "save_dir",
+                   "auto_resume")
 
 
 def restore_args(args: argparse.Namespace, kind: str, default_name) -> argparse.Namespace:
@@ -22,9 +24,20 @@ def restore_args(args: argparse.Namespace, kind: str, default_name) -> argparse.
     return merged
 
 
+def resume_if_interrupted(run_dir: Path) -> bool:
+    """--auto_resume: True when the run has a checkpoint to continue from; a finished run
+    ends the process here with status 0, so a table script moves on."""
+    if (run_dir / runs.RESULTS_FILE).is_file():
+        print(f"finished already, skipped: {run_dir}")
+        sys.exit(0)
+    return (run_dir / runs.LAST_CKPT).is_file()
+
+
 def start(args: argparse.Namespace, kind: str, trained_model, default_name):
     """Returns (args, ctx, run_dir). `default_name(args)` names a new run's directory, which
     `create_run_dir` makes once the data and networks are known to be usable."""
+    if args.auto_resume and not args.resume:
+        args.resume = resume_if_interrupted(Path(args.save_dir) / kind / (args.run_name or default_name(args)))
     if args.resume:
         args = restore_args(args, kind, default_name)
     else:

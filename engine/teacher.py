@@ -33,8 +33,9 @@ def teacher_arch(path: Path, state: dict, model_t) -> str:
     args_json = path.parent / runs.ARGS_FILE
     if args_json.is_file():
         stored = runs.load_run_args(path.parent)
-        if "model" in stored:
-            return stored["model"]
+        for key in ("model", "model_s"):  # a teacher run, or a distilled student used as a teacher
+            if key in stored:
+                return stored[key]
     return arch_from_folder(path)
 
 
@@ -51,13 +52,13 @@ def read_teacher(path, model_t):
     return state, teacher_arch(path, state, model_t)
 
 
-def build_teacher(state: dict, arch: str, num_classes: int, path):
-    """The teacher network with the checkpoint's weights, in eval mode."""
+def build_teacher(state: dict, arch: str, num_classes: int, path, dataset: str = "the data set"):
+    """The network with the checkpoint's weights, in eval mode."""
     weights = state["model"]
     classes = _classifier_outputs(weights)
     if classes is not None and classes != num_classes:
-        raise UserError(f"teacher {path} predicts {classes} classes but the data set has {num_classes}; "
-                        "pick a teacher trained on the same --dataset")
+        raise UserError(f"checkpoint {path} predicts {classes} classes but {dataset} has {num_classes}; "
+                        "pick one trained on the same --dataset")
     model = build_model(arch, num_classes)
     load_model_weights(model, weights, arch, path)
     return model.eval()

@@ -6,7 +6,6 @@ A *task* is an nn.Module whose forward(images, targets, indices, ...) returns
 network as `task.model` and may declare init stages (e.g. FT's paraphraser)
 that run before the main training. The trainer knows no method by name.
 """
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional

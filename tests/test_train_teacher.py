@@ -157,3 +157,25 @@ def test_command_line_error_has_no_traceback(tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert done.stderr.strip().startswith("error: unknown model 'nope'")
+
+
+def test_auto_resume_skips_a_finished_run_and_resumes_an_interrupted_one(tmp_path, monkeypatch, capsys):
+    flags = fast_args(tmp_path, "--model", "resnet8", "--epochs", "2", "--batch_size", "256", "--auto_resume")
+    real_save = engine.trainer.save_checkpoint
+
+    def interrupt_after_first_epoch(state, path):
+        real_save(state, path)
+        if state["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine.trainer, "save_checkpoint", interrupt_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher.main(flags)
+    monkeypatch.setattr(engine.trainer, "save_checkpoint", real_save)
+    results = train_teacher.main(flags)
+    run_dir = tmp_path / "teachers" / "resnet8_digits_trial0"
+    assert results["epochs"] == 2 and [r["epoch"] for r in _rows(run_dir)] == ["1", "2"]
+    with pytest.raises(SystemExit) as exit_info:
+        train_teacher.main(flags)
+    assert exit_info.value.code == 0
+    assert f"finished already, skipped: {run_dir}" in capsys.readouterr().out

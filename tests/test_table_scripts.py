@@ -1,0 +1,95 @@
+"""The reproduction scripts: every command their --dry-run prints parses with the entry
+point's own parser and names real models and methods, and together they cover every cell
+of the published tables."""
+import os
+import shlex
+import subprocess
+
+import pandas as pd
+import pytest
+
+import train_student
+import train_teacher
+from conftest import ROOT
+from engine.build import check_model_name
+from engine.objective import parse_objective
+
+ENTRY_POINTS = {"train_student.py": train_student, "train_teacher.py": train_teacher}
+SCRIPTS = ("run_cifar_vanilla.sh", "run_cifar_distill.sh", "run_cifar_dkd.sh", "run_digits_table.sh")
+
+
+def dry_run(script, **env):
+    done = subprocess.run(["bash", str(ROOT / "scripts" / script), "--dry-run"], capture_output=True, text=True,
+                          env={**os.environ, "TRIALS": "2", **env}, cwd=ROOT, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return [line for line in done.stdout.splitlines() if line.strip()]
+
+
+def parse(line):
+    """(entry point name, parsed args) of one printed command."""
+    words = shlex.split(line)
+    while "=" in words[0]:
+        words.pop(0)  # environment assignments
+    _python, script, *argv = words
+    entry = os.path.basename(script)
+    return entry, ENTRY_POINTS[entry].parse_args(argv)
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_printed_command_parses(script):
+    lines = dry_run(script)
+    assert lines
+    for line in lines:
+        if not ("train_teacher.py" in line or "train_student.py" in line):
+            continue
+        entry, args = parse(line)
+        assert args.auto_resume, line
+        if entry == "train_student.py":
+            check_model_name(args.model_s)
+            parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand)
+        else:
+            check_model_name(args.model)
+
+
+def cells(lines):
+    """Table cells (teacher, student, method label) with their trials."""
+    found = {}
+    for line in lines:
+        entry, args = parse(line)
+        teacher = os.path.basename(os.path.dirname(args.path_t)).rsplit("_cifar100_", 1)[0]
+        objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand)
+        found.setdefault((teacher, args.model_s, objective.name), set()).add(args.trial)
+    return found
+
+
+def test_the_distill_script_covers_both_crd_tables_with_published_weights():
+    found = cells(dry_run("run_cifar_distill.sh"))
+    published = pd.read_csv(ROOT / "scripts" / "published_cifar100.csv")
+    crd_tables = published[published["method"].isin(
+        ["kd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd"])]
+    expected = {(r.teacher, r.student, r.method) for r in crd_tables.itertuples()}
+    crd_kd = {(t, s, "crd+kd") for t, s, _ in expected}
+    assert set(found) == expected | crd_kd
+    assert len(found) == 7 * 14 - 1 + 6 * 13  # no FSP for wrn_40_2 -> wrn_40_1 (unequal channels)
+    assert all(trials == {"1", "2"} for trials in found.values())
+
+
+def test_the_vanilla_script_trains_every_network_of_the_tables():
+    lines = dry_run("run_cifar_vanilla.sh")
+    published = pd.read_csv(ROOT / "scripts" / "published_cifar100.csv")
+    trained = {parse(line)[1].model for line in lines}
+    assert trained == set(published["teacher"]) | set(published["student"])
+
+
+def test_the_dkd_script_covers_the_dkd_tables():
+    found = cells(dry_run("run_cifar_dkd.sh"))
+    published = pd.read_csv(ROOT / "scripts" / "published_cifar100.csv")
+    dkd = published[published["method"] == "dkd"]
+    assert {(r.teacher, r.student, "dkd") for r in dkd.itertuples()} <= set(found)
+    assert ("resnet32x4", "resnet8x4", "kd+ls") in found
+
+
+def test_an_unknown_option_is_refused():
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "run_cifar_distill.sh"), "--fast"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 2 and "unknown argument '--fast'" in done.stderr
