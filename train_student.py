@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--logit_stand", action="store_true",
                    help="z-score logits before the temperature softmax (Sun et al., CVPR 2024)")
     m.add_argument("--init_epochs", type=int, default=30, help="epochs of an init stage (AB, FT, FSP)")
+    m.add_argument("--init_lr", type=float, default=None,
+                   help="constant lr of an init stage; default 0.01 for ResNet/WRN students (RepDistiller), "
+                        "else --learning_rate")
     m.add_argument("--hint_layer", type=int, default=2, choices=range(5), help="FitNet: 0 = stem, k = stage k")
     m.add_argument("--feat_dim", type=int, default=128, help="CRD/CC embedding size")
     m.add_argument("--mode", type=str, default="exact", choices=("exact", "relax"), help="CRD sampling")
@@ -83,6 +86,13 @@ def resolve_run(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def init_lr(args) -> float:
+    """RepDistiller's init.py: 0.01 for ResNet and WRN students, the base lr for the others."""
+    if args.init_lr is not None:
+        return args.init_lr
+    return 0.01 if args.model_s.startswith(("resnet", "wrn")) else args.learning_rate
+
+
 def run_name(args) -> str:
     return (f"S-{args.model_s}_T-{args.model_t}_{args.dataset}_{args.method}"
             f"_r{args.gamma:g}_a{args.alpha:g}_b{args.beta_label}_trial{args.trial}")
@@ -100,15 +110,17 @@ def build_task(args, objective, ctx, train_loader, info) -> DistillTask:
                          temperature=temperature, logit_stand=args.logit_stand)
     methods = [(spec.name, weight, spec.cls(build)) for spec, weight in objective.methods]
     task = DistillTask(student, teacher, methods, args.gamma, args.alpha, temperature, info.num_classes,
-                       args.logit_stand)
+                       args.logit_stand, init_lr(args))
     return task.to(ctx.device)
 
 
 @torch.no_grad()
 def sample_features(student, teacher, loader, device):
-    """Features of one training batch, in eval mode so no BatchNorm statistic moves."""
+    """Features of one training batch, in eval mode so no BatchNorm statistic moves (the weak
+    views only, when the batch also carries strong ones)."""
     loader.set_epoch(0)
-    images = move_batch(next(iter(loader)), device, False)[0]
+    images, targets, *_ = move_batch(next(iter(loader)), device, False)
+    images = images[:targets.shape[0]]
     student.eval()
     feats = student.forward_features(images), teacher.forward_features(images)
     student.train()
@@ -121,7 +133,9 @@ def main(argv=None) -> dict:
     args, ctx, run_dir = start(args, "students", lambda a: a.model_s, run_name)
     objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand)
     needs_contrast = any(spec.cls.needs_contrast for spec, _ in objective.methods)
-    train_loader, test_loader, info = build_data(args, ctx, contrast=(args.nce_k, args.mode) if needs_contrast else None)
+    needs_strong_view = any(spec.cls.needs_strong_view for spec, _ in objective.methods)
+    contrast = (args.nce_k, args.mode) if needs_contrast else None
+    train_loader, test_loader, info = build_data(args, ctx, contrast=contrast, strong_view=needs_strong_view)
     task = build_task(args, objective, ctx, train_loader, info)
     describe = {"method": args.method, "teacher": args.model_t, "path_t": args.path_t, "gamma": args.gamma,
                 "alpha": args.alpha, "beta": args.beta_label, "kd_T": args.kd_T,

@@ -6,6 +6,10 @@ Two loader kinds with one interface (`set_epoch(epoch)`, `len()` = batches per e
     (images float32 B x C x H x W, targets int64 B, indices int64 B)
     (images, targets, indices, contrast_indices int64 B x (nce_k + 1))   with contrast=(nce_k, mode)
 
+With strong_view=True the training batches' images are 2B x C x H x W: the B weak views (the
+usual augmentation) followed by the B strongly augmented views of the same samples (MLKD;
+dataset/strong.py); targets, indices and contrast indices stay B. The test loader is unchanged.
+
 - "memory" (default for cifar100, cifar10, digits): `InMemoryLoader`, the split as uint8 on the
   training device, augmented there in batches.
 - "torch": a torch DataLoader over datasets returning (img, target, index) with RepDistiller's
@@ -24,6 +28,7 @@ from dataset import DATASETS, DatasetInfo, get_info
 from dataset.contrast import ContrastSampler, check_mode
 from dataset.memory import InMemoryLoader
 from dataset.order import CONTRAST_STREAM, TRANSFORM_STREAM, WORKER_STREAM, epoch_indices, mix_seed, shard_length
+from dataset.strong import two_view_transform
 from engine.errors import UserError
 
 LOADERS = ("auto", "memory", "torch")
@@ -38,6 +43,9 @@ class TorchLoader:
     fetched under a forked CPU RNG seeded from (seed, epoch, rank, batch), so the global RNG
     the training step uses is left untouched and an epoch's batches are reproducible either way
     (for a given num_workers).
+
+    A dataset whose transform returns two views (`dataset.strong.TwoViews`) yields batches whose
+    images are the two views concatenated: 2B x C x H x W, weak first.
     """
 
     def __init__(self, dataset, *, batch_size: int, train: bool, shuffle: Optional[bool] = None,
@@ -90,6 +98,8 @@ class TorchLoader:
                     images, targets, indices = next(batches)
             else:
                 images, targets, indices = next(batches)
+            if isinstance(images, (list, tuple)):
+                images = torch.cat(list(images))
             if self.contrast is not None:
                 yield images, targets, indices, self.contrast.sample(indices, contrast_gen)
             else:
@@ -186,7 +196,7 @@ def resolve_loader(name: str, loader: str) -> str:
 def build_loaders(name: str, data_folder="./data", batch_size: int = 64, *, loader: str = "auto",
                   device="cpu", num_workers: int = 8, seed: int = 0, download: bool = False,
                   contrast=None, rank: int = 0, world_size: int = 1, channels_last: bool = False,
-                  test_batch_size: Optional[int] = None):
+                  test_batch_size: Optional[int] = None, strong_view: bool = False):
     """(train_loader, test_loader, info) for data set `name`.
 
     info: the registry's DatasetInfo with n_train/n_test as loaded (and, for digits, the mean/std
@@ -194,6 +204,9 @@ def build_loaders(name: str, data_folder="./data", batch_size: int = 64, *, load
     indices to every training batch. batch_size is per process; the test loader is sharded
     over ranks without padding, so every test image is counted once. The training loader
     drops a final batch only when it would hold a single sample (BatchNorm cannot train on one).
+    strong_view: the training batches carry a second, strongly augmented view of every sample
+    (see the module docstring); the weak views are those of a loader without it (in memory,
+    bit for bit; the torch path, draw for draw).
     """
     info: DatasetInfo = get_info(name)
     kind = resolve_loader(name, loader)
@@ -219,11 +232,13 @@ def build_loaders(name: str, data_folder="./data", batch_size: int = 64, *, load
         sampler = ContrastSampler(train_y.to(device), *contrast) if contrast else None
         train_loader = InMemoryLoader(train_x, train_y, batch_size=batch_size, mean=mean, std=std, train=True,
                                       drop_last=drop_last, device=device, channels_last=channels_last,
-                                      contrast=sampler, **common)
+                                      contrast=sampler, strong_view=strong_view, **common)
         test_loader = InMemoryLoader(test_x, test_y, batch_size=test_batch_size, mean=mean, std=std, train=False,
                                      device=device, channels_last=channels_last, **common)
     else:
         targets = torch.as_tensor(list(train_targets), dtype=torch.long)
+        if strong_view:
+            train_set.transform = two_view_transform(train_set.transform)
         sampler = ContrastSampler(targets, *contrast) if contrast else None
         pin = device.type == "cuda"
         train_loader = TorchLoader(train_set, batch_size=batch_size, train=True, drop_last=drop_last,

@@ -4,7 +4,13 @@ augmented there.
 Per epoch it takes a permutation (train) or the natural order (eval), shards it over ranks,
 and for each batch gathers the uint8 images, applies RepDistiller's CIFAR augmentation batched
 on the device (random crop with zero padding 4, horizontal flip with p = 0.5, per sample),
-converts to float32 / 255 and normalises. No Python loop runs over samples.
+converts to float32 / 255 and normalises. No Python loop runs over samples, except for the
+optional strong view (below).
+
+Strong view (`strong_view=True`, training only; MLKD): each batch holds 2B images, the B weak
+views (exactly the batch a loader without the strong view yields) followed by the B strong
+views of the same samples (targets and indices stay B): an independently drawn crop and flip,
+torchvision's RandAugment(2, 10) drawn per sample, and Cutout; see dataset/strong.py.
 
 Determinism: the randomness comes only from generators reseeded in `__iter__` from
 (seed, epoch) — the permutation, on the CPU, shared by all ranks — and (seed, epoch, rank) — the
@@ -12,7 +18,9 @@ crop offsets, flips and CRD contrast indices, on the device. An epoch's batches 
 only on seed, epoch, rank/world_size and the device type: iterating the same epoch twice gives
 the same batches, and a resumed run sees exactly the batches of the interrupted one. As with
 DistributedSampler, call `set_epoch(epoch)` before each epoch; without it every epoch repeats
-epoch 0's order.
+epoch 0's order. The strong view draws from its own streams, (seed, epoch, rank) for its crops,
+flips and Cutout boxes on the device and (seed, epoch, rank, batch) for the RandAugment ops on
+the CPU, so it leaves the weak views and contrast indices exactly as they are without it.
 """
 import math
 from typing import Optional, Sequence
@@ -20,7 +28,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from dataset.order import AUGMENT_STREAM, epoch_indices, mix_seed, shard_length
+from dataset.order import AUGMENT_STREAM, STRONG_STREAM, epoch_indices, mix_seed, shard_length
+from dataset.strong import draw_cutout, strong_batch
 
 PADDING = 4
 
@@ -66,7 +75,8 @@ class InMemoryLoader:
 
     Yields (images float32 B x C x H x W, targets int64 B, indices int64 B), plus
     contrast_indices int64 B x (nce_k + 1) when built with a `ContrastSampler` (on the same
-    device), all on `device`.
+    device), all on `device`. With strong_view=True (train only) images is 2B x C x H x W:
+    the weak views, then the strong views of the same samples.
 
     train=True: shuffled (unless shuffle=False), augmented; train=False: natural order,
     normalised only. Distributed: rank `rank` of `world_size` takes the strided shard of the
@@ -77,7 +87,7 @@ class InMemoryLoader:
                  mean: Sequence[float], std: Sequence[float], train: bool, shuffle: Optional[bool] = None,
                  drop_last: bool = False, device="cpu", seed: int = 0, channels_last: bool = False,
                  rank: int = 0, world_size: int = 1, even_shards: Optional[bool] = None,
-                 contrast=None, padding: int = PADDING):
+                 contrast=None, padding: int = PADDING, strong_view: bool = False):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be a uint8 N x C x H x W tensor, got {images.dtype} {tuple(images.shape)}")
         if targets.shape != (images.shape[0],):
@@ -86,6 +96,8 @@ class InMemoryLoader:
             raise ValueError("batch_size must be positive")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        if strong_view and not train:
+            raise ValueError("the strong view is a training augmentation; build it with train=True")
         self.images = images.to(device)
         self.device = self.images.device  # 'cuda' -> 'cuda:0', so it compares equal to tensors' devices
         self.targets = targets.to(self.device, torch.long)
@@ -104,6 +116,7 @@ class InMemoryLoader:
             raise ValueError(f"the contrast sampler lives on {contrast.device}, the loader on {self.device}")
         self.contrast = contrast
         self.padding = padding
+        self.strong_view = bool(strong_view)
         self.epoch = 0
 
     @property
@@ -130,13 +143,24 @@ class InMemoryLoader:
         gen.manual_seed(mix_seed(self.seed, self.epoch, self.rank, AUGMENT_STREAM))
         if self.train:
             offsets, flips = draw_crop_flip(order.numel(), gen, self.device, self.padding)
+        if self.strong_view:
+            strong_gen = torch.Generator(device=self.device)
+            strong_gen.manual_seed(mix_seed(self.seed, self.epoch, self.rank, STRONG_STREAM))
+            strong_offsets, strong_flips = draw_crop_flip(order.numel(), strong_gen, self.device, self.padding)
+            cutouts = draw_cutout(order.numel(), strong_gen, self.device)
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         for i in range(n_batches):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, order.numel())
             idx = order[lo:hi]
             x = self.images.index_select(0, idx)
+            if self.strong_view:
+                strong = crop_flip(x, strong_offsets[lo:hi], strong_flips[lo:hi], self.padding)
+                strong = strong_batch(strong, cutouts[lo:hi],
+                                      mix_seed(self.seed, self.epoch, self.rank, STRONG_STREAM, i))
             if self.train:
                 x = crop_flip(x, offsets[lo:hi], flips[lo:hi], self.padding)
+            if self.strong_view:
+                x = torch.cat([x, strong])
             x = normalize(x.contiguous(memory_format=fmt), self.mean, self.std)
             y = self.targets.index_select(0, idx)
             if self.contrast is not None:

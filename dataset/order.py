@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 # independent random streams derived from (seed, epoch, ...)
-ORDER_STREAM, AUGMENT_STREAM, CONTRAST_STREAM, WORKER_STREAM, TRANSFORM_STREAM = range(5)
+ORDER_STREAM, AUGMENT_STREAM, CONTRAST_STREAM, WORKER_STREAM, TRANSFORM_STREAM, STRONG_STREAM = range(6)
 
 
 def mix_seed(seed: int, *words: int) -> int:

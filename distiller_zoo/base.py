@@ -58,6 +58,11 @@ class Distiller(nn.Module):
     sub-terms to log (empty when the loss has a single term)."""
 
     needs_contrast: bool = False   # the loader must yield CRD contrast indices
+    # The loader must yield a strongly augmented second view of every sample (MLKD). The batch
+    # images are then 2B (weak views, then strong views of the same samples) and such a
+    # distiller receives Features of all 2B rows for student and teacher (targets, indices: B);
+    # the task's cross-entropy covers both views, KD and every other distiller the weak half.
+    needs_strong_view: bool = False
 
     def __init__(self, ctx: BuildContext):
         super().__init__()

@@ -30,8 +30,8 @@ Decisions where references differ:
   more elements, so per-element L1 terms are smaller.
 - RepDistiller builds its `Paraphraser` with its default `use_bn=False` (conv +
   LeakyReLU(0.1) only) and its `Translator` with BN; the same here.
-- RepDistiller's init stage uses lr 0.01 for ResNet/WRN students and the base lr
-  otherwise; the suite's init stages run at the base lr.
+- The init stage's constant lr is RepDistiller's: 0.01 for ResNet/WRN students, the base
+  lr otherwise (`--init_lr` overrides; train_student.py applies it to every init stage).
 """
 from typing import Dict, Optional
 

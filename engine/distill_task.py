@@ -1,5 +1,13 @@
 """Student training: `gamma * CE + alpha * KD + sum(beta_m * method_m)` over the registered
-methods, with their init stages. Knows no method by name."""
+methods, with their init stages. Knows no method by name.
+
+Strong view: when a distiller declares `needs_strong_view` (MLKD), the loader's images are 2B,
+the B weak views then the B strong views of the same samples. The student runs on each view
+separately (its BatchNorm sees one view per pass, as in MLKD's official trainer), the frozen
+teacher on both at once. Cross-entropy covers both views, `CE(weak) + CE(strong)` logged as
+'ce' and 'ce_strong' (MLKD's official loss); KD (-a) and every distiller without the flag see
+the weak half only; a strong-view distiller receives the Features of all 2B rows. The logits
+returned for the accuracy are the weak half's, one row per sample."""
 from typing import Dict, List, Tuple
 
 import torch
@@ -11,12 +19,13 @@ from distiller_zoo.kd import DistillKL
 from distiller_zoo.temperature import Temperature
 from engine.task import Task, compile_features
 from engine.trainer import Stage
+from models.features import Features
 
 
 class DistillTask(Task):
     def __init__(self, student: nn.Module, teacher: nn.Module, methods: List[Tuple[str, float, Distiller]],
                  gamma: float, alpha: float, temperature: Temperature, num_classes: int,
-                 logit_stand: bool = False):
+                 logit_stand: bool = False, init_lr: float = 0.01):
         super().__init__(student, num_classes)
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
@@ -24,31 +33,52 @@ class DistillTask(Task):
         self.distillers = nn.ModuleDict({name: d for name, _, d in methods})
         self.weights: Dict[str, float] = {name: w for name, w, _ in methods}
         self.gamma, self.alpha = gamma, alpha
+        self.init_lr = init_lr
         self.temperature = temperature
         self.kd = DistillKL(temperature, logit_stand)
+        self.strong_view = any(getattr(d, "needs_strong_view", False) for _, _, d in methods)
 
     def teacher_features(self, images):
         with torch.no_grad():
             return self.teacher.forward_features(images)
 
     def forward(self, images, targets, indices=None, contrast_idx=None):
-        feat_s = self.model.forward_features(images)
-        feat_t = self.teacher_features(images)
-        ce = F.cross_entropy(feat_s.logits.float(), targets)
+        if self.strong_view:
+            feat_s, feat_t, weak_s, weak_t = self._two_view_features(images, targets.shape[0])
+        else:
+            feat_s = weak_s = self.model.forward_features(images)
+            feat_t = weak_t = self.teacher_features(images)
+        ce = F.cross_entropy(weak_s.logits.float(), targets)
         terms = {"ce": ce}
         loss = self.gamma * ce
+        if self.strong_view:
+            terms["ce_strong"] = F.cross_entropy(feat_s.logits[targets.shape[0]:].float(), targets)
+            loss = loss + self.gamma * terms["ce_strong"]
         if self.alpha:
-            terms["kd"] = self.kd(feat_s.logits, feat_t.logits)
+            terms["kd"] = self.kd(weak_s.logits, weak_t.logits)
             loss = loss + self.alpha * terms["kd"]
         for name, distiller in self.distillers.items():
             if not self.weights[name]:
                 continue  # a zero weight switches a term off; it costs nothing
-            value, parts = distiller(feat_s, feat_t, targets, indices, contrast_idx)
+            if getattr(distiller, "needs_strong_view", False):
+                value, parts = distiller(feat_s, feat_t, targets, indices, contrast_idx)
+            else:
+                value, parts = distiller(weak_s, weak_t, targets, indices, contrast_idx)
             terms[name] = value
             terms.update({f"{name}_{k}": v.detach() for k, v in parts.items()})
             loss = loss + self.weights[name] * value
         terms["loss"] = loss
-        return terms, feat_s.logits
+        return terms, weak_s.logits
+
+    def _two_view_features(self, images, n: int):
+        """(student 2B, teacher 2B, student weak B, teacher weak B) Features of a two-view batch."""
+        if images.shape[0] != 2 * n:
+            raise ValueError(f"a strong-view method needs batches of 2B images (weak, then strong) for B labels; "
+                             f"got {images.shape[0]} images for {n} labels: build the loader with strong_view=True")
+        weak_s = self.model.forward_features(images[:n])
+        feat_s = Features.cat([weak_s, self.model.forward_features(images[n:])])
+        feat_t = self.teacher_features(images)
+        return feat_s, feat_t, weak_s, feat_t.rows(0, n)
 
     # --- stages -----------------------------------------------------------------------------
     def _declared_init_stages(self):
@@ -57,7 +87,7 @@ class DistillTask(Task):
 
     def init_stages(self) -> list:
         return [Stage(f"init_{name}", stage.epochs, InitStep(self, stage), stage.params,
-                      evaluate=False, lr_schedule=False)
+                      evaluate=False, constant_lr=self.init_lr)
                 for name, stage in self._declared_init_stages()]
 
     def main_parameters(self) -> list:
@@ -104,6 +134,7 @@ class InitStep(nn.Module):
         self.stage = stage
 
     def forward(self, images, targets, *unused):
+        images = images[:targets.shape[0]]  # the weak views of a two-view batch
         feat_t = self.task.teacher_features(images)
         feat_s = self.task.model.forward_features(images) if self.stage.needs_student else None
         return self.stage.loss(feat_s, feat_t), None

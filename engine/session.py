@@ -56,9 +56,11 @@ def create_run_dir(args, ctx, run_dir: Path) -> None:
         runs.write_json(Path(run_dir) / runs.ARGS_FILE, {k: v for k, v in vars(args).items() if k != "resume"})
 
 
-def build_data(args, ctx, contrast=None):
+def build_data(args, ctx, contrast=None, strong_view: bool = False):
+    """(train_loader, test_loader, info); contrast: CRD's (nce_k, mode) or None; strong_view:
+    training batches carry a second, strongly augmented view (MLKD)."""
     from dataset.loaders import build_loaders
     return build_loaders(args.dataset, args.data_folder, args.batch_size, loader=args.loader,
                          device=ctx.device, num_workers=args.num_workers, seed=args.seed,
                          download=args.download, contrast=contrast, rank=ctx.rank,
-                         world_size=ctx.world_size, channels_last=False)
+                         world_size=ctx.world_size, channels_last=False, strong_view=strong_view)

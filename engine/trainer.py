@@ -30,7 +30,7 @@ class Stage:
     module: nn.Module          # forward(images, targets, indices, ...) -> (terms, logits or None)
     params: List[nn.Parameter]
     evaluate: bool = True      # evaluate task.model after every epoch
-    lr_schedule: bool = True   # apply the step decay (init stages use a constant lr, as RepDistiller)
+    constant_lr: Optional[float] = None  # None: the step-decay schedule; init stages use a constant lr
 
 
 class Trainer:
@@ -93,7 +93,7 @@ class Trainer:
         return self._finish()
 
     def _run_epoch(self, stage: Stage, epoch: int, global_epoch: int, optimizer) -> None:
-        lr = lr_at(epoch, self.args) if stage.lr_schedule else self.args.learning_rate
+        lr = lr_at(epoch, self.args) if stage.constant_lr is None else stage.constant_lr
         set_lr(optimizer, lr)
         self.train_loader.set_epoch(global_epoch)
         if stage.name == MAIN_STAGE:
