@@ -38,10 +38,12 @@ run() {
   fi
 }
 
+# finish_runs [--jobs N]: execute the queued runs (independent of each other), then empty the queue
 finish_runs() {
   if [ "${#QUEUE[@]}" -gt 0 ]; then
-    printf '%s\n' "${QUEUE[@]}" | "$PY" scripts/run_commands.py
+    printf '%s\n' "${QUEUE[@]}" | "$PY" scripts/run_commands.py "$@"
   fi
+  QUEUE=()
 }
 
 # teacher_ckpt MODEL: the checkpoint the distillation tables start from (trial 0, last epoch,

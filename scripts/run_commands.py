@@ -1,13 +1,17 @@
 """Run many train_teacher.py / train_student.py command lines in one Python process.
 
-    bash scripts/run_digits_table.sh --dry-run | python scripts/run_commands.py
+    bash scripts/run_digits_table.sh --dry-run | python scripts/run_commands.py [--jobs 2]
 
 Reads one command per line (`[VAR=value ...] python train_student.py ARGS...`) and calls the
-entry point's main(ARGS) in this process, in order, so short runs (the digits table) do not
-each pay the interpreter's and torch's start-up. Environment assignments are applied before
-the run. A run that fails is reported and the next one goes on; the exit status is 1 if any
-failed.
+entry point's main(ARGS) in this process, so short runs (the digits table) do not each pay
+the interpreter's and torch's start-up. With --jobs N the commands are shared among N worker
+processes with cores/N threads each (small networks use many single-threaded processes
+better than one multi-threaded one); the commands of one call must then not depend on each
+other. Environment assignments are applied before the run. A run that fails is reported and
+the others go on; the exit status is 1 if any failed.
 """
+import argparse
+import multiprocessing
 import os
 import shlex
 import sys
@@ -49,15 +53,31 @@ def run_line(line: str, mains) -> bool:
     return True
 
 
-def main() -> int:
+def worker_init(threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
+
+
+def run_in_worker(numbered) -> tuple:
+    number, total, line = numbered
+    print(f"[{number}/{total}] {line}", flush=True)
+    return line, run_line(line, entry_points())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Run entry-point command lines read from stdin in one process.")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes for independent commands")
+    jobs = parser.parse_args(argv).jobs
     lines = [line.strip() for line in sys.stdin if line.strip() and not line.startswith("#")]
-    mains = entry_points()
-    failed = []
+    numbered = [(k, len(lines), line) for k, line in enumerate(lines, 1)]
     start = time.perf_counter()
-    for number, line in enumerate(lines, 1):
-        print(f"[{number}/{len(lines)}] {line}", flush=True)
-        if not run_line(line, mains):
-            failed.append(line)
+    if jobs > 1:
+        threads = max(1, (os.cpu_count() or jobs) // jobs)
+        with multiprocessing.get_context("spawn").Pool(jobs, worker_init, (threads,), maxtasksperchild=8) as pool:
+            outcomes = pool.map(run_in_worker, numbered, chunksize=1)
+    else:
+        outcomes = [run_in_worker(item) for item in numbered]
+    failed = [line for line, ok in outcomes if not ok]
     print(f"{len(lines) - len(failed)} of {len(lines)} runs succeeded in {time.perf_counter() - start:.0f} s")
     for line in failed:
         print(f"failed: {line}", file=sys.stderr)
