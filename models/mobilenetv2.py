@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .base import FeatureModel
+from .base import FeatureModel, init_weights_like_repdistiller
 from .features import Features
 
 __all__ = ["MobileNetV2", "InvertedResidual", "mobile_half"]
@@ -116,22 +116,7 @@ class MobileNetV2(FeatureModel):
         H = input_size // (32 // 2)
         self.avgpool = nn.AvgPool2d(H, ceil_mode=True)
 
-        self._initialize_weights()
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                # normal(0, sqrt(2 / (k*k*out_channels)))
-                nn.init.kaiming_normal_(m.weight, mode="fan_out",
-                                        nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.constant_(m.bias, 0)
+        init_weights_like_repdistiller(self)
 
     def bn_before_relu(self) -> List[nn.BatchNorm2d]:
         return [self.blocks[i][-1].conv[-1] for i in STAGE_BLOCKS]

@@ -103,13 +103,7 @@ class ShuffleNet(FeatureModel):
     def forward_features(self, x: Tensor) -> Features:
         x = F.relu(self.bn1(self.conv1(x)))
         stem = x
-        stages, preacts = [], []
-        for layer in (self.layer1, self.layer2, self.layer3):
-            preact = x
-            for block in layer:
-                x, preact = block(x)
-            stages.append(x)
-            preacts.append(preact)
+        x, stages, preacts = self.run_stages(x, (self.layer1, self.layer2, self.layer3))
         pooled = torch.flatten(F.avg_pool2d(x, 4), 1)
         logits = self.linear(pooled)
         return Features(stem=stem, stages=stages, preact=preacts,

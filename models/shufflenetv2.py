@@ -161,13 +161,7 @@ class ShuffleNetV2(FeatureModel):
     def forward_features(self, x: Tensor) -> Features:
         x = F.relu(self.bn1(self.conv1(x)))
         stem = x
-        stages, preacts = [], []
-        for layer in (self.layer1, self.layer2, self.layer3):
-            preact = x
-            for block in layer:
-                x, preact = block(x)
-            stages.append(x)
-            preacts.append(preact)
+        x, stages, preacts = self.run_stages(x, (self.layer1, self.layer2, self.layer3))
         x = F.relu(self.bn2(self.conv2(x)))
         pooled = torch.flatten(F.avg_pool2d(x, 4), 1)
         logits = self.linear(pooled)

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import FeatureModel
+from .base import FeatureModel, init_weights_like_repdistiller
 from .features import Features
 
 __all__ = ["VGG", "vgg8", "vgg11", "vgg13", "vgg16", "vgg19",
@@ -51,7 +51,7 @@ class VGG(FeatureModel):
 
         self.classifier = nn.Linear(512, num_classes)
         self.stage_channels = [c[-1] for c in cfg[1:]]
-        self._initialize_weights()
+        init_weights_like_repdistiller(self)
 
     @staticmethod
     def _make_layers(cfg: List[int], batch_norm: bool,
@@ -66,21 +66,6 @@ class VGG(FeatureModel):
             in_channels = v
         # Drop the block's last ReLU; forward_features applies it.
         return nn.Sequential(*layers[:-1])
-
-    def _initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                # normal(0, sqrt(2 / (k*k*out_channels)))
-                nn.init.kaiming_normal_(m.weight, mode="fan_out",
-                                        nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.constant_(m.weight, 1)
-                nn.init.constant_(m.bias, 0)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.constant_(m.bias, 0)
 
     def bn_before_relu(self) -> List[nn.BatchNorm2d]:
         return [self.block1[-1], self.block2[-1], self.block3[-1],

@@ -4,7 +4,6 @@ function), the cosine curriculum of the reversal scale, the logged temperature, 
 standardisation, the UserError paths and the distiller on real models."""
 import copy
 import math
-from argparse import Namespace
 
 import pytest
 import torch
@@ -14,13 +13,7 @@ from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.ctkd import CTKD, cosine_lambda, kd_with_temperature, reverse_gradient
 from engine.errors import UserError
 from models import Features, model_dict
-
-
-def make_args(**kw):
-    args = dict(kd_T=4, hint_layer=2, feat_dim=128, nce_k=16, nce_t=0.07, nce_m=0.5,
-                mode="exact", init_epochs=30)
-    args.update(kw)
-    return Namespace(**args)
+from method_helpers import make_args
 
 
 def logit_features(logits):

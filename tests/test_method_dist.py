@@ -1,7 +1,6 @@
 """DIST: the loss against a numpy computation (np.corrcoef) of the paper's relations, its
 minimum, the shared temperature (schedules) and logit standardisation, gradients, and the
 distiller on real models."""
-from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -11,13 +10,7 @@ from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.dist import DIST, DISTLoss
 from distiller_zoo.temperature import Temperature
 from models import Features, model_dict
-
-
-def make_args(**kw):
-    args = dict(kd_T=4, hint_layer=2, feat_dim=128, nce_k=16, nce_t=0.07, nce_m=0.5,
-                mode="exact", init_epochs=30)
-    args.update(kw)
-    return Namespace(**args)
+from method_helpers import make_args
 
 
 def logit_features(logits):

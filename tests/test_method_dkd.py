@@ -2,7 +2,6 @@
 the zero for identical logits, gradients, the warm-up factor, per-pair beta defaults, the
 distiller on real models and the UserError paths."""
 import math
-from argparse import Namespace
 
 import pytest
 import torch
@@ -11,13 +10,7 @@ from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.dkd import DKD, DKDLoss, dkd_terms
 from engine.errors import UserError
 from models import Features, model_dict
-
-
-def make_args(**kw):
-    args = dict(kd_T=4, hint_layer=2, feat_dim=128, nce_k=16, nce_t=0.07, nce_m=0.5,
-                mode="exact", init_epochs=30)
-    args.update(kw)
-    return Namespace(**args)
+from method_helpers import make_args
 
 
 def logit_features(logits):

@@ -1,6 +1,5 @@
 """FitNet (hint): the MSE on hand-made tensors, ConvReg's size rules, the hint-layer
 alignment for different stage counts, gradients and the UserError paths."""
-from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -9,24 +8,8 @@ import torch
 from distiller_zoo.base import METHODS, BuildContext, resolve
 from distiller_zoo.fitnet import ConvReg, FitNet, HintLoss, hint_indices
 from engine.errors import UserError
-from models import Features, model_dict
-
-
-def make_args(**kw):
-    args = dict(kd_T=4, hint_layer=2, feat_dim=128, nce_k=16, nce_t=0.07, nce_m=0.5,
-                mode="exact", init_epochs=30)
-    args.update(kw)
-    return Namespace(**args)
-
-
-def make_ctx(s_name, t_name, **kw):
-    torch.manual_seed(0)
-    s, t = model_dict[s_name](num_classes=10), model_dict[t_name](num_classes=10)
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        fs, ft = s.forward_features(x), t.forward_features(x)
-    return BuildContext(s, t, fs, ft, make_args(**kw), n_train=100, num_classes=10,
-                        student_name=s_name, teacher_name=t_name), x
+from models import Features
+from method_helpers import make_args, make_ctx
 
 
 def hand_features(shapes, requires_grad=False, seed=0):

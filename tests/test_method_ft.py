@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from distiller_zoo.base import BuildContext, InitStage, resolve
+from distiller_zoo.base import InitStage, resolve
 from distiller_zoo.ft import FT, FactorTransferLoss, Paraphraser, Translator
-from models import model_dict
 from models.features import Features
+from method_helpers import make_ctx
 
 
 def make_args(**kw):
@@ -17,20 +17,6 @@ def make_args(**kw):
                 mode="exact", init_epochs=30)
     base.update(kw)
     return argparse.Namespace(**base)
-
-
-def make_ctx(s_name, t_name, **kw):
-    torch.manual_seed(0)
-    student = model_dict[s_name](num_classes=10)
-    teacher = model_dict[t_name](num_classes=10).eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        feat_s = student.forward_features(x)
-        feat_t = teacher.forward_features(x)
-    ctx = BuildContext(student=student, teacher=teacher, feat_s=feat_s, feat_t=feat_t,
-                       args=make_args(**kw), n_train=100, num_classes=10,
-                       student_name=s_name, teacher_name=t_name)
-    return ctx, x
 
 
 def with_last_stage(feat, last):

@@ -2,7 +2,6 @@
 weighted total against loop computations, the zero for identical signals, gradients, the
 distiller on real models and the UserError path."""
 import math
-from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -12,13 +11,7 @@ from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.irg import IRG, IRGLoss, edge_matrix, pool_channels, transformation_vector
 from engine.errors import UserError
 from models import Features, model_dict
-
-
-def make_args(**kw):
-    args = dict(kd_T=4, hint_layer=2, feat_dim=128, nce_k=16, nce_t=0.07, nce_m=0.5,
-                mode="exact", init_epochs=30)
-    args.update(kw)
-    return Namespace(**args)
+from method_helpers import make_args
 
 
 def np_dist(a, b, squared=False):

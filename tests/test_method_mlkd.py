@@ -4,7 +4,6 @@ identical logits, gradients, logit standardisation, the shared temperature, the 
 two-view split (CE on both views, other methods on the weak half), and the loaders' strong
 view (2B rows, weak half unchanged, strong half different, reproducible)."""
 import math
-from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -21,14 +20,9 @@ from distiller_zoo.temperature import Temperature
 from engine.distill_task import DistillTask
 from engine.errors import UserError
 from models import Features, model_dict
+from method_helpers import make_args
 
 TEMPS = (4.0, 3.0, 5.0, 2.0, 6.0)
-
-
-def make_args(**kw):
-    args = dict(kd_T=4, hint_layer=2, feat_dim=128, nce_k=16, nce_t=0.07, nce_m=0.5, mode="exact", init_epochs=30)
-    args.update(kw)
-    return Namespace(**args)
 
 
 def logit_features(logits):

@@ -2,7 +2,6 @@
 against a numpy computation, the pairing and spatial matching, the warm-up factor,
 gradients (student, ABFs, never the teacher), the per-pair official weights and the
 distiller on real models."""
-from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -12,13 +11,7 @@ from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.reviewkd import ABF, ReviewKD, hcl_pair, official_weight
 from engine.errors import UserError
 from models import Features, model_dict
-
-
-def make_args(**kw):
-    args = dict(kd_T=4, hint_layer=2, feat_dim=128, nce_k=16, nce_t=0.07, nce_m=0.5,
-                mode="exact", init_epochs=30)
-    args.update(kw)
-    return Namespace(**args)
+from method_helpers import make_args
 
 
 def hand_features(stage_shapes, pooled_dim, requires_grad=False, seed=0, batch=2):

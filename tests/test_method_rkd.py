@@ -1,5 +1,4 @@
 """RKD: distance and angle terms against explicit loops, the minimum, gradients, real models."""
-from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -7,23 +6,8 @@ import torch
 
 from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.rkd import RKD, RKDLoss
-from models import Features, model_dict
-
-
-def make_args(**kw):
-    args = dict(kd_T=4, hint_layer=2, feat_dim=128, nce_k=16, nce_t=0.07, nce_m=0.5,
-                mode="exact", init_epochs=30)
-    args.update(kw)
-    return Namespace(**args)
-
-
-def make_ctx(s_name, t_name):
-    torch.manual_seed(0)
-    s, t = model_dict[s_name](num_classes=10), model_dict[t_name](num_classes=10)
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        fs, ft = s.forward_features(x), t.forward_features(x)
-    return BuildContext(s, t, fs, ft, make_args(), n_train=100, num_classes=10), x
+from models import Features
+from method_helpers import make_args, make_ctx
 
 
 def hand_features(dim, requires_grad=False, seed=0, b=5):
@@ -117,7 +101,7 @@ def test_gradients_reach_student_not_teacher():
 
 @pytest.mark.parametrize("s_name,t_name", [("resnet8", "resnet8x4"), ("ShuffleV1", "wrn_40_2")])
 def test_builds_from_real_models(s_name, t_name):
-    ctx, x = make_ctx(s_name, t_name)
+    ctx, x = make_ctx(s_name, t_name, batch=3)
     d = RKD(ctx)
     fs = ctx.student.forward_features(x)
     with torch.no_grad():

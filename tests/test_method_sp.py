@@ -1,6 +1,5 @@
 """SP (similarity): the loss against explicit loops, its minimum, gradients, and
 building from real student/teacher pairs."""
-from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -8,23 +7,8 @@ import torch
 
 from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.sp import SP, Similarity
-from models import Features, model_dict
-
-
-def make_args(**kw):
-    args = dict(kd_T=4, hint_layer=2, feat_dim=128, nce_k=16, nce_t=0.07, nce_m=0.5,
-                mode="exact", init_epochs=30)
-    args.update(kw)
-    return Namespace(**args)
-
-
-def make_ctx(s_name, t_name):
-    torch.manual_seed(0)
-    s, t = model_dict[s_name](num_classes=10), model_dict[t_name](num_classes=10)
-    x = torch.randn(3, 3, 32, 32)
-    with torch.no_grad():
-        fs, ft = s.forward_features(x), t.forward_features(x)
-    return BuildContext(s, t, fs, ft, make_args(), n_train=100, num_classes=10), x
+from models import Features
+from method_helpers import make_args, make_ctx
 
 
 def hand_features(shapes, requires_grad=False, seed=0):
@@ -90,7 +74,7 @@ def test_gradients_reach_student_not_teacher():
 @pytest.mark.parametrize("s_name,t_name", [("resnet8", "resnet8x4"), ("ShuffleV1", "wrn_40_2"),
                                            ("resnet8", "vgg8")])
 def test_builds_from_real_models(s_name, t_name):
-    ctx, x = make_ctx(s_name, t_name)
+    ctx, x = make_ctx(s_name, t_name, batch=3)
     d = SP(ctx)
     fs = ctx.student.forward_features(x)
     with torch.no_grad():
