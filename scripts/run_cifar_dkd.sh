@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # DKD (Zhao et al., CVPR 2022) on the pairs of its CIFAR-100 tables (per-pair beta from the
 # registry, warm-up 20 epochs; the reference table lists resnet32x4 -> MobileNetV2 at 77.07, a
-# figure mdistiller gives for resnet32x4 -> ShuffleV2, so both run), then the newer logit methods on resnet32x4 -> resnet8x4.
+# figure mdistiller gives for resnet32x4 -> ShuffleV2, so both run), then the newer logit
+# methods on resnet32x4 -> resnet8x4.
 # Train the teachers first (scripts/run_cifar_vanilla.sh).
 #   bash scripts/run_cifar_dkd.sh [--dry-run]
 #   EPOCHS=240 TRIALS=3 GPU=0 SAVE=save DATA=./data PY=python from the environment
