@@ -57,7 +57,8 @@ distill() {
   local teacher=$1 student=$2 method=$3
   shift 3
   for trial in $(seq 1 "$TRIALS"); do
-    run train_student.py --path_t "$(teacher_ckpt "$teacher")" --model_s "$student" --distill "$method" "$@" \
-      --trial "$trial" "${common[@]}"
+    # the cell's flags come after the script-wide ones, so they override them
+    run train_student.py --path_t "$(teacher_ckpt "$teacher")" --model_s "$student" --distill "$method" \
+      --trial "$trial" "${common[@]}" "$@"
   done
 }

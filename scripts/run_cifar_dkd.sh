@@ -21,6 +21,6 @@ done
 distill resnet32x4 resnet8x4 kd --logit_stand
 distill resnet32x4 resnet8x4 dkd --logit_stand
 distill resnet32x4 resnet8x4 dist
-distill resnet32x4 resnet8x4 mlkd
+distill resnet32x4 resnet8x4 mlkd --learning_rate 0.025   # its CIFAR-100 configs' lr
 distill resnet32x4 resnet8x4 ctkd
 distill resnet32x4 resnet8x4 reviewkd
