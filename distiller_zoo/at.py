@@ -19,12 +19,12 @@ Q after the normalisation. RepDistiller pairs stages by position from the shallo
 (zip), which silently drops the deepest stages of the deeper network; here pairs are
 taken from the deepest.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distiller_zoo.base import BuildContext, Distiller, describe_pairing, match_spatial, pair_from_deepest, register
+from distiller_zoo.base import BuildContext, StagePairDistiller, match_spatial, register
 
 
 class Attention(nn.Module):
@@ -49,16 +49,6 @@ class Attention(nn.Module):
 @register("at", gamma=1.0, alpha=0.0, beta=1000.0,
           paper="Zagoruyko & Komodakis, Paying More Attention to Attention, ICLR 2017",
           aliases=("attention",))
-class AT(Distiller):
+class AT(StagePairDistiller):
     def __init__(self, ctx: BuildContext):
-        super().__init__(ctx)
-        self.pairs = pair_from_deepest(ctx.feat_s.stages, ctx.feat_t.stages)
-        self.criterion = Attention(p=2.0)
-        print(describe_pairing("at", self.pairs, ctx.feat_s.stages, ctx.feat_t.stages))
-
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None) -> Tuple[Tensor, Dict[str, Tensor]]:
-        g_s = [feat_s.stages[i] for i, _ in self.pairs]
-        g_t = [feat_t.stages[j].detach() for _, j in self.pairs]
-        terms = self.criterion(g_s, g_t)
-        parts = {f"stage{j + 1}": term for (_, j), term in zip(self.pairs, terms)}
-        return sum(terms), parts
+        super().__init__(ctx, "at", Attention(p=2.0))

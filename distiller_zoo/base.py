@@ -149,6 +149,25 @@ def describe_pairing(method: str, pairs, feat_s: Sequence[Tensor], feat_t: Seque
     return f"{method}: stages paired from the deepest: {shapes}"
 
 
+class StagePairDistiller(Distiller):
+    """A connector-free loss over the stages paired from the deepest (AT, NST): the criterion
+    maps the paired lists of student and teacher maps to one term per pair, logged as
+    'stage<k>' by the teacher's stage number."""
+
+    def __init__(self, ctx: BuildContext, method: str, criterion: nn.Module):
+        super().__init__(ctx)
+        self.pairs = pair_from_deepest(ctx.feat_s.stages, ctx.feat_t.stages)
+        self.criterion = criterion
+        print(describe_pairing(method, self.pairs, ctx.feat_s.stages, ctx.feat_t.stages))
+
+    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+        g_s = [feat_s.stages[i] for i, _ in self.pairs]
+        g_t = [feat_t.stages[j].detach() for _, j in self.pairs]
+        terms = self.criterion(g_s, g_t)
+        parts = {f"stage{j + 1}": term for (_, j), term in zip(self.pairs, terms)}
+        return sum(terms), parts
+
+
 def feature_parameters(model: nn.Module) -> List[nn.Parameter]:
     """The student's parameters except its final classifier (AB's and FSP's init stage)."""
     last_linear = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]

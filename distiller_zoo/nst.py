@@ -25,13 +25,13 @@ products (s s^T)^2 instead of RepDistiller's broadcast of an (N, C, C, H*W) tens
 the same numbers, far less memory. RepDistiller pairs stages from the shallowest (zip);
 here pairs are taken from the deepest.
 """
-from typing import Dict, List, Sequence, Tuple
+from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distiller_zoo.base import BuildContext, Distiller, describe_pairing, match_spatial, pair_from_deepest, register
+from distiller_zoo.base import BuildContext, StagePairDistiller, match_spatial, register
 
 
 def poly_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
@@ -56,16 +56,6 @@ class NSTLoss(nn.Module):
 @register("nst", gamma=1.0, alpha=0.0, beta=50.0,
           paper="Huang & Wang, Like What You Like: Knowledge Distill via Neuron Selectivity Transfer, 2017",
           aliases=("nst",))
-class NST(Distiller):
+class NST(StagePairDistiller):
     def __init__(self, ctx: BuildContext):
-        super().__init__(ctx)
-        self.pairs = pair_from_deepest(ctx.feat_s.stages, ctx.feat_t.stages)
-        self.criterion = NSTLoss()
-        print(describe_pairing("nst", self.pairs, ctx.feat_s.stages, ctx.feat_t.stages))
-
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None) -> Tuple[Tensor, Dict[str, Tensor]]:
-        g_s = [feat_s.stages[i] for i, _ in self.pairs]
-        g_t = [feat_t.stages[j].detach() for _, j in self.pairs]
-        terms = self.criterion(g_s, g_t)
-        parts = {f"stage{j + 1}": term for (_, j), term in zip(self.pairs, terms)}
-        return sum(terms), parts
+        super().__init__(ctx, "nst", NSTLoss())
