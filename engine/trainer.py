@@ -6,6 +6,7 @@ A *task* is an nn.Module whose forward(images, targets, indices, ...) returns
 network as `task.model` and may declare init stages (e.g. FT's paraphraser)
 that run before the main training. The trainer knows no method by name.
 """
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -15,6 +16,7 @@ from torch import nn
 
 from engine import runs
 from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.distributed import average_buffers
 from engine.loop import evaluate, train_epoch
 from engine.metrics_log import MAIN_STAGE, MetricsLog
 from engine.optim import build_sgd, lr_at, set_lr
@@ -49,6 +51,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
         self.best_acc, self.best_epoch, self.elapsed = 0.0, 0, 0.0
         self.position = {"stage": None, "epoch": 0, "rows": 0}
+        self._ddp = {}
         self.resume_state = self._load_resume() if args.resume else None
         self.log = MetricsLog(self.run_dir, self.position if args.resume else None, enabled=ctx.is_main)
 
@@ -106,6 +109,7 @@ class Trainer:
                               amp_dtype=self.amp_dtype, channels_last=self.channels_last,
                               print_freq=self.args.print_freq, desc=desc,
                               show_progress=self.ctx.is_main, with_accuracy=stage.evaluate)
+        average_buffers(self.task.model)
         if stage.evaluate:
             metrics.update(evaluate(self.task.model, self.test_loader, device=self.ctx.device,
                                     amp_dtype=self.amp_dtype, channels_last=self.channels_last))
@@ -123,16 +127,13 @@ class Trainer:
             self._save(stage, epoch, optimizer, improved)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
+        """The stage's module, under DistributedDataParallel when running under torchrun; one
+        wrapper per module, kept here (as a submodule of what it wraps it would form a cycle)."""
         if not self.ctx.distributed:
             return module
-        if not hasattr(module, "_ddp"):
-            from torch.nn.parallel import DistributedDataParallel
-            ids = [self.ctx.device.index] if self.ctx.device.type == "cuda" else None
-            # buffers (BN statistics, CRD's memory bank) are kept per rank; every rank applies the
-            # same gathered updates to the memory bank, so broadcasting it would only cost time
-            module._ddp = DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False,
-                                                  find_unused_parameters=True)
-        return module._ddp
+        if id(module) not in self._ddp:
+            self._ddp[id(module)] = wrap_ddp(module, self.ctx.device)
+        return self._ddp[id(module)]
 
     # --- files ------------------------------------------------------------------------------
     def _identity(self) -> dict:
@@ -180,6 +181,20 @@ class Trainer:
         with open(self.run_dir / "metrics.csv", newline="") as f:
             rows = [r for r in csv.DictReader(f) if r["stage"] == MAIN_STAGE]
         return {k: float(rows[-1][k]) for k in ("test_top1", "test_top5")}
+
+
+def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+    from torch.nn.parallel import DistributedDataParallel
+    ids = [device.index] if device.type == "cuda" else None
+    # Buffers (BN statistics, CRD's memory bank) are synchronised once, at wrapping, then kept
+    # per rank: every rank applies the same gathered updates to the memory bank, so syncing it
+    # before every forward would only cost time. Newer torch calls this forward_sync_buffers and
+    # deprecates broadcast_buffers.
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        no_forward_sync = {"forward_sync_buffers": False}
+    else:
+        no_forward_sync = {"broadcast_buffers": False}
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True, **no_forward_sync)
 
 
 def summary_line(desc: str, metrics: dict, best: Optional[float]) -> str:
