@@ -75,6 +75,10 @@ def main(argv=None) -> int:
         threads = max(1, (os.cpu_count() or jobs) // jobs)
         with multiprocessing.get_context("spawn").Pool(jobs, worker_init, (threads,), maxtasksperchild=8) as pool:
             outcomes = pool.map(run_in_worker, numbered, chunksize=1)
+            # let the workers exit on their own (the context manager terminates them, which
+            # leaves what they imported with no chance to release its semaphores)
+            pool.close()
+            pool.join()
     else:
         outcomes = [run_in_worker(item) for item in numbered]
     failed = [line for line, ok in outcomes if not ok]
