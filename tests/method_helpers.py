@@ -29,3 +29,16 @@ def make_ctx(s_name, t_name, batch=2, n_train=100, prepare_teacher=None, **overr
     ctx = BuildContext(student, teacher, feat_s, feat_t, make_args(**overrides), n_train=n_train,
                        num_classes=10, student_name=s_name, teacher_name=t_name)
     return ctx, x
+
+
+def step_on_real_models(distiller, ctx, x):
+    """One forward and backward of `distiller` on the context's real networks: checks that the
+    loss is a finite scalar and that no teacher parameter received a gradient; (loss, parts)."""
+    feat_s = ctx.student.forward_features(x)
+    with torch.no_grad():
+        feat_t = ctx.teacher.forward_features(x)
+    loss, parts = distiller(feat_s, feat_t, None, None)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is None for p in ctx.teacher.parameters())
+    return loss, parts
