@@ -186,9 +186,10 @@ class Trainer:
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
     ids = [device.index] if device.type == "cuda" else None
-    # Buffers (BN statistics, CRD's memory bank) are synchronised once, at wrapping, then kept
-    # per rank: every rank applies the same gathered updates to the memory bank, so syncing it
-    # before every forward would only cost time. Newer torch calls this forward_sync_buffers and
+    # Buffers (BN statistics, CRD's memory bank) start equal (every rank builds them from the
+    # same seed) and are not synchronised before every forward: every rank applies the same
+    # gathered updates to the memory bank, so that would only cost time, and the trainer
+    # averages BN statistics before evaluating. Newer torch calls this forward_sync_buffers and
     # deprecates broadcast_buffers.
     if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
         no_forward_sync = {"forward_sync_buffers": False}
