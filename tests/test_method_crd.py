@@ -140,6 +140,29 @@ def test_scores_read_the_right_rows_and_normalise_once():
     assert out_b[0, 2].item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("n_data,nce_k", [(30, 6), (400, 6)])   # dense, then gathered rows
+def test_dense_and_gathered_scoring_agree(monkeypatch, n_data, nce_k):
+    """Both ways of scoring (one product with the whole bank, or a gathered copy of the K+1
+    rows) give the same scores, anchor gradients and bank updates, whichever one the size picks."""
+    import crd.memory
+
+    def run(ratio):
+        monkeypatch.setattr(crd.memory, "DENSE_SCORING_RATIO", ratio)
+        torch.manual_seed(0)
+        mem = ContrastMemory(feat_dim=5, n_data=n_data, nce_k=nce_k)
+        v1 = unit_rows(4, 5, seed=1).requires_grad_()
+        v2 = unit_rows(4, 5, seed=2).requires_grad_()
+        y = torch.tensor([3, 0, 7, 11])
+        idx = torch.randint(0, n_data, (4, nce_k + 1), generator=torch.Generator().manual_seed(3))
+        idx[:, 0] = y
+        out_v1, out_v2 = mem(v1, v2, y, idx)
+        (out_v1.log().sum() + 2 * out_v2.log().sum()).backward()
+        return out_v1, out_v2, v1.grad, v2.grad, mem.memory_v1, mem.memory_v2
+
+    for dense, gathered in zip(run(10 ** 9), run(0)):
+        torch.testing.assert_close(dense, gathered, rtol=1e-5, atol=1e-6)
+
+
 def test_uniform_fallback_sampling_puts_positive_first():
     mem = ContrastMemory(feat_dim=4, n_data=30, nce_k=6)
     idx = mem.sample(torch.tensor([3, 17]))
