@@ -18,9 +18,10 @@ also what makes the data loader slow (scripts/bench_crd_sampling.py times both).
 
 Method. The training indices are sorted by class once (`sorted`); class y holds n_y samples at
 offsets s_y .. s_y + n_y - 1 of that order. A negative for a sample of class y is
-r ~ U{0..N-n_y-1} mapped to sorted[r] if r < s_y else sorted[r + n_y]: the N - n_y other-class
-samples, each with probability 1 / (N - n_y). Fully vectorised: one random call for the whole
-(B, nce_k + 1) block, one compare-and-add, one gather, on the device of the targets, with the
+r ~ U{0..N-n_y-1} mapped to position s_y + n_y + r of the order read twice over (`sorted`
+concatenated with itself): the N - n_y positions after class y's block, wrapping round, i.e.
+the other-class samples, each with probability 1 / (N - n_y). Fully vectorised: one random call
+for the whole (B, nce_k + 1) block, one add, one gather, on the device of the targets, with the
 torch.Generator passed to `sample`:
 - all classes of equal size n (CIFAR-10/100, Tiny-ImageNet): the bound N - n is the same for
   every row, so `torch.randint(0, N - n)` draws exactly uniform values (int32); in 'relax' mode
@@ -74,7 +75,7 @@ class ContrastSampler:
         order = torch.argsort(targets, stable=True)
         starts = counts.cumsum(0) - counts
         self.targets = targets
-        self._sorted = order                                # indices sorted by class
+        self._sorted_twice = torch.cat([order, order])     # indices sorted by class, twice over
         self._position = torch.empty_like(order)            # where each index sits in `order`
         self._position[order] = torch.arange(n, device=self.device)
         self._count, self._start = counts, starts
@@ -99,7 +100,7 @@ class ContrastSampler:
                               device=self.device, dtype=torch.int32)
             if self.mode == "relax":
                 positive = start + r[:, 0].remainder(size)
-            r.add_(r >= start.to(torch.int32).unsqueeze(1), alpha=size)
+            r.add_((start + size).to(torch.int32).unsqueeze(1))
         else:
             count = self._count[y]
             bits = torch.randint(0, 2 ** _BITS, (b, k1), generator=generator, device=self.device,
@@ -109,8 +110,8 @@ class ContrastSampler:
             # floor(u * bound / 2^31), exact in float64: u * bound < 2^53 and 2^-31 is a power of two
             scale = (self.n_data - count).double().mul_(2.0 ** -_BITS).unsqueeze(1)
             r = torch.mul(bits, scale).to(torch.int32)
-            r.add_((r >= start.to(torch.int32).unsqueeze(1)).to(torch.int32).mul_(count.to(torch.int32).unsqueeze(1)))
+            r.add_((start + count).to(torch.int32).unsqueeze(1))
         r[:, 0] = self._position[indices] if self.mode == "exact" else positive
-        return self._sorted.index_select(0, r.view(-1)).view(b, k1)
+        return self._sorted_twice.index_select(0, r.view(-1)).view(b, k1)
 
     __call__ = sample
