@@ -42,19 +42,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from engine.distributed import all_gather_cat, all_reduce_sum
+from engine.distributed import all_gather_cat, all_reduce_sum, world_size
 
 
 # Scoring multiplies the anchors by the whole bank while it holds at most this many times the
 # K+1 rows a batch needs (CIFAR with 16,384 negatives; ImageNet's 1.28 M rows are gathered):
-# 15x (CPU) faster forward and backward at CIFAR's sizes, the same numbers up to rounding.
+# 15-30x faster forward and backward on CPU at CIFAR's sizes, the same numbers up to rounding.
 DENSE_SCORING_RATIO = 8
-
-
-def _world_size() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return 1
 
 
 def last_occurrence(index: Tensor) -> Tensor:
@@ -99,9 +93,9 @@ class ContrastMemory(nn.Module):
         if self.n_data <= DENSE_SCORING_RATIO * idx.shape[1]:
             # Score the whole bank with one matrix product and pick the K+1 columns: the
             # gathered B x (K+1) x feat_dim copy it avoids (537 MB per anchor at CIFAR's
-            # 64 x 16,385 x 128, and kept for the backward pass) costs far more memory traffic
-            # than the extra products (n_data instead of K+1 per anchor).
-            # (a copy: the backward pass needs the bank as it was, and `update` changes it in place)
+            # 64 x 16,385 x 128, kept for the backward pass) costs far more memory traffic than
+            # the extra products. The bank is cloned because the backward pass needs it as it
+            # was and `update` changes it in place.
             dots = torch.take_along_dim(anchor @ memory.clone().t(), idx, dim=1)
         else:
             weight = memory.index_select(0, idx.reshape(-1)).view(idx.shape[0], idx.shape[1], self.feat_dim)
@@ -133,7 +127,7 @@ class ContrastMemory(nn.Module):
     @torch.no_grad()
     def _broadcast_banks(self) -> None:
         """A fresh run under torchrun: every rank starts from rank 0's random banks."""
-        if _world_size() > 1:
+        if world_size() > 1:
             dist.broadcast(self.memory_v1, 0)
             dist.broadcast(self.memory_v2, 0)
 
@@ -141,7 +135,7 @@ class ContrastMemory(nn.Module):
     def _set_normalisers(self, out_v1: Tensor, out_v2: Tensor) -> None:
         """Z = mean(out) * n_data on the first batch (the mean over every rank's batch)."""
         z = torch.stack([out_v1.mean(), out_v2.mean()]).detach() * self.n_data
-        z = all_reduce_sum(z) / _world_size()
+        z = all_reduce_sum(z) / world_size()
         self.Z_v1.fill_(z[0].item())
         self.Z_v2.fill_(z[1].item())
 

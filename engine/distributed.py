@@ -45,6 +45,13 @@ def setup(device_flag: str = "auto") -> Context:
     return Context(device=device, rank=rank, world_size=world_size, local_rank=local_rank)
 
 
+def world_size() -> int:
+    """Processes in the torchrun job (1 outside one)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -53,9 +60,9 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's tensor along dim 0 (equal shapes on every rank)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return tensor
-    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(parts, tensor.contiguous())
     return torch.cat(parts, 0)
 
@@ -65,12 +72,11 @@ def average_buffers(module: torch.nn.Module) -> None:
     ranks. Buffers are not synchronised during the step, so each rank's statistics follow its
     own shard; averaging them before evaluation makes every rank evaluate, and rank 0 save, one
     and the same network."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world_size() == 1:
         return
     for buffer in module.buffers():
         if buffer.is_floating_point():
-            dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
-            buffer.div_(dist.get_world_size())
+            all_reduce_sum(buffer).div_(world_size())
 
 
 def barrier() -> None:
