@@ -15,7 +15,9 @@ averaged over the test images. Accuracy, loss, ECE, entropy and KL come from ful
 logits unless --amp asks otherwise.
 
 The architecture is --model, else the checkpoint's 'arch', else the run's args.json ('model',
-or a student run's 'model_s'), else RepDistiller's folder-name rule.
+or a student run's 'model_s'), else RepDistiller's folder-name rule. The data set is --dataset,
+else the checkpoint's 'dataset', else the run's args.json, else CIFAR-100 (RepDistiller's
+checkpoints say nothing).
 """
 import argparse
 import copy
@@ -43,8 +45,9 @@ LATENCY_BATCHES = (1, 64)
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate a checkpoint on a data set's test split.")
     parser.add_argument("checkpoint", type=str, help="a checkpoint file: ours, or RepDistiller's")
-    parser.add_argument("--dataset", type=str, default="cifar100",
-                        help="cifar100, cifar10, digits, imagenet, tinyimagenet")
+    parser.add_argument("--dataset", type=str, default=None,
+                        help="cifar100, cifar10, digits, imagenet, tinyimagenet; default: the data set the "
+                             "checkpoint's run trained on, else cifar100")
     parser.add_argument("--model", type=str, default=None, help="architecture, if the checkpoint does not say")
     parser.add_argument("--teacher", type=str, default=None, help="a teacher checkpoint to compare predictions with")
     parser.add_argument("--model_t", type=str, default=None,
@@ -259,10 +262,30 @@ def write_outputs(report: dict, table: str, args) -> None:
         Path(args.markdown).write_text(table)
 
 
+def trained_dataset(path: Path, state: dict):
+    """The data set a checkpoint was trained on, where the checkpoint or its run says."""
+    if "dataset" in state:
+        return state["dataset"]
+    if (path.parent / runs.ARGS_FILE).is_file():
+        return runs.load_run_args(path.parent).get("dataset")
+    return None
+
+
+def resolve_dataset(args, path: Path, state: dict) -> str:
+    trained = trained_dataset(path, state)
+    if args.dataset is None:
+        return trained or "cifar100"
+    if trained is not None and trained != args.dataset:
+        raise UserError(f"{path} was trained on {trained}, not {args.dataset}; "
+                        f"leave out --dataset or pass --dataset {trained}")
+    return args.dataset
+
+
 def read_networks(args) -> dict:
-    """Both checkpoints read and their architectures named, before any data loads."""
+    """Both checkpoints read, their architectures named and the data set settled, before any data loads."""
     path = Path(args.checkpoint)
     state = load_checkpoint(path)
+    args.dataset = resolve_dataset(args, path, state)
     found = {"path": path, "state": state, "arch": check_model_name(teacher_arch(path, state, args.model), "--model")}
     if args.teacher:
         found["state_t"], arch_t = read_teacher(args.teacher, args.model_t)

@@ -14,10 +14,10 @@ import sys
 
 import torch
 
-import distiller_zoo  # noqa: F401  (importing registers the methods)
+import distiller_zoo
 from distiller_zoo.base import BuildContext
 from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
-from engine.args import add_common_args
+from engine.args import HelpFormatter, add_common_args
 from engine.build import build_model, check_model_name
 from engine.distill_task import DistillTask
 from engine.errors import UserError, exits_cleanly
@@ -28,18 +28,35 @@ from engine.teacher import build_teacher, find_best_teacher, read_teacher
 from engine.trainer import Trainer
 
 
+EXAMPLES = """examples:
+  python train_student.py --path_t save/teachers/resnet32x4_cifar100_trial0/best.pth \\
+      --distill crd --model_s resnet8x4 -a 0 -b 0.8 --trial 1
+  python train_student.py --distill kd --model_s resnet8 --dataset digits --epochs 5
+"""
+
+
+def methods_help() -> str:
+    lines = ["methods (--distill NAME, or NAME:WEIGHT,... to combine; aliases in brackets):"]
+    for name, spec in sorted(distiller_zoo.METHODS.items()):
+        aliases = [a for a in spec.aliases if a != name]
+        lines.append(f"  {name}{' (' + ', '.join(aliases) + ')' if aliases else ''}: {spec.paper}; "
+                     f"defaults -r {spec.gamma:g} -a {spec.alpha:g} -b {spec.beta:g}")
+    return "\n".join(lines)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Distil a student network from a teacher.")
+    parser = argparse.ArgumentParser(description="Distil a student network from a teacher.",
+                                     formatter_class=HelpFormatter, epilog=methods_help() + "\n\n" + EXAMPLES)
     m = parser.add_argument_group("distillation (RepDistiller's flags)")
     m.add_argument("--path_t", type=str, default=None,
                    help="teacher checkpoint (ours or RepDistiller's); default: the best teacher run")
     m.add_argument("--model_t", type=str, default=None, help="teacher architecture, if the checkpoint does not say")
-    m.add_argument("--model_s", type=str, default="resnet8")
+    m.add_argument("--model_s", type=str, default="resnet8", help="student architecture")
     m.add_argument("--distill", type=str, default="kd",
                    help="method, its RepDistiller alias, or several with weights: crd:0.8,at:1000")
-    m.add_argument("-r", "--gamma", type=float, default=None, help="weight of cross-entropy")
-    m.add_argument("-a", "--alpha", type=float, default=None, help="weight of KD")
-    m.add_argument("-b", "--beta", type=float, default=None, help="weight of the method's loss")
+    m.add_argument("-r", "--gamma", type=float, default=None, help="weight of cross-entropy; default: the method's (below)")
+    m.add_argument("-a", "--alpha", type=float, default=None, help="weight of KD; default: the method's (below)")
+    m.add_argument("-b", "--beta", type=float, default=None, help="weight of the method's loss; default: the method's (below)")
     m.add_argument("--kd_T", type=float, default=None,
                    help="temperature of the logit losses (KD, DKD, DIST, MLKD); default 4, or 2 with --logit_stand")
     m.add_argument("--kd_T_schedule", type=str, default="constant", choices=SCHEDULES,
@@ -70,6 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_run(args: argparse.Namespace) -> argparse.Namespace:
     """Fill what the run name needs: the teacher, its architecture and the loss weights."""
+    objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand)
     check_model_name(args.model_s, "--model_s")
     if args.path_t is None:
         args.path_t = str(find_best_teacher(args.save_dir, args.dataset))
@@ -80,7 +98,6 @@ def resolve_run(args: argparse.Namespace) -> argparse.Namespace:
         args.kd_T = LOGIT_STAND_T if args.logit_stand else 4.0
     if args.kd_T_schedule != "constant" and args.kd_T_end is None:
         raise UserError(f"--kd_T_schedule {args.kd_T_schedule} needs --kd_T_end, the temperature at the last epoch")
-    objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand)
     args.gamma, args.alpha = objective.gamma, objective.alpha
     args.method, args.beta_label = objective.name, objective.beta_label
     return args

@@ -7,7 +7,7 @@ of the published tables.
 import argparse
 import sys
 
-from engine.args import add_common_args
+from engine.args import HelpFormatter, add_common_args
 from engine.build import build_model, check_model_name
 from engine.errors import exits_cleanly
 from engine.loop import NonFiniteLoss
@@ -16,8 +16,15 @@ from engine.task import SupervisedTask
 from engine.trainer import Trainer
 
 
+EXAMPLES = """examples:
+  python train_teacher.py --model resnet32x4                      # CIFAR-100, RepDistiller's recipe
+  python train_teacher.py --model resnet8 --dataset digits --epochs 2
+"""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a teacher (or a vanilla student) with cross-entropy.")
+    parser = argparse.ArgumentParser(description="Train a teacher (or a vanilla student) with cross-entropy.",
+                                     formatter_class=HelpFormatter, epilog=EXAMPLES)
     parser.add_argument("--model", type=str, default="resnet110", help="a name of models.model_dict")
     add_common_args(parser)
     return parser.parse_args(argv)
@@ -37,7 +44,7 @@ def main(argv=None) -> dict:
     task = SupervisedTask(model, info.num_classes)
     create_run_dir(args, ctx, run_dir)
     trainer = Trainer(args, ctx, run_dir, task, args.model, train_loader, test_loader,
-                      describe={"method": "teacher"})
+                      describe={"method": "vanilla"})
     try:
         results = trainer.fit()
     except NonFiniteLoss as err:

@@ -92,17 +92,18 @@ class MethodSpec:
     beta: float                  # -b: weight of the method's own loss
     paper: str
     aliases: Tuple[str, ...] = field(default_factory=tuple)
+    family: str = "feature"      # logit, feature, relation or contrastive: how tables group methods
 
 
 METHODS: Dict[str, MethodSpec] = {}
 ALIASES: Dict[str, str] = {}
 
 
-def register(name: str, *, gamma: float, alpha: float, beta: float, paper: str, aliases=()):
+def register(name: str, *, gamma: float, alpha: float, beta: float, paper: str, aliases=(), family="feature"):
     """Class decorator adding a Distiller to the registry with its published default weights."""
 
     def add(cls):
-        METHODS[name] = MethodSpec(name, cls, gamma, alpha, beta, paper, tuple(aliases))
+        METHODS[name] = MethodSpec(name, cls, gamma, alpha, beta, paper, tuple(aliases), family)
         for key in (name, *aliases):
             ALIASES[key.lower()] = name
         return cls

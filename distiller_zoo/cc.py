@@ -52,7 +52,7 @@ class Correlation(nn.Module):
         return (delta[:-1] * delta[1:]).sum(dim=1).mean()
 
 
-@register("cc", gamma=1.0, alpha=0.0, beta=0.02,
+@register("cc", family="relation", gamma=1.0, alpha=0.0, beta=0.02,
           paper="Peng et al., Correlation Congruence for Knowledge Distillation, ICCV 2019",
           aliases=("correlation",))
 class CC(Distiller):

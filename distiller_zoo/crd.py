@@ -27,7 +27,7 @@ from distiller_zoo.base import BuildContext, Distiller, register
 from engine.errors import UserError
 
 
-@register("crd", gamma=1.0, alpha=0.0, beta=0.8,
+@register("crd", family="contrastive", gamma=1.0, alpha=0.0, beta=0.8,
           paper="Tian, Krishnan & Isola, Contrastive Representation Distillation, ICLR 2020",
           aliases=("crd",))
 class CRD(Distiller):

@@ -151,7 +151,7 @@ class CTKDLoss(nn.Module):
             return kd_with_temperature(z_s, z_t, T), T
 
 
-@register("ctkd", gamma=0.1, alpha=0.0, beta=0.9,
+@register("ctkd", family="logit", gamma=0.1, alpha=0.0, beta=0.9,
           paper="Li et al., Curriculum Temperature for Knowledge Distillation, AAAI 2023")
 class CTKD(Distiller):
     def __init__(self, ctx: BuildContext):

@@ -81,7 +81,7 @@ def shared_temperature(ctx: BuildContext):
     return T if T is not None else float(ctx.args.kd_T)
 
 
-@register("dist", gamma=1.0, alpha=0.0, beta=2.0,
+@register("dist", family="logit", gamma=1.0, alpha=0.0, beta=2.0,
           paper="Huang et al., Knowledge Distillation from A Stronger Teacher, NeurIPS 2022")
 class DIST(Distiller):
     def __init__(self, ctx: BuildContext):

@@ -96,7 +96,7 @@ class DKDLoss(nn.Module):
         return parts["tckd"] + parts["nckd"], parts
 
 
-@register("dkd", gamma=1.0, alpha=0.0, beta=1.0,
+@register("dkd", family="logit", gamma=1.0, alpha=0.0, beta=1.0,
           paper="Zhao et al., Decoupled Knowledge Distillation, CVPR 2022")
 class DKD(Distiller):
     def __init__(self, ctx: BuildContext):

@@ -119,7 +119,7 @@ class IRGLoss(nn.Module):
         return parts["vertex"] + parts["edge"] + parts["transformation"], parts
 
 
-@register("irg", gamma=1.0, alpha=0.0, beta=1.0,
+@register("irg", family="relation", gamma=1.0, alpha=0.0, beta=1.0,
           paper="Liu et al., Knowledge Distillation via Instance Relationship Graph, CVPR 2019")
 class IRG(Distiller):
     def __init__(self, ctx: BuildContext):

@@ -28,5 +28,5 @@ class DistillKL(nn.Module):
 
 
 # KD is the -a term of every run, so its registry entry carries no Distiller class.
-register("kd", gamma=0.1, alpha=0.9, beta=0.0,
+register("kd", family="logit", gamma=0.1, alpha=0.9, beta=0.0,
          paper="Hinton et al., Distilling the Knowledge in a Neural Network, 2015")(None)

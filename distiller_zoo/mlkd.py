@@ -133,7 +133,7 @@ class MLKDLoss(nn.Module):
         return sum(parts.values()), parts
 
 
-@register("mlkd", gamma=0.1, alpha=0.0, beta=0.9,
+@register("mlkd", family="logit", gamma=0.1, alpha=0.0, beta=0.9,
           paper="Jin et al., Multi-Level Logit Distillation, CVPR 2023")
 class MLKD(Distiller):
     needs_strong_view = True

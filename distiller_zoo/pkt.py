@@ -46,7 +46,7 @@ class PKTLoss(nn.Module):
             return (p_t * torch.log((p_t + self.eps) / (p_s + self.eps))).mean()
 
 
-@register("pkt", gamma=1.0, alpha=0.0, beta=30000.0,
+@register("pkt", family="relation", gamma=1.0, alpha=0.0, beta=30000.0,
           paper="Passalis & Tefas, Learning Deep Representations with Probabilistic Knowledge Transfer, ECCV 2018",
           aliases=("pkt",))
 class PKT(Distiller):

@@ -74,7 +74,7 @@ class RKDLoss(nn.Module):
         return parts["dist"] + parts["angle"]
 
 
-@register("rkd", gamma=1.0, alpha=0.0, beta=1.0,
+@register("rkd", family="relation", gamma=1.0, alpha=0.0, beta=1.0,
           paper="Park et al., Relational Knowledge Distillation, CVPR 2019",
           aliases=("rkd",))
 class RKD(Distiller):

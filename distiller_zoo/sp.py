@@ -36,7 +36,7 @@ class Similarity(nn.Module):
             return diff.pow(2).sum() / (b * b)
 
 
-@register("sp", gamma=1.0, alpha=0.0, beta=3000.0,
+@register("sp", family="relation", gamma=1.0, alpha=0.0, beta=3000.0,
           paper="Tung & Mori, Similarity-Preserving Knowledge Distillation, ICCV 2019",
           aliases=("similarity",))
 class SP(Distiller):

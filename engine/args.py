@@ -10,21 +10,32 @@ REFERENCE_EPOCHS = 240
 REFERENCE_DECAY_EPOCHS = (150, 180, 210)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """--help shows every default (unless the flag's help already explains it) and keeps the
+    description's and epilog's line breaks."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimisation (RepDistiller's flags and defaults)")
     g.add_argument("--print_freq", type=int, default=100, help="steps between progress updates")
     g.add_argument("--tb_freq", type=int, default=500, help="accepted for RepDistiller compatibility")
     g.add_argument("--save_freq", type=int, default=40, help="also keep ckpt_epoch_<k>.pth every k epochs")
-    g.add_argument("--batch_size", type=int, default=64)
+    g.add_argument("--batch_size", type=int, default=64, help="per process")
     g.add_argument("--num_workers", type=int, default=8, help="DataLoader workers (torch loader only)")
-    g.add_argument("--epochs", type=int, default=REFERENCE_EPOCHS)
+    g.add_argument("--epochs", type=int, default=REFERENCE_EPOCHS, help="epochs of the main training")
     g.add_argument("--learning_rate", type=float, default=None,
                    help="default 0.05, or 0.01 for MobileNetV2/ShuffleV1/ShuffleV2")
     g.add_argument("--lr_decay_epochs", type=str, default=None,
                    help="comma-separated milestones; default 150,180,210 scaled to --epochs")
-    g.add_argument("--lr_decay_rate", type=float, default=0.1)
-    g.add_argument("--weight_decay", type=float, default=5e-4)
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--lr_decay_rate", type=float, default=0.1, help="factor at each milestone")
+    g.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--dataset", type=str, default="cifar100",
                    help="cifar100, cifar10, digits, imagenet, tinyimagenet")
     g.add_argument("--trial", type=str, default="0", help="trial name; part of the run directory")
@@ -47,10 +58,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--loader", type=str, default="auto", choices=("auto", "memory", "torch"),
                    help="memory: data on the device, augmented there (default for CIFAR/digits)")
     s.add_argument("--amp", type=str, default="auto", choices=("auto", "bf16", "fp16", "off"),
-                   help="autocast precision; auto = bf16 on CUDA, off on CPU")
+                   help="autocast precision; auto = bf16 on CUDA; on a CPU bf16 only where it is native and "
+                        "measured faster, else off (fp32)")
     s.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format; default on for CUDA")
+                   help="channels_last memory format; default: on for CUDA, measured on a CPU")
     s.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default torch's")
 
 
 def finalize_common_args(args: argparse.Namespace, trained_model: str) -> argparse.Namespace:

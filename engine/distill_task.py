@@ -109,6 +109,9 @@ class DistillTask(Task):
         for distiller in self.distillers.values():
             distiller.set_epoch(epoch)
 
+    def frozen_networks(self) -> list:
+        return [self.teacher]
+
     def keep_frozen_in_eval(self) -> None:
         self.teacher.eval()
 

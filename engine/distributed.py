@@ -79,6 +79,15 @@ def average_buffers(module: torch.nn.Module) -> None:
             all_reduce_sum(buffer).div_(world_size())
 
 
+def broadcast_from_main(obj):
+    """Rank 0's `obj` on every rank (a choice every rank must share, e.g. a measured setting)."""
+    if world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -9,10 +9,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from engine.distributed import all_reduce_sum
 from engine.precision import autocast
+from engine.progress import epoch_bar
 
 
 class NonFiniteLoss(RuntimeError):
@@ -73,12 +73,12 @@ def check_finite(means: dict, where: str) -> None:
 
 
 def train_epoch(step_module, loader, optimizer, scaler, *, device, amp_dtype, channels_last,
-                print_freq: int, desc: str, show_progress: bool, with_accuracy: bool = True) -> dict:
+                print_freq: int, desc: str, show_progress: bool, with_accuracy: bool = True, run: str = "") -> dict:
     """Optimise over one pass of `loader`. `step_module(*batch)` returns (terms, logits);
     terms['loss'] is minimised, every term is reported. Returns means, seconds, images/s."""
     meter = EpochMeter(device)
     start = time.perf_counter()
-    bar = tqdm(total=len(loader), desc=desc, leave=False, disable=not show_progress, dynamic_ncols=True)
+    bar = epoch_bar(len(loader), run, desc, enabled=show_progress)
     for step, batch in enumerate(loader, 1):
         images, targets, *rest = move_batch(batch, device, channels_last)
         with autocast(device, amp_dtype):

@@ -7,11 +7,11 @@ from pathlib import Path
 from engine import runs
 from engine.args import finalize_common_args
 from engine.distributed import barrier, setup
-from engine.precision import seed_everything
+from engine.precision import seed_everything, set_threads
 
 # Flags that say how to run, not what to compute: on --resume the command line's values win.
 EXECUTION_FLAGS = ("device", "num_workers", "print_freq", "data_folder", "download", "resume", "save_dir",
-                   "auto_resume")
+                   "auto_resume", "amp", "channels_last", "compile", "threads")
 
 
 def restore_args(args: argparse.Namespace, kind: str, default_name) -> argparse.Namespace:
@@ -42,6 +42,7 @@ def start(args: argparse.Namespace, kind: str, trained_model, default_name):
         args = restore_args(args, kind, default_name)
     else:
         args = finalize_common_args(args, trained_model(args))
+    set_threads(args.threads)
     ctx = setup(args.device)
     seed_everything(args.seed, args.deterministic)
     run_dir = runs.locate_run_dir(args, kind, default_name(args))

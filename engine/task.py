@@ -25,6 +25,10 @@ class Task(nn.Module):
         """torch.compile the networks' forward passes in place (state_dict keys unchanged)."""
         compile_features(self.model)
 
+    def frozen_networks(self) -> list:
+        """Networks that run forward only (a teacher): the speed probe times them too."""
+        return []
+
     def keep_frozen_in_eval(self) -> None:
         """Called after task.train(): frozen networks (a teacher) go back to eval mode."""
 

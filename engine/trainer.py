@@ -16,11 +16,12 @@ from torch import nn
 
 from engine import runs
 from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.distributed import average_buffers
+from engine.distributed import average_buffers, broadcast_from_main
 from engine.loop import evaluate, train_epoch
 from engine.metrics_log import MAIN_STAGE, MetricsLog
 from engine.optim import build_sgd, lr_at, set_lr
-from engine.precision import resolve_amp, resolve_channels_last
+from engine.precision import resolve_execution
+from engine.progress import run_line
 
 
 @dataclass
@@ -42,8 +43,14 @@ class Trainer:
         self.model_name = model_name
         self.train_loader, self.test_loader = train_loader, test_loader
         self.describe = describe or {}
-        self.amp_dtype = resolve_amp(args.amp, ctx.device)
-        self.channels_last = resolve_channels_last(args.channels_last, ctx.device)
+        # every rank must run the same precision: rank 0's measurement decides
+        self.execution = broadcast_from_main(resolve_execution(
+            args.amp, args.channels_last, ctx.device, task.model, task.frozen_networks(),
+            lambda: first_batch_shape(train_loader)))
+        self.amp_dtype, self.channels_last = self.execution.amp_dtype, self.execution.channels_last
+        if ctx.is_main:
+            run_line(self.run_dir.name, f"execution: {ctx.device}, {torch.get_num_threads()} threads, "
+                                        f"{self.execution.describe()}")
         if self.channels_last:
             task.to(memory_format=torch.channels_last)
         if args.compile:
@@ -64,7 +71,7 @@ class Trainer:
         self.elapsed = state.get("elapsed", 0.0)
         self.position = {"stage": state["stage"], "epoch": state["epoch"], "rows": state["rows"]}
         if self.ctx.is_main:
-            print(f"resuming {self.run_dir} after {state['stage']} epoch {state['epoch']}")
+            run_line(self.run_dir.name, f"resuming {self.run_dir} after {state['stage']} epoch {state['epoch']}")
         return state
 
     def _start_epoch(self, stage_index: int, stages: List[Stage], optimizer) -> int:
@@ -108,7 +115,7 @@ class Trainer:
         metrics = train_epoch(module, self.train_loader, optimizer, self.scaler, device=self.ctx.device,
                               amp_dtype=self.amp_dtype, channels_last=self.channels_last,
                               print_freq=self.args.print_freq, desc=desc,
-                              show_progress=self.ctx.is_main, with_accuracy=stage.evaluate)
+                              show_progress=self.ctx.is_main, with_accuracy=stage.evaluate, run=self.run_dir.name)
         average_buffers(self.task.model)
         if stage.evaluate:
             metrics.update(evaluate(self.task.model, self.test_loader, device=self.ctx.device,
@@ -122,8 +129,7 @@ class Trainer:
         self.last_metrics = metrics
         if self.ctx.is_main:
             self.log.log_epoch(stage.name, epoch, metrics)
-            print(summary_line(desc, metrics, self.best_acc if stage.name == MAIN_STAGE else None),
-                  flush=True)
+            run_line(self.run_dir.name, summary_line(desc, metrics, self.best_acc if stage.name == MAIN_STAGE else None))
             self._save(stage, epoch, optimizer, improved)
 
     def _wrap(self, module: nn.Module) -> nn.Module:
@@ -168,10 +174,8 @@ class Trainer:
         }
         if self.ctx.is_main:
             runs.write_json(self.run_dir / runs.RESULTS_FILE, results)
-            hparams = dict(self.describe)
-            hparams.update(model=self.model_name, dataset=self.args.dataset, trial=self.args.trial,
-                           lr=self.args.learning_rate, batch_size=self.args.batch_size, epochs=self.args.epochs)
-            self.log.log_hparams(hparams, {"best_top1": results["best_top1"], "last_top1": results["last_top1"]})
+            self.log.log_hparams(hparam_record(self.args, self.model_name, self.describe),
+                                 {"best_top1": results["best_top1"], "last_top1": results["last_top1"]})
             self.log.close()
         return results
 
@@ -181,6 +185,24 @@ class Trainer:
         with open(self.run_dir / "metrics.csv", newline="") as f:
             rows = [r for r in csv.DictReader(f) if r["stage"] == MAIN_STAGE]
         return {k: float(rows[-1][k]) for k in ("test_top1", "test_top5")}
+
+
+def hparam_record(args, model_name: str, describe: dict) -> dict:
+    """The same columns for every run, teacher or student, so TensorBoard's HParams view (which
+    takes its columns from one run) compares them all: a network trained from labels alone is a
+    'vanilla' student with no teacher and no KD temperature."""
+    return {"student": model_name, "teacher": str(describe.get("teacher", "none")),
+            "method": str(describe.get("method", "vanilla")), "gamma": float(describe.get("gamma", 1.0)),
+            "alpha": float(describe.get("alpha", 0.0)), "beta": str(describe.get("beta", "0")),
+            "kd_T": float(describe.get("kd_T", float("nan"))), "dataset": args.dataset, "epochs": args.epochs,
+            "seed": args.seed, "trial": str(args.trial), "batch_size": args.batch_size, "lr": args.learning_rate}
+
+
+def first_batch_shape(loader) -> tuple:
+    """The image shape of the first training batch (what the speed probe times)."""
+    loader.set_epoch(0)
+    with torch.random.fork_rng(devices=[]):
+        return tuple(next(iter(loader))[0].shape)
 
 
 def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:

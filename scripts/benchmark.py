@@ -16,8 +16,9 @@ The two paths:
 - plain (the reference design): `--loader torch`, torchvision's DataLoader with RepDistiller's PIL
   transforms and `--num_workers` workers; fp32; NCHW; SGD looping over its tensors
   (foreach=False); no compilation.
-- fast (what training runs by default, plus bf16 on the CPU as well): `--loader memory`, the uint8
-  split on the device, augmented there in batches; bf16 autocast; channels_last; engine.optim's
+- fast (what training runs by default): `--loader memory`, the uint8 split on the device,
+  augmented there in batches; `--amp auto`: bf16 autocast and channels_last where they are faster
+  (always on CUDA; on a CPU as engine.precision measures them, fp32 on CPUs without native bf16); engine.optim's
   SGD (fused on CUDA, foreach elsewhere); loss terms accumulated on the device, read once;
   `--compile` adds torch.compile of the networks.
 
@@ -48,12 +49,12 @@ the same figures with the settings they were measured under.
 import argparse
 import contextlib
 import ctypes
+import functools
 import gc
 import itertools
 import json
 import os
 import pickle
-import platform
 import resource
 import struct
 import sys
@@ -77,7 +78,8 @@ from engine.distributed import setup  # noqa: E402
 from engine.loop import train_epoch  # noqa: E402
 from engine.objective import parse_objective  # noqa: E402
 from engine.optim import build_sgd  # noqa: E402
-from engine.precision import resolve_amp, resolve_channels_last, seed_everything  # noqa: E402
+from engine.precision import cpu_name, resolve_execution, seed_everything  # noqa: E402
+from engine.trainer import first_batch_shape  # noqa: E402
 from engine.session import build_data  # noqa: E402
 from engine.task import SupervisedTask  # noqa: E402
 
@@ -239,7 +241,7 @@ def path_flags(path: str, opts, config: Config, data_folder: str) -> List[str]:
              "--epochs", str(EPOCHS)]
     if path == "plain":
         return flags + ["--loader", "torch", "--amp", "off", "--no-channels_last"]
-    return flags + ["--loader", "memory", "--amp", "bf16", "--channels_last"] + (["--compile"] if opts.compile else [])
+    return flags + ["--loader", "memory", "--amp", "auto"] + (["--compile"] if opts.compile else [])
 
 
 def random_teacher_checkpoint(arch: str, folder: Path, seed: int) -> Path:
@@ -307,8 +309,9 @@ def measure(path: str, opts, config: Config, data_folder: str, work: Path) -> di
     was_reset = reset_host_peak()
     args, ctx, loader, task = build_path(path, opts, config, data_folder, work)
     # the set-up engine.trainer.Trainer does before training
-    amp_dtype = resolve_amp(args.amp, ctx.device)
-    channels_last = resolve_channels_last(args.channels_last, ctx.device)
+    execution = resolve_execution(args.amp, args.channels_last, ctx.device, task.model, task.frozen_networks(),
+                                  functools.partial(first_batch_shape, loader))
+    amp_dtype, channels_last = execution.amp_dtype, execution.channels_last
     if channels_last:
         task.to(memory_format=torch.channels_last)
     if args.compile:
@@ -334,7 +337,8 @@ def measure(path: str, opts, config: Config, data_folder: str, work: Path) -> di
     result = {"images_per_s": timed["images_per_s"], "seconds": timed["epoch_time"],
               "train_loss": timed["train_loss"], "peak_host_mib": host_peak_mib(was_reset),
               "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-              "channels_last": channels_last, "loader": args.loader, "optimizer": _optimizer_kind(optimizer)}
+              "channels_last": channels_last, "loader": args.loader, "optimizer": _optimizer_kind(optimizer),
+              "execution": execution.describe()}
     if cuda:
         torch.cuda.synchronize()
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -349,17 +353,6 @@ def _optimizer_kind(optimizer) -> str:
 
 
 # --------------------------------------------------------------------------- report
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
 
 def projected_hours(images_per_s: float) -> float:
     return EPOCHS * EPOCH_IMAGES / images_per_s / 3600
@@ -422,7 +415,8 @@ def main(argv=None) -> List[dict]:
         print(f"device {opts.device} ({device_name}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
               f"{data_desc}; {opts.warmup} warm-up + {opts.steps} timed steps per path; "
               f"plain: torch loader ({opts.num_workers} workers), fp32, NCHW; "
-              f"fast: memory loader, bf16, channels_last{', compiled' if opts.compile else ''}", flush=True)
+              f"fast: memory loader, precision and layout as training chooses them (--amp auto)"
+              f"{', compiled' if opts.compile else ''}", flush=True)
         print(header(cuda), flush=True)
         for config in configs:
             row = {"config": config.name, "method": config.method, "teacher": config.teacher,
@@ -433,6 +427,7 @@ def main(argv=None) -> List[dict]:
             row["projected_240_epochs_h"] = projected_hours(row["fast"]["images_per_s"])
             rows.append(row)
             print(line(row, cuda), flush=True)
+            print(f"  fast path: {row['fast']['execution']}", flush=True)
     if opts.json:
         meta = {"device": opts.device, "device_name": device_name, "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "data": data_desc, "steps": opts.steps, "warmup": opts.warmup,

@@ -17,8 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 PUBLISHED = Path(__file__).resolve().parent / "published_cifar100.csv"
 REFERENCE_ROWS = ("teacher", "vanilla")
+FROM_LABELS = ("vanilla", "teacher")  # results.json's method of train_teacher.py runs (older runs: 'teacher')
 
 
 def load_runs(folders) -> pd.DataFrame:
@@ -36,8 +39,8 @@ def load_runs(folders) -> pd.DataFrame:
 
 def summarise(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     """One row per (dataset, pair, method): mean, std, n of `metric`, plus published and diff."""
-    students = runs[runs["method"] != "teacher"]
-    trained = runs[runs["method"] == "teacher"]
+    students = runs[~runs["method"].isin(FROM_LABELS)]
+    trained = runs[runs["method"].isin(FROM_LABELS)]
     rows = []
     for (dataset, teacher, student), group in students.groupby(["dataset", "teacher", "model"], sort=False):
         reference = {"teacher": trained[(trained["dataset"] == dataset) & (trained["model"] == teacher)],
@@ -111,26 +114,64 @@ def render(summary: pd.DataFrame, metric: str, fmt: str) -> str:
     return "\n".join(parts)
 
 
+FAMILY_COLOURS = {"logit": "tab:blue", "feature": "tab:orange", "relation": "tab:green",
+                  "contrastive": "tab:purple", "combined": "tab:gray"}
+
+
+def method_family(method: str) -> str:
+    """The registry's family of a method label (`crd+kd` is combined, `kd+ls` a logit method)."""
+    from distiller_zoo import ALIASES, METHODS
+    names = [n for n in method.split("+") if n != "ls"]
+    families = {METHODS[ALIASES[n]].family for n in names if n in ALIASES}
+    return families.pop() if len(families) == 1 else "combined"
+
+
 def plot(summary: pd.DataFrame, metric: str, path) -> None:
+    """One dot plot per pair: each method's mean top-1 with its value, error bars (sample std)
+    only where there are several trials, colour by method family, the teacher and the vanilla
+    student as reference lines. Written as PNG and, beside it, PDF."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     pairs = list(dict.fromkeys(zip(summary["dataset"], summary["teacher"], summary["student"])))
-    fig, axes = plt.subplots(1, len(pairs), figsize=(max(4, 0.5 * summary["method"].nunique()) * len(pairs), 4),
-                             squeeze=False)
-    for ax, (dataset, teacher, student) in zip(axes[0], pairs):
-        group = summary[(summary["dataset"] == dataset) & (summary["teacher"] == teacher)
-                        & (summary["student"] == student) & (summary["n"] > 0)]
-        order = method_order(set(group["method"]))
-        group = group.sort_values("method", key=lambda col: col.map(order.index))
-        ax.bar(group["method"], group["mean"], yerr=group["std"].fillna(0), capsize=3, color="tab:blue")
-        ax.set_ylim(max(0, group["mean"].min() - 5), min(100, group["mean"].max() + 3))
-        ax.set_title(f"{teacher} → {student} ({dataset})")
-        ax.set_ylabel(f"{metric}-epoch top-1 (%)")
-        ax.tick_params(axis="x", rotation=60)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    n_methods = summary["method"].nunique()
+    fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 1.2 + 0.32 * n_methods), squeeze=False)
+    for ax, pair in zip(axes[0], pairs):
+        draw_pair(ax, summary, pair, metric)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=f) for f, c in FAMILY_COLOURS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    path = Path(path)
+    fig.savefig(path.with_suffix(".png"), dpi=120)
+    fig.savefig(path.with_suffix(".pdf"))
     plt.close(fig)
+
+
+def draw_pair(ax, summary: pd.DataFrame, pair, metric: str) -> None:
+    dataset, teacher, student = pair
+    group = summary[(summary["dataset"] == dataset) & (summary["teacher"] == teacher)
+                    & (summary["student"] == student) & (summary["n"] > 0)]
+    reference = group[group["method"].isin(REFERENCE_ROWS)].set_index("method")["mean"]
+    methods = group[~group["method"].isin(REFERENCE_ROWS)]
+    order = method_order(set(methods["method"]))
+    methods = methods.sort_values("method", key=lambda col: col.map(order.index), ascending=False)
+    y = range(len(methods))
+    for row_y, (_, row) in zip(y, methods.iterrows()):
+        colour = FAMILY_COLOURS[method_family(row["method"])]
+        err = row["std"] if row["n"] > 1 else None
+        ax.errorbar(row["mean"], row_y, xerr=err, fmt="o", color=colour, capsize=3)
+        label = f"{row['mean']:.1f}" + (f" ± {row['std']:.1f}" if row["n"] > 1 else "") + f" (n={row['n']})"
+        ax.annotate(label, (row["mean"], row_y), xytext=(6, 4), textcoords="offset points", fontsize=7)
+    for name, style in (("teacher", "--"), ("vanilla", ":")):
+        if name in reference:
+            ax.axvline(reference[name], ls=style, color="black", lw=1)
+            ax.annotate(f"{name} {reference[name]:.1f}", (reference[name], len(methods) - 0.5), rotation=90,
+                        fontsize=7, ha="right", va="top")
+    ax.set_yticks(list(y), list(methods["method"]))
+    ax.set_ylim(-0.7, len(methods) - 0.3)
+    ax.set_title(f"{teacher} → {student} ({dataset})")
+    ax.set_xlabel(f"{metric}-epoch top-1 (%)")
+    ax.grid(axis="x", alpha=0.3)
 
 
 def main(argv=None) -> int:
@@ -140,7 +181,8 @@ def main(argv=None) -> int:
                         help="last epoch (RepDistiller's tables, the default) or best epoch (mdistiller's)")
     parser.add_argument("--format", choices=("markdown", "csv", "latex"), default="markdown")
     parser.add_argument("--out", type=str, default=None, help="write the table here instead of stdout")
-    parser.add_argument("--figure", type=str, default=None, help="also write a PNG of top-1 per method")
+    parser.add_argument("--figure", type=str, default=None,
+                        help="also draw top-1 per method to this PNG, with a PDF beside it")
     args = parser.parse_args(argv)
     missing = [f for f in args.folders if not Path(f).is_dir()]
     if missing:

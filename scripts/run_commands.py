@@ -9,6 +9,10 @@ processes with cores/N threads each (small networks use many single-threaded pro
 better than one multi-threaded one); the commands of one call must then not depend on each
 other. Environment assignments are applied before the run. A run that fails is reported and
 the others go on; the exit status is 1 if any failed.
+
+Output: on a terminal, parallel runs share one live display (a named progress line per running
+run, their epoch lines scrolling above it); otherwise no progress bars, one line per epoch per
+run, each starting with the run's name (engine/progress.py).
 """
 import argparse
 import multiprocessing
@@ -53,15 +57,69 @@ def run_line(line: str, mains) -> bool:
     return True
 
 
-def worker_init(threads: int) -> None:
+class LinesToSink:
+    """A worker's stdout: each complete line goes to the parent's live display."""
+
+    def __init__(self, sink):
+        self.sink, self.pending = sink, ""
+
+    def write(self, text: str) -> int:
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            self.sink(("line", line))
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def worker_init(threads: int, queue) -> None:
     import torch
     torch.set_num_threads(threads)
+    if queue is not None:
+        from engine import progress
+        progress.set_sink(queue.put)
+        sys.stdout = LinesToSink(queue.put)
 
 
 def run_in_worker(numbered) -> tuple:
     number, total, line = numbered
     print(f"[{number}/{total}] {line}", flush=True)
     return line, run_line(line, entry_points())
+
+
+def run_parallel(numbered, jobs: int) -> list:
+    from engine.progress import LiveDisplay, on_terminal
+    threads = max(1, (os.cpu_count() or jobs) // jobs)
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager:
+        queue = manager.Queue() if on_terminal() else None
+        with context.Pool(jobs, worker_init, (threads, queue), maxtasksperchild=8) as pool:
+            pending = pool.map_async(run_in_worker, numbered, chunksize=1)
+            if queue is not None:
+                show_live(pending, queue, LiveDisplay())
+            outcomes = pending.get()
+            # let the workers exit on their own (the context manager terminates them, which
+            # leaves what they imported with no chance to release its semaphores)
+            pool.close()
+            pool.join()
+    return outcomes
+
+
+def show_live(pending, queue, display) -> None:
+    """Draw the workers' events until every run has ended."""
+    import queue as queues
+    while True:
+        try:
+            display.handle(queue.get(timeout=0.2))
+        except queues.Empty:
+            if pending.ready():
+                break
+    display.close()
 
 
 def main(argv=None) -> int:
@@ -72,13 +130,7 @@ def main(argv=None) -> int:
     numbered = [(k, len(lines), line) for k, line in enumerate(lines, 1)]
     start = time.perf_counter()
     if jobs > 1:
-        threads = max(1, (os.cpu_count() or jobs) // jobs)
-        with multiprocessing.get_context("spawn").Pool(jobs, worker_init, (threads,), maxtasksperchild=8) as pool:
-            outcomes = pool.map(run_in_worker, numbered, chunksize=1)
-            # let the workers exit on their own (the context manager terminates them, which
-            # leaves what they imported with no chance to release its semaphores)
-            pool.close()
-            pool.join()
+        outcomes = run_parallel(numbered, jobs)
     else:
         outcomes = [run_in_worker(item) for item in numbered]
     failed = [line for line, ok in outcomes if not ok]

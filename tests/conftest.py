@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -25,3 +26,16 @@ def digits_teacher(tmp_path_factory):
 def read_json(path):
     with open(path) as f:
         return json.load(f)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def speed_probe_cache(tmp_path_factory):
+    """The CPU speed probe's cache lives in the test session, not in the user's home."""
+    folder = tmp_path_factory.mktemp("cpu_settings")
+    previous = os.environ.get("DISTILLBENCH_CACHE")
+    os.environ["DISTILLBENCH_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("DISTILLBENCH_CACHE", None)
+    else:
+        os.environ["DISTILLBENCH_CACHE"] = previous
