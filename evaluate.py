@@ -29,11 +29,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from dataset.loaders import build_loaders
 from engine import runs
 from engine.build import check_model_name
 from engine.checkpoint import load_checkpoint
-from engine.distributed import setup
-from engine.errors import UserError, exits_cleanly
+from core.distributed import setup
+from core.errors import UserError, exits_cleanly
 from engine.loop import move_batch, topk_correct
 from engine.precision import autocast, resolve_amp
 from engine.teacher import build_teacher, read_teacher, teacher_arch
@@ -299,7 +300,6 @@ def main(argv=None) -> dict:
     found = read_networks(args)
     ctx = setup(args.device)
     amp_dtype = resolve_amp(args.amp, ctx.device)
-    from dataset.loaders import build_loaders
     _, test_loader, info = build_loaders(args.dataset, args.data_folder, 1, loader=args.loader, device=ctx.device,
                                          num_workers=args.num_workers, test_batch_size=args.batch_size)
     model = build_teacher(found["state"], found["arch"], info.num_classes, found["path"], args.dataset)

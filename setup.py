@@ -19,6 +19,7 @@ setup(
         "tqdm>=4.60",
         "matplotlib>=3.5",
         "tabulate>=0.8",
+        "pyyaml>=5.4",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"test": ["pytest>=7", "import-linter>=2.0"]},
 )

@@ -4,29 +4,31 @@
         --distill crd --model_s resnet8x4 -a 0 -b 0.8 --trial 1
     python train_student.py --distill kd --model_s resnet8 --dataset digits --epochs 5
     python train_student.py --distill crd:0.8,at:1000 --model_s resnet8x4
+    python train_student.py --resume save/students/<run>
 
 Total loss: r * CE + a * KD + b * method (RepDistiller's -r/-a/-b); omitted weights take
 the method's published defaults. Without --path_t the best teacher of the data set under
---save_dir/teachers is used.
+--save_dir/teachers is used. Each method's options come from its own file (distiller_zoo/).
 """
 import argparse
+import math
 import sys
+from dataclasses import dataclass
 
 import torch
 
 import distiller_zoo
+from core.errors import UserError, exits_cleanly
 from distiller_zoo.base import BuildContext
+from distiller_zoo.objective import Objective, parse_objective
 from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
-from engine.args import HelpFormatter, add_common_args
-from engine.build import build_model, check_model_name
+from engine.args import HelpFormatter, add_common_args, parse_with_config
+from engine.build import build_model, check_model_name, init_stage_lr
 from engine.distill_task import DistillTask
-from engine.errors import UserError, exits_cleanly
 from engine.loop import NonFiniteLoss, move_batch
-from engine.objective import parse_objective
-from engine.session import build_data, create_run_dir, start
+from engine.session import build_data, create_run_dir, restore_args, start
 from engine.teacher import build_teacher, find_best_teacher, read_teacher
 from engine.trainer import Trainer
-
 
 EXAMPLES = """examples:
   python train_student.py --path_t save/teachers/resnet32x4_cifar100_trial0/best.pth \\
@@ -44,7 +46,7 @@ def methods_help() -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Distil a student network from a teacher.",
                                      formatter_class=HelpFormatter, epilog=methods_help() + "\n\n" + EXAMPLES)
     m = parser.add_argument_group("distillation (RepDistiller's flags)")
@@ -54,9 +56,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--model_s", type=str, default="resnet8", help="student architecture")
     m.add_argument("--distill", type=str, default="kd",
                    help="method, its RepDistiller alias, or several with weights: crd:0.8,at:1000")
-    m.add_argument("-r", "--gamma", type=float, default=None, help="weight of cross-entropy; default: the method's (below)")
-    m.add_argument("-a", "--alpha", type=float, default=None, help="weight of KD; default: the method's (below)")
-    m.add_argument("-b", "--beta", type=float, default=None, help="weight of the method's loss; default: the method's (below)")
+    m.add_argument("-r", "--gamma", type=float, default=None, help="weight of cross-entropy; default: the method's")
+    m.add_argument("-a", "--alpha", type=float, default=None, help="weight of KD; default: the method's")
+    m.add_argument("-b", "--beta", type=float, default=None,
+                   help="weight of the method's loss; default: the method's (published for the pair where it is)")
     m.add_argument("--kd_T", type=float, default=None,
                    help="temperature of the logit losses (KD, DKD, DIST, MLKD); default 4, or 2 with --logit_stand")
     m.add_argument("--kd_T_schedule", type=str, default="constant", choices=SCHEDULES,
@@ -64,50 +67,71 @@ def parse_args(argv=None) -> argparse.Namespace:
     m.add_argument("--kd_T_end", type=float, default=None, help="the temperature at the last epoch")
     m.add_argument("--logit_stand", action="store_true",
                    help="z-score logits before the temperature softmax (Sun et al., CVPR 2024)")
-    m.add_argument("--init_epochs", type=int, default=30, help="epochs of an init stage (AB, FT, FSP)")
     m.add_argument("--init_lr", type=float, default=None,
-                   help="constant lr of an init stage; default 0.01 for ResNet/WRN students (RepDistiller), "
-                        "else --learning_rate")
-    m.add_argument("--hint_layer", type=int, default=2, choices=range(5), help="FitNet: 0 = stem, k = stage k")
-    m.add_argument("--feat_dim", type=int, default=128, help="CRD/CC embedding size")
-    m.add_argument("--mode", type=str, default="exact", choices=("exact", "relax"), help="CRD sampling")
-    m.add_argument("--nce_k", type=int, default=16384, help="CRD negatives per sample")
-    m.add_argument("--nce_t", type=float, default=0.07, help="CRD temperature")
-    m.add_argument("--nce_m", type=float, default=0.5, help="CRD memory momentum")
-    m.add_argument("--dkd_alpha", type=float, default=None, help="DKD's TCKD weight (default 1)")
-    m.add_argument("--dkd_beta", type=float, default=None, help="DKD's NCKD weight (default: per pair, else 8)")
-    m.add_argument("--dkd_warmup", type=int, default=20, help="DKD's warm-up epochs")
-    m.add_argument("--ctkd_mode", type=str, default="global", choices=("global", "instance"),
-                   help="CTKD's learnable temperature: one scalar, or one per sample")
-    m.add_argument("--reviewkd_warmup", type=int, default=20, help="ReviewKD's warm-up epochs")
+                   help="constant lr of an init stage; default: the student's (0.01 for ResNet/WRN, "
+                        "RepDistiller's init.py), else --learning_rate")
+    add_method_options(parser)
     add_common_args(parser)
     parser.set_defaults(trial="1")
-    return parser.parse_args(argv)
+    return parser
 
 
-def resolve_run(args: argparse.Namespace) -> argparse.Namespace:
+def add_method_options(parser: argparse.ArgumentParser) -> None:
+    """One argument group per method with options, from the registry. A flag declared by
+    several methods (with the same type, default and help) is added once, under the first."""
+    declared = {}
+    for name, spec in sorted(distiller_zoo.METHODS.items()):
+        new = [opt for opt in spec.options if opt.name not in declared]
+        for opt in spec.options:
+            if opt.name in declared and not opt.same_flag(declared[opt.name]):
+                raise ValueError(f"--{opt.name} is declared differently by two methods")
+        if not new:
+            continue
+        group = parser.add_argument_group(f"{name} ({spec.paper})")
+        for opt in new:
+            declared[opt.name] = opt
+            help_text = opt.describe().replace("%(default)s", str(opt.default)) + f" (default: {opt.default})"
+            kind = argparse.BooleanOptionalAction if opt.type is bool else None
+            extra = {"action": kind} if kind else {"type": opt.type, "choices": opt.choices}
+            group.add_argument(f"--{opt.name}", default=None, help=help_text, **extra)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return parse_with_config(build_parser(), argv)
+
+
+@dataclass
+class Plan:
+    """What a run is, resolved once: the objective and the teacher checkpoint, loaded."""
+
+    objective: Objective
+    teacher_state: dict
+
+
+def resolve_run(args: argparse.Namespace) -> Plan:
     """Fill what the run name needs: the teacher, its architecture and the loss weights."""
-    objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand)
+    parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand)  # an unknown method first
     check_model_name(args.model_s, "--model_s")
     if args.path_t is None:
         args.path_t = str(find_best_teacher(args.save_dir, args.dataset))
         print(f"no --path_t given: using the best {args.dataset} teacher, {args.path_t}")
-    _, args.model_t = read_teacher(args.path_t, args.model_t)
+    state, args.model_t = read_teacher(args.path_t, args.model_t)
     check_model_name(args.model_t, "--model_t")
     if args.kd_T is None:
         args.kd_T = LOGIT_STAND_T if args.logit_stand else 4.0
+    if not math.isfinite(args.kd_T) or args.kd_T <= 0:
+        raise UserError(f"--kd_T must be a positive number, got {args.kd_T}")
     if args.kd_T_schedule != "constant" and args.kd_T_end is None:
         raise UserError(f"--kd_T_schedule {args.kd_T_schedule} needs --kd_T_end, the temperature at the last epoch")
+    objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand,
+                                (args.model_t, args.model_s))
     args.gamma, args.alpha = objective.gamma, objective.alpha
     args.method, args.beta_label = objective.name, objective.beta_label
-    return args
+    return Plan(objective, state)
 
 
 def init_lr(args) -> float:
-    """RepDistiller's init.py: 0.01 for ResNet and WRN students, the base lr for the others."""
-    if args.init_lr is not None:
-        return args.init_lr
-    return 0.01 if args.model_s.startswith(("resnet", "wrn")) else args.learning_rate
+    return args.init_lr if args.init_lr is not None else init_stage_lr(args.model_s, args.learning_rate)
 
 
 def run_name(args) -> str:
@@ -115,20 +139,29 @@ def run_name(args) -> str:
             f"_r{args.gamma:g}_a{args.alpha:g}_b{args.beta_label}_trial{args.trial}")
 
 
-def build_task(args, objective, ctx, train_loader, info) -> DistillTask:
-    state, _ = read_teacher(args.path_t, args.model_t)
-    teacher = build_teacher(state, args.model_t, info.num_classes, args.path_t).to(ctx.device)
+def build_task(args, plan: Plan, ctx, train_loader, info) -> DistillTask:
+    teacher = build_teacher(plan.teacher_state, args.model_t, info.num_classes, args.path_t,
+                            args.dataset).to(ctx.device)
     student = build_model(args.model_s, info.num_classes).to(ctx.device)
     feat_s, feat_t = sample_features(student, teacher, train_loader, ctx.device)
     temperature = temperature_from_args(args)
-    build = BuildContext(student=student, teacher=teacher, feat_s=feat_s, feat_t=feat_t, args=args,
-                         n_train=info.n_train, num_classes=info.num_classes,
-                         student_name=args.model_s, teacher_name=args.model_t,
-                         temperature=temperature, logit_stand=args.logit_stand)
-    methods = [(spec.name, weight, spec.cls(build)) for spec, weight in objective.methods]
-    task = DistillTask(student, teacher, methods, args.gamma, args.alpha, temperature, info.num_classes,
-                       args.logit_stand, init_lr(args))
+    methods = []
+    for term in plan.objective.methods:
+        build = BuildContext(student=student, teacher=teacher, feat_s=feat_s, feat_t=feat_t, options=term.options,
+                             n_train=info.n_train, num_classes=info.num_classes, student_name=args.model_s,
+                             teacher_name=args.model_t, temperature=temperature, logit_stand=args.logit_stand)
+        methods.append((term.spec.name, term.weight, term.spec.cls(build)))
+    task = DistillTask(student, teacher, methods, args.gamma, args.alpha, plan.objective.kd_term(temperature),
+                       temperature, info.num_classes, init_lr(args))
     return task.to(ctx.device)
+
+
+def build_run(args, plan: Plan, ctx):
+    """(train_loader, test_loader, info, task) of a resolved run: the methods' options, the
+    loaders their data needs ask for, the networks and connectors."""
+    plan.objective.resolve_options(args, (args.model_t, args.model_s))
+    train_loader, test_loader, info = build_data(args, ctx, plan.objective.needs)
+    return train_loader, test_loader, info, build_task(args, plan, ctx, train_loader, info)
 
 
 @torch.no_grad()
@@ -144,21 +177,26 @@ def sample_features(student, teacher, loader, device):
     return feats
 
 
+def describe(args, plan: Plan) -> dict:
+    return {"method": args.method, "teacher": args.model_t, "path_t": args.path_t, "gamma": args.gamma,
+            "alpha": args.alpha, "beta": args.beta_label, "kd_T": args.kd_T, "kd_T_schedule": args.kd_T_schedule,
+            "logit_stand": args.logit_stand,
+            "methods": {term.spec.name: term.describe() for term in plan.objective.methods}}
+
+
 @exits_cleanly
 def main(argv=None) -> dict:
-    args = resolve_run(parse_args(argv))
+    args = parse_args(argv)
+    if isinstance(args.resume, str):  # a run directory: its stored arguments before anything else
+        args = restore_args(args, "students", run_name)
+    plan = resolve_run(args)
     args, ctx, run_dir = start(args, "students", lambda a: a.model_s, run_name)
-    objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand)
-    needs_contrast = any(spec.cls.needs_contrast for spec, _ in objective.methods)
-    needs_strong_view = any(spec.cls.needs_strong_view for spec, _ in objective.methods)
-    contrast = (args.nce_k, args.mode) if needs_contrast else None
-    train_loader, test_loader, info = build_data(args, ctx, contrast=contrast, strong_view=needs_strong_view)
-    task = build_task(args, objective, ctx, train_loader, info)
-    describe = {"method": args.method, "teacher": args.model_t, "path_t": args.path_t, "gamma": args.gamma,
-                "alpha": args.alpha, "beta": args.beta_label, "kd_T": args.kd_T,
-                "kd_T_schedule": args.kd_T_schedule, "logit_stand": args.logit_stand}
+    train_loader, test_loader, info, task = build_run(args, plan, ctx)
+    if ctx.is_main:
+        for term in plan.objective.methods:
+            print(term.describe(), flush=True)
     create_run_dir(args, ctx, run_dir)
-    trainer = Trainer(args, ctx, run_dir, task, args.model_s, train_loader, test_loader, describe=describe)
+    trainer = Trainer(args, ctx, run_dir, task, args.model_s, train_loader, test_loader, describe=describe(args, plan))
     try:
         results = trainer.fit()
     except NonFiniteLoss as err:

@@ -7,9 +7,9 @@ of the published tables.
 import argparse
 import sys
 
-from engine.args import HelpFormatter, add_common_args
+from engine.args import HelpFormatter, add_common_args, parse_with_config
 from engine.build import build_model, check_model_name
-from engine.errors import exits_cleanly
+from core.errors import exits_cleanly
 from engine.loop import NonFiniteLoss
 from engine.session import build_data, create_run_dir, start
 from engine.task import SupervisedTask
@@ -27,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=HelpFormatter, epilog=EXAMPLES)
     parser.add_argument("--model", type=str, default="resnet110", help="a name of models.model_dict")
     add_common_args(parser)
-    return parser.parse_args(argv)
+    return parse_with_config(parser, argv)
 
 
 def run_name(args) -> str:

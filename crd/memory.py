@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from engine.distributed import all_gather_cat, all_reduce_sum, world_size
+from core.distributed import all_gather_cat, all_reduce_sum, world_size
 
 
 # Scoring multiplies the anchors by the whole bank while it holds at most this many times the

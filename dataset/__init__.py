@@ -7,7 +7,7 @@ checked lookup (an unknown name is a `UserError` listing the valid ones). The lo
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
-from engine.errors import UserError
+from core.errors import UserError
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)

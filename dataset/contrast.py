@@ -37,7 +37,7 @@ from typing import Optional
 
 import torch
 
-from engine.errors import UserError
+from core.errors import UserError
 
 MODES = ("exact", "relax")
 _BITS = 31

@@ -18,7 +18,7 @@ from torchvision import datasets, transforms
 from torchvision.datasets.folder import default_loader
 
 from dataset import IMAGENET_MEAN, IMAGENET_STD
-from engine.errors import UserError
+from core.errors import UserError
 
 _TITLES = {"imagenet": "ImageNet", "tinyimagenet": "Tiny-ImageNet"}
 _SUBFOLDERS = {"imagenet": ("imagenet",), "tinyimagenet": ("tiny-imagenet-200", "tinyimagenet")}

@@ -25,11 +25,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset import DATASETS, DatasetInfo, get_info
+from dataset.cifar100 import cifar_instance_dataset, eval_transform, load_cifar, train_transform
 from dataset.contrast import ContrastSampler, check_mode
+from dataset.digits import DigitsInstance, digits_mean_std, load_digits_split
+from dataset.imagenet import image_folder
 from dataset.memory import InMemoryLoader
 from dataset.order import CONTRAST_STREAM, TRANSFORM_STREAM, WORKER_STREAM, epoch_indices, mix_seed, shard_length
 from dataset.strong import two_view_transform
-from engine.errors import UserError
+from core.errors import UserError
 
 LOADERS = ("auto", "memory", "torch")
 
@@ -148,10 +151,8 @@ def _check_batch_size(batch_size: int, name: str, n_train: int, world_size: int,
 def _memory_tensors(name: str, data_folder, download: bool, world_size: int):
     """((train images, targets), (test images, targets), mean, std) for the in-memory path."""
     if name == "digits":
-        from dataset.digits import digits_mean_std, load_digits_split
         mean, std = digits_mean_std()
         return load_digits_split(True), load_digits_split(False), mean, std
-    from dataset.cifar100 import load_cifar
     info = get_info(name)
     train = _rank_zero_first(lambda: load_cifar(name, data_folder, True, download), world_size)
     test = load_cifar(name, data_folder, False, False)
@@ -162,18 +163,14 @@ def _torch_datasets(name: str, data_folder, download: bool, world_size: int):
     """(train dataset, test dataset, train targets, mean, std, num_classes) for the torch path."""
     info = get_info(name)
     if name == "digits":
-        from dataset.cifar100 import eval_transform, train_transform
-        from dataset.digits import DigitsInstance, digits_mean_std
         mean, std = digits_mean_std()
         train = DigitsInstance(True, train_transform(mean, std))
         test = DigitsInstance(False, eval_transform(mean, std))
         return train, test, train.targets, mean, std, info.num_classes
     if name in ("cifar100", "cifar10"):
-        from dataset.cifar100 import cifar_instance_dataset
         train = _rank_zero_first(lambda: cifar_instance_dataset(name, data_folder, True, download), world_size)
         test = cifar_instance_dataset(name, data_folder, False, False)
         return train, test, train.targets, info.mean, info.std, info.num_classes
-    from dataset.imagenet import image_folder
     train = image_folder(name, data_folder, True)
     test = image_folder(name, data_folder, False)
     return train, test, train.targets, info.mean, info.std, len(train.classes)

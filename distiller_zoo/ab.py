@@ -48,7 +48,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor, nn
 
-from distiller_zoo.base import (BuildContext, Distiller, InitStage, describe_pairing,
+from distiller_zoo.base import (INIT_EPOCHS, BuildContext, Distiller, InitStage, describe_pairing,
                                 feature_parameters, match_spatial, pair_from_deepest, register)
 from models.features import Features
 
@@ -110,6 +110,8 @@ class ABLoss(nn.Module):
 class AB(Distiller):
     """AB: an init stage on the boundary loss; no main-stage term (see the module docstring)."""
 
+    options = (INIT_EPOCHS,)
+
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         pre_s, pre_t = ctx.feat_s.preact, ctx.feat_t.preact
@@ -118,7 +120,7 @@ class AB(Distiller):
         self.connectors = nn.ModuleList(
             [conv_bn_connector(pre_s[i].shape[1], pre_t[j].shape[1]) for i, j in self.pairs])
         self.criterion = ABLoss(len(self.pairs), margin=1.0)
-        self.init_epochs = int(getattr(ctx.args, "init_epochs", 30))
+        self.init_epochs = ctx.options.init_epochs
         # A plain list, not submodules: the student belongs to the task, not to this distiller.
         self._student_params = feature_parameters(ctx.student)
 
@@ -141,7 +143,7 @@ class AB(Distiller):
         params = list(self._student_params) + list(self.connectors.parameters())
         return InitStage(epochs=self.init_epochs, params=params, loss=self._init_loss)
 
-    def forward(self, feat_s: Features, feat_t: Features, targets, indices, contrast_idx=None):
+    def forward(self, feat_s: Features, feat_t: Features, batch=None):
         zero = torch.zeros((), dtype=torch.float32, device=feat_s.logits.device)
         with torch.no_grad(), eval_mode(self.connectors):
             g_s, g_t = self.connect(feat_s, feat_t)

@@ -12,7 +12,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.errors import UserError
+from core.errors import UserError
+from distiller_zoo.options import DataNeeds, Option, Pair, lower_keys
 from models.features import Features
 
 
@@ -24,7 +25,7 @@ class BuildContext:
     teacher: nn.Module
     feat_s: Features           # features of one sample batch (no gradient)
     feat_t: Features
-    args: object               # the parsed train_student.py arguments (kd_T, feat_dim, nce_k, ...)
+    options: object            # the method's own options, typed (distiller_zoo/options.py)
     n_train: int               # size of the training set (CRD's memory bank)
     num_classes: int
     student_name: str = ""
@@ -48,24 +49,39 @@ class InitStage:
     needs_student: bool = True
 
 
-class Distiller(nn.Module):
-    """Base class of a registered method. A subclass builds its connectors in
-    __init__(ctx: BuildContext) and defines
+@dataclass
+class Batch:
+    """What a training batch carries besides its images, as the methods' data needs ask."""
 
-        forward(feat_s, feat_t, targets, indices, contrast_idx=None) -> (loss, parts)
+    targets: Optional[Tensor] = None
+    indices: Optional[Tensor] = None   # each sample's index in the training set
+    contrast: Optional[Tensor] = None  # B x (K + 1) contrastive indices, the sample's own first
+
+
+class Distiller(nn.Module):
+    """Base class of a registered method. A subclass declares its `options` (a tuple of
+    `Option`), may override `data_needs`, builds its connectors in __init__(ctx: BuildContext)
+    from `ctx.options` and one sample batch's features, and defines
+
+        forward(feat_s, feat_t, batch: Batch) -> (loss, parts)
 
     where `loss` is the method's term (weighted by -b) and `parts` a dict of named
-    sub-terms to log (empty when the loss has a single term)."""
+    sub-terms to log (empty when the loss has a single term).
 
-    needs_contrast: bool = False   # the loader must yield CRD contrast indices
-    # The loader must yield a strongly augmented second view of every sample (MLKD). The batch
-    # images are then 2B (weak views, then strong views of the same samples) and such a
-    # distiller receives Features of all 2B rows for student and teacher (targets, indices: B);
-    # the task's cross-entropy covers both views, KD and every other distiller the weak half.
-    needs_strong_view: bool = False
+    A method whose data needs include a strong view (MLKD) is trained on batches of 2B images
+    (weak views, then strong views of the same samples) and receives the Features of all 2B
+    rows for student and teacher (targets, indices: B); the task's cross-entropy covers both
+    views, KD and every other distiller the weak half."""
+
+    options: Tuple[Option, ...] = ()
+
+    @classmethod
+    def data_needs(cls, options) -> DataNeeds:
+        return DataNeeds()
 
     def __init__(self, ctx: BuildContext):
         super().__init__()
+        self.needs = type(self).data_needs(ctx.options)
 
     def init_stage(self) -> Optional[InitStage]:
         return None
@@ -77,10 +93,31 @@ class Distiller(nn.Module):
         return {}
 
 
-def option(args, name: str, default):
-    """A method's optional flag: its value on the command line, else the method's default."""
-    value = getattr(args, name, None)
-    return default if value is None else value
+# The init-stage length shared by the methods that declare an init stage (AB, FT, FSP).
+INIT_EPOCHS = Option("init_epochs", int, 30, "epochs of the method's init stage (AB, FT, FSP)")
+
+
+class WarmupDistiller(Distiller):
+    """A method whose term grows linearly to its full weight over its first `warmup` epochs
+    (DKD, ReviewKD: min(epoch / warmup, 1)); logged per epoch as 'warmup'."""
+
+    def __init__(self, ctx: BuildContext, warmup: int, flag: str):
+        super().__init__(ctx)
+        if warmup < 0:
+            raise UserError(f"--{flag} must be >= 0 (got {warmup})")
+        self.warmup = warmup
+        self.epoch: Optional[int] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def warmup_factor(self) -> float:
+        if self.epoch is None or self.warmup == 0:
+            return 1.0
+        return min(self.epoch / self.warmup, 1.0)
+
+    def epoch_metrics(self) -> Dict[str, float]:
+        return {"warmup": self.warmup_factor()}
 
 
 @dataclass
@@ -93,17 +130,25 @@ class MethodSpec:
     paper: str
     aliases: Tuple[str, ...] = field(default_factory=tuple)
     family: str = "feature"      # logit, feature, relation or contrastive: how tables group methods
+    beta_per_pair: Dict[Pair, float] = field(default_factory=dict)   # published -b by (teacher, student)
+
+    @property
+    def options(self) -> Tuple[Option, ...]:
+        return self.cls.options if self.cls is not None else ()
 
 
 METHODS: Dict[str, MethodSpec] = {}
 ALIASES: Dict[str, str] = {}
 
 
-def register(name: str, *, gamma: float, alpha: float, beta: float, paper: str, aliases=(), family="feature"):
-    """Class decorator adding a Distiller to the registry with its published default weights."""
+def register(name: str, *, gamma: float, alpha: float, beta: float, paper: str, aliases=(), family="feature",
+             beta_per_pair=None):
+    """Class decorator adding a Distiller to the registry with its published default weights
+    (and, where its paper publishes them, the -b weights of particular pairs)."""
 
     def add(cls):
-        METHODS[name] = MethodSpec(name, cls, gamma, alpha, beta, paper, tuple(aliases), family)
+        METHODS[name] = MethodSpec(name, cls, gamma, alpha, beta, paper, tuple(aliases), family,
+                                   lower_keys(beta_per_pair or {}))
         for key in (name, *aliases):
             ALIASES[key.lower()] = name
         return cls
@@ -161,7 +206,7 @@ class StagePairDistiller(Distiller):
         self.criterion = criterion
         print(describe_pairing(method, self.pairs, ctx.feat_s.stages, ctx.feat_t.stages))
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def forward(self, feat_s, feat_t, batch=None) -> Tuple[Tensor, Dict[str, Tensor]]:
         g_s = [feat_s.stages[i] for i, _ in self.pairs]
         g_t = [feat_t.stages[j].detach() for _, j in self.pairs]
         terms = self.criterion(g_s, g_t)

@@ -28,6 +28,7 @@ from typing import Dict, Tuple
 from torch import Tensor, nn
 
 from distiller_zoo.base import BuildContext, Distiller, register
+from distiller_zoo.options import Option
 
 
 class Embed(nn.Module):
@@ -56,14 +57,16 @@ class Correlation(nn.Module):
           paper="Peng et al., Correlation Congruence for Knowledge Distillation, ICCV 2019",
           aliases=("correlation",))
 class CC(Distiller):
+    options = (Option("feat_dim", int, 128, "CRD/CC embedding size"),)
+
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
-        feat_dim = int(getattr(ctx.args, "feat_dim", 128))
+        feat_dim = ctx.options.feat_dim
         self.embed_s = Embed(ctx.feat_s.pooled.flatten(1).shape[1], feat_dim)
         self.embed_t = Embed(ctx.feat_t.pooled.flatten(1).shape[1], feat_dim)
         self.criterion = Correlation()
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def forward(self, feat_s, feat_t, batch=None) -> Tuple[Tensor, Dict[str, Tensor]]:
         e_s = self.embed_s(feat_s.pooled)
         e_t = self.embed_t(feat_t.pooled.detach())
         return self.criterion(e_s, e_t), {}

@@ -25,8 +25,8 @@ reversal of scale 0 -> 1); epochs count from 1 as in their loop, so epoch 1 has
 lambda = (1 - cos(pi / 10)) / 2 = 0.0245 and epochs >= 10 have lambda_max. CIFAR weights:
 CTKD is applied to vanilla KD with -r 0.1 -a 0.9 -b 0 and the KD term computed with the
 learned tau, so here CTKD replaces KD with the registry weights -r 0.1 -a 0 -b 0.9.
-Flags (read with defaults): --ctkd_mode, --ctkd_t_min, --ctkd_t_range, --ctkd_lambda_min,
---ctkd_lambda_max, --ctkd_lambda_epochs. The shared temperature (--kd_T and its schedule) is
+Options: --ctkd_mode, --ctkd_t_min, --ctkd_t_range, --ctkd_lambda_min, --ctkd_lambda_max,
+--ctkd_lambda_epochs. The shared temperature (--kd_T and its schedule) is
 not used by this term; it still sets the KD term if -a > 0 is given as well.
 
 Where this departs from or fills in the reference:
@@ -50,9 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distiller_zoo.base import BuildContext, Distiller, option, register
+from distiller_zoo.base import BuildContext, Distiller, register
+from distiller_zoo.options import Option
 from distiller_zoo.temperature import standardize
-from engine.errors import UserError
+from core.errors import UserError
 
 MODES = ("global", "instance")
 DEFAULT_T_MIN = 1.0
@@ -154,25 +155,34 @@ class CTKDLoss(nn.Module):
 @register("ctkd", family="logit", gamma=0.1, alpha=0.0, beta=0.9,
           paper="Li et al., Curriculum Temperature for Knowledge Distillation, AAAI 2023")
 class CTKD(Distiller):
+    options = (
+        Option("ctkd_mode", str, "global", "CTKD's learnable temperature: one scalar, or one per sample",
+               choices=MODES),
+        Option("ctkd_t_min", float, DEFAULT_T_MIN, "CTKD: the lowest temperature"),
+        Option("ctkd_t_range", float, DEFAULT_T_RANGE, "CTKD: temperature = t_min + t_range * sigmoid"),
+        Option("ctkd_lambda_min", float, DEFAULT_LAMBDA_MIN, "CTKD: gradient-reversal scale at the first epoch"),
+        Option("ctkd_lambda_max", float, DEFAULT_LAMBDA_MAX, "CTKD: gradient-reversal scale at the end of the "
+                                                             "curriculum"),
+        Option("ctkd_lambda_epochs", int, DEFAULT_LAMBDA_EPOCHS, "CTKD: epochs of the cosine curriculum"),
+    )
+
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
-        args = ctx.args
-        mode = str(option(args, "ctkd_mode", "global")).lower()
+        opts = ctx.options
+        mode = opts.ctkd_mode.lower()
         if mode not in MODES:
             raise UserError(f"--ctkd_mode must be one of {', '.join(MODES)} (got {mode!r})")
-        t_min = float(option(args, "ctkd_t_min", DEFAULT_T_MIN))
-        t_range = float(option(args, "ctkd_t_range", DEFAULT_T_RANGE))
+        t_min, t_range = opts.ctkd_t_min, opts.ctkd_t_range
         if t_min <= 0 or t_range < 0:
             raise UserError(f"CTKD needs --ctkd_t_min > 0 and --ctkd_t_range >= 0 (got {t_min:g}, {t_range:g}) "
                             f"so that the temperature stays positive")
-        self.lambda_min = float(option(args, "ctkd_lambda_min", DEFAULT_LAMBDA_MIN))
-        self.lambda_max = float(option(args, "ctkd_lambda_max", DEFAULT_LAMBDA_MAX))
-        self.lambda_epochs = int(option(args, "ctkd_lambda_epochs", DEFAULT_LAMBDA_EPOCHS))
+        self.lambda_min, self.lambda_max = opts.ctkd_lambda_min, opts.ctkd_lambda_max
+        self.lambda_epochs = opts.ctkd_lambda_epochs
         if self.lambda_epochs < 0:
             raise UserError(f"--ctkd_lambda_epochs must be >= 0 (got {self.lambda_epochs})")
         self.mode = mode
         self.loss = CTKDLoss(LearnableTemperature(mode, ctx.num_classes, t_min, t_range),
-                             stand=bool(getattr(ctx, "logit_stand", False)))
+                             stand=ctx.logit_stand)
         self.scale = self.lambda_max
         self.epoch: Optional[int] = None
         self._t_sum: Optional[Tensor] = None
@@ -208,7 +218,7 @@ class CTKD(Distiller):
     def epoch_metrics(self) -> Dict[str, float]:
         return {"temperature": self.current_temperature(), "lambda": self.scale}
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None):
+    def forward(self, feat_s, feat_t, batch=None):
         loss, T = self.loss(feat_s.logits, feat_t.logits.detach(), self.scale)
         batch_t = T.detach().mean()
         self._t_sum = batch_t if self._t_sum is None else self._t_sum + batch_t

@@ -75,21 +75,15 @@ class DISTLoss(nn.Module):
         return parts["inter"] + parts["intra"], parts
 
 
-def shared_temperature(ctx: BuildContext):
-    """The run's shared temperature object (or --kd_T where the context carries none)."""
-    T = getattr(ctx, "temperature", None)
-    return T if T is not None else float(ctx.args.kd_T)
-
-
 @register("dist", family="logit", gamma=1.0, alpha=0.0, beta=2.0,
           paper="Huang et al., Knowledge Distillation from A Stronger Teacher, NeurIPS 2022")
 class DIST(Distiller):
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
-        self.loss = DISTLoss(shared_temperature(ctx), stand=bool(getattr(ctx, "logit_stand", False)))
+        self.loss = DISTLoss(ctx.temperature, stand=ctx.logit_stand)
         print(f"dist: tau {self.loss.T}, inter weight {self.loss.inter_weight:g}, "
               f"intra weight {self.loss.intra_weight:g}"
               + (", logit standardisation" if self.loss.stand else ""), flush=True)
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None):
+    def forward(self, feat_s, feat_t, batch=None):
         return self.loss(feat_s.logits, feat_t.logits.detach())

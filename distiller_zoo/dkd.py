@@ -29,15 +29,16 @@ The warm-up factor is set by `set_epoch(epoch)` (epochs count from 1, so epoch 1
 1/warmup); before any `set_epoch` call the factor is 1. Logged parts are the weighted
 contributions 'tckd' and 'nckd' (they sum to the loss); `epoch_metrics` reports the factor.
 """
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distiller_zoo.base import BuildContext, Distiller, option, register
+from distiller_zoo.base import BuildContext, WarmupDistiller, register
+from distiller_zoo.options import Option
 from distiller_zoo.temperature import prepare_logits
-from engine.errors import UserError
+from core.errors import UserError
 
 DEFAULT_ALPHA = 1.0
 DEFAULT_BETA = 8.0
@@ -52,10 +53,6 @@ PAIR_BETA = {
     ("wrn_40_2", "wrn_16_2"): 6.0,
     ("wrn_40_2", "wrn_40_1"): 6.0,
 }
-
-
-def default_beta(teacher_name: str, student_name: str) -> float:
-    return PAIR_BETA.get((teacher_name.lower(), student_name.lower()), DEFAULT_BETA)
 
 
 def dkd_terms(logits_s: Tensor, logits_t: Tensor, target: Tensor, T: float,
@@ -98,40 +95,26 @@ class DKDLoss(nn.Module):
 
 @register("dkd", family="logit", gamma=1.0, alpha=0.0, beta=1.0,
           paper="Zhao et al., Decoupled Knowledge Distillation, CVPR 2022")
-class DKD(Distiller):
+class DKD(WarmupDistiller):
+    options = (
+        Option("dkd_alpha", float, DEFAULT_ALPHA, "DKD's TCKD weight"),
+        Option("dkd_beta", float, DEFAULT_BETA, "DKD's NCKD weight", per_pair=PAIR_BETA),
+        Option("dkd_warmup", int, DEFAULT_WARMUP, "DKD's warm-up epochs"),
+    )
+
     def __init__(self, ctx: BuildContext):
-        super().__init__(ctx)
-        args = ctx.args
+        opts = ctx.options
+        super().__init__(ctx, opts.dkd_warmup, "dkd_warmup")
         if ctx.num_classes < 2:
             raise UserError(f"dkd needs at least two classes (got {ctx.num_classes})")
-        alpha = float(option(args, "dkd_alpha", DEFAULT_ALPHA))
-        beta_arg = getattr(args, "dkd_beta", None)
-        beta = float(beta_arg) if beta_arg is not None else default_beta(ctx.teacher_name, ctx.student_name)
-        self.warmup = int(option(args, "dkd_warmup", DEFAULT_WARMUP))
-        if self.warmup < 0:
-            raise UserError(f"--dkd_warmup must be >= 0 (got {self.warmup})")
-        self.loss = DKDLoss(alpha, beta, ctx.temperature, ctx.logit_stand)
-        self.epoch: Optional[int] = None
-        source = "--dkd_beta" if beta_arg is not None else (
-            "per-pair default" if (ctx.teacher_name.lower(), ctx.student_name.lower()) in PAIR_BETA else "default")
-        print(f"dkd: alpha {alpha:g}, beta {beta:g} ({source}), T {self.loss.T!r}, "
+        self.loss = DKDLoss(opts.dkd_alpha, opts.dkd_beta, ctx.temperature, ctx.logit_stand)
+        print(f"dkd: alpha {opts.dkd_alpha:g}, beta {opts.dkd_beta:g}, T {self.loss.T!r}, "
               f"warm-up {self.warmup} epochs", flush=True)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def warmup_factor(self) -> float:
-        if self.epoch is None or self.warmup == 0:
-            return 1.0
-        return min(self.epoch / self.warmup, 1.0)
-
-    def epoch_metrics(self) -> Dict[str, float]:
-        return {"warmup": self.warmup_factor()}
-
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None):
-        if targets is None:
+    def forward(self, feat_s, feat_t, batch=None):
+        if batch is None or batch.targets is None:
             raise UserError("dkd needs the ground-truth labels of the batch")
         factor = self.warmup_factor()
-        _, parts = self.loss(feat_s.logits, feat_t.logits.detach(), targets)
+        _, parts = self.loss(feat_s.logits, feat_t.logits.detach(), batch.targets)
         parts = {k: factor * v for k, v in parts.items()}
         return parts["tckd"] + parts["nckd"], parts

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distiller_zoo.base import BuildContext, Distiller, describe_pairing, register
-from engine.errors import UserError
+from distiller_zoo.options import Option
+from core.errors import UserError
 
 
 class ConvReg(nn.Module):
@@ -90,12 +91,13 @@ def hint_indices(n_s: int, n_t: int, hint_layer: int) -> Tuple[int, int]:
           paper="Romero et al., FitNets: Hints for Thin Deep Nets, ICLR 2015",
           aliases=("hint",))
 class FitNet(Distiller):
+    options = (Option("hint_layer", int, 2, "FitNet's hint: 0 = stem, k = stage k", choices=tuple(range(5))),)
+
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         layers_s = [ctx.feat_s.stem, *ctx.feat_s.stages]
         layers_t = [ctx.feat_t.stem, *ctx.feat_t.stages]
-        hint_layer = int(getattr(ctx.args, "hint_layer", 2))
-        self.s_idx, self.t_idx = hint_indices(len(layers_s), len(layers_t), hint_layer)
+        self.s_idx, self.t_idx = hint_indices(len(layers_s), len(layers_t), ctx.options.hint_layer)
         self.regressor = ConvReg(layers_s[self.s_idx].shape, layers_t[self.t_idx].shape)
         self.criterion = HintLoss()
         print(describe_pairing("fitnet", [(self.s_idx, self.t_idx)], layers_s, layers_t)
@@ -105,7 +107,7 @@ class FitNet(Distiller):
     def _layer(feat, idx: int) -> Tensor:
         return feat.stem if idx == 0 else feat.stages[idx - 1]
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def forward(self, feat_s, feat_t, batch=None) -> Tuple[Tensor, Dict[str, Tensor]]:
         f_s = self.regressor(self._layer(feat_s, self.s_idx))
         f_t = self._layer(feat_t, self.t_idx).detach()
         return self.criterion(f_s, f_t), {}

@@ -31,9 +31,9 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor, nn
 
-from distiller_zoo.base import (BuildContext, Distiller, InitStage, describe_pairing,
+from distiller_zoo.base import (INIT_EPOCHS, BuildContext, Distiller, InitStage, describe_pairing,
                                 feature_parameters, match_spatial, pair_from_deepest, register)
-from engine.errors import UserError
+from core.errors import UserError
 from models.features import Features
 
 
@@ -73,6 +73,8 @@ def _layers(feat: Features) -> List[Tensor]:
 class FSP(Distiller):
     """FSP: an init stage on the FSP matrices; no main-stage term (see the module docstring)."""
 
+    options = (INIT_EPOCHS,)
+
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         lay_s, lay_t = _layers(ctx.feat_s), _layers(ctx.feat_t)
@@ -86,7 +88,7 @@ class FSP(Distiller):
                 f"(stem + stages, paired from the deepest); choose another method or pair")
         print(describe_pairing("fsp", self.pairs, lay_s, lay_t) + " (layer 0 = stem)")
         self.criterion = FSPLoss()
-        self.init_epochs = int(getattr(ctx.args, "init_epochs", 30))
+        self.init_epochs = ctx.options.init_epochs
         # A plain list, not submodules: the student belongs to the task, not to this distiller.
         self._student_params = feature_parameters(ctx.student)
 
@@ -102,7 +104,7 @@ class FSP(Distiller):
     def init_stage(self) -> InitStage:
         return InitStage(epochs=self.init_epochs, params=list(self._student_params), loss=self._init_loss)
 
-    def forward(self, feat_s: Features, feat_t: Features, targets, indices, contrast_idx=None):
+    def forward(self, feat_s: Features, feat_t: Features, batch=None):
         zero = torch.zeros((), dtype=torch.float32, device=feat_s.logits.device)
         with torch.no_grad():
             monitor = self.fsp_loss(feat_s, feat_t)

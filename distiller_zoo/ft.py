@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distiller_zoo.base import (BuildContext, Distiller, InitStage, describe_pairing, match_spatial,
+from distiller_zoo.base import (INIT_EPOCHS, BuildContext, Distiller, InitStage, describe_pairing, match_spatial,
                                 register)
 from models.features import Features
 
@@ -119,6 +119,8 @@ class FactorTransferLoss(nn.Module):
 class FT(Distiller):
     """Paraphraser trained in the init stage, translator and factor loss in the main stage."""
 
+    options = (INIT_EPOCHS,)
+
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         st_s, st_t = ctx.feat_s.stages, ctx.feat_t.stages
@@ -128,7 +130,7 @@ class FT(Distiller):
         self.paraphraser = Paraphraser(c_t, k=0.5)
         self.translator = Translator(c_s, c_t, k=0.5)
         self.criterion = FactorTransferLoss(p=1)
-        self.init_epochs = int(getattr(ctx.args, "init_epochs", 30))
+        self.init_epochs = ctx.options.init_epochs
 
     def teacher_factor(self, f_t: Tensor) -> Tensor:
         """The frozen paraphraser's encoding: no gradient, eval mode."""
@@ -149,7 +151,7 @@ class FT(Distiller):
         return InitStage(epochs=self.init_epochs, params=list(self.paraphraser.parameters()),
                          loss=self._init_loss, needs_student=False)
 
-    def forward(self, feat_s: Features, feat_t: Features, targets, indices, contrast_idx=None):
+    def forward(self, feat_s: Features, feat_t: Features, batch=None):
         factor_s = self.translator(feat_s.stages[-1])
         factor_t = self.teacher_factor(feat_t.stages[-1])
         return self.criterion(factor_s, factor_t), {}

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distiller_zoo.base import BuildContext, Distiller, match_spatial, register
-from engine.errors import UserError
+from core.errors import UserError
 
 _EPS = 1e-12
 
@@ -133,7 +133,7 @@ class IRG(Distiller):
         print(f"irg: edges on pooled + last two stages, transformation stage[-2] -> stage[-1]: "
               f"student {describe(ctx.feat_s)}, teacher {describe(ctx.feat_t)}", flush=True)
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None):
+    def forward(self, feat_s, feat_t, batch=None):
         stages_s = (feat_s.stages[-2], feat_s.stages[-1])
         stages_t = (feat_t.stages[-2].detach(), feat_t.stages[-1].detach())
         return self.loss(feat_s.logits, feat_t.logits.detach(),

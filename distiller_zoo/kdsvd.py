@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distiller_zoo.base import BuildContext, Distiller, describe_pairing, pair_from_deepest, register
-from engine.errors import UserError
+from core.errors import UserError
 from models.features import Features
 
 
@@ -181,7 +181,7 @@ class KDSVD(Distiller):
         print(describe_pairing("kdsvd", self.pairs, st_s, st_t))
         self.criterion = KDSVDLoss(k=1)
 
-    def forward(self, feat_s: Features, feat_t: Features, targets, indices, contrast_idx=None):
+    def forward(self, feat_s: Features, feat_t: Features, batch=None):
         g_s = [feat_s.stages[i] for i, _ in self.pairs]
         g_t = [feat_t.stages[j] for _, j in self.pairs]
         return self.criterion(g_s, g_t), {}

@@ -51,7 +51,7 @@ terms z-score both logit vectors before the temperature softmax; the batch and c
 terms and the confidence masks use the raw logits. That paper's MLKD setting is base
 temperature 2 (this suite's --kd_T default with --logit_stand) and KD_WEIGHT 9, i.e. -b 9.
 
-Features: logits of both views (`needs_strong_view`), so every pair works. No connectors.
+Features: logits of both views (its data needs ask for a strong view), so every pair works. No connectors.
 Computed in float32 with autocast off; identical student and teacher logits give exactly 0
 (the KL is taken between log-probabilities). The shared temperature is read with float() on
 every call, so a --kd_T_schedule moves T0. Logged parts are the weighted contributions
@@ -64,9 +64,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from distiller_zoo.base import BuildContext, Distiller, register
-from distiller_zoo.dist import shared_temperature
+from distiller_zoo.options import DataNeeds
 from distiller_zoo.temperature import prepare_logits
-from engine.errors import UserError
+from core.errors import UserError
 
 EXTRA_TEMPERATURES = (3.0, 5.0, 2.0, 6.0)   # beside the shared temperature (official KD_ours.py)
 
@@ -136,18 +136,20 @@ class MLKDLoss(nn.Module):
 @register("mlkd", family="logit", gamma=0.1, alpha=0.0, beta=0.9,
           paper="Jin et al., Multi-Level Logit Distillation, CVPR 2023")
 class MLKD(Distiller):
-    needs_strong_view = True
+    @classmethod
+    def data_needs(cls, options) -> DataNeeds:
+        return DataNeeds(strong_view=True)
 
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
-        self.loss = MLKDLoss(shared_temperature(ctx), stand=bool(getattr(ctx, "logit_stand", False)))
+        self.loss = MLKDLoss(ctx.temperature, stand=ctx.logit_stand)
         temps = ", ".join([repr(self.loss.T)] + [f"{t:g}" for t in self.loss.extra_temperatures])
         print(f"mlkd: temperatures {temps}; instance, batch and class alignment on a weak and a strong view"
               + (", logit standardisation (instance level)" if self.loss.stand else ""), flush=True)
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None):
+    def forward(self, feat_s, feat_t, batch=None):
         z_s, z_t = feat_s.logits, feat_t.logits.detach()
-        n = targets.shape[0] if targets is not None else z_s.shape[0] // 2
+        n = batch.targets.shape[0] if batch is not None and batch.targets is not None else z_s.shape[0] // 2
         if z_s.shape[0] != 2 * n or z_t.shape[0] != 2 * n:
             raise UserError(f"mlkd needs the logits of a weak and a strong view of each of the {n} samples "
                             f"(2B rows); got {z_s.shape[0]} student and {z_t.shape[0]} teacher rows")

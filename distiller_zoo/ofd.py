@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from distiller_zoo.ab import conv_bn_connector
 from distiller_zoo.base import (BuildContext, Distiller, describe_pairing, match_spatial,
                                 pair_from_deepest, register)
-from engine.errors import UserError
+from core.errors import UserError
 from models.features import Features
 
 
@@ -113,7 +113,7 @@ class OFD(Distiller):
     def margins(self) -> List[Tensor]:
         return [getattr(self, f"margin{k}") for k in range(len(self.pairs))]
 
-    def forward(self, feat_s: Features, feat_t: Features, targets, indices, contrast_idx=None):
+    def forward(self, feat_s: Features, feat_t: Features, batch=None):
         g_s, g_t = [], []
         for connector, (i, j) in zip(self.connectors, self.pairs):
             s, t = match_spatial(connector(feat_s.preact[i]), feat_t.preact[j].detach())

@@ -54,5 +54,5 @@ class PKT(Distiller):
         super().__init__(ctx)
         self.criterion = PKTLoss(eps=1e-7)
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def forward(self, feat_s, feat_t, batch=None) -> Tuple[Tensor, Dict[str, Tensor]]:
         return self.criterion(feat_s.pooled, feat_t.pooled.detach()), {}

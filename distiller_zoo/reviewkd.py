@@ -35,8 +35,9 @@ weights -r 1 -a 0 -b 5: the official CIFAR-100 script (CIFAR-100/script/reviewKD
 --kd-loss-weight 5.0 for resnet32x4 -> resnet8x4 (and for wrn_40_2 -> wrn_16_2, wrn_40_2 ->
 wrn_40_1, wrn_40_2 -> ShuffleV1, resnet32x4 -> ShuffleV1), 8.0 for resnet32x4 -> ShuffleV2,
 0.6 for resnet56 -> resnet20, 1.0 for resnet110 -> resnet32 (and 1.0 as train.py's default).
-`official_weight` holds that table; for a pair of the table whose official weight differs
-from the registry's 5 the distiller prints the value to pass as -b.
+These are the method's published per-pair -b weights: without -b, a pair of the table trains
+with its official weight, any other pair with 5 (the resnet32x4 -> resnet8x4 weight); the
+run's header says which.
 
 Where this differs from the reference:
 - Unequal spatial sizes of a pair are matched with `match_spatial` after the ABF (the larger
@@ -51,18 +52,17 @@ Where this differs from the reference:
 HCL is computed in float32 with autocast off. Logged parts: one per pair ('stage<j>' for the
 teacher's stage j, 'pooled'), warm-up included; they sum to the loss.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distiller_zoo.base import BuildContext, Distiller, match_spatial, pair_from_deepest, register
-from engine.errors import UserError
+from distiller_zoo.base import BuildContext, WarmupDistiller, match_spatial, pair_from_deepest, register
+from distiller_zoo.options import Option
 
 DEFAULT_WARMUP = 20
 REGISTRY_WEIGHT = 5.0
-DEFAULT_OFFICIAL_WEIGHT = 1.0
 HCL_LEVELS = (4, 2, 1)
 MAX_MID_CHANNELS = 512
 
@@ -77,10 +77,6 @@ PAIR_WEIGHT = {
     ("resnet56", "resnet20"): 0.6,
     ("resnet110", "resnet32"): 1.0,
 }
-
-
-def official_weight(teacher_name: str, student_name: str) -> float:
-    return PAIR_WEIGHT.get((teacher_name.lower(), student_name.lower()), DEFAULT_OFFICIAL_WEIGHT)
 
 
 def hcl_pair(f_s: Tensor, f_t: Tensor) -> Tensor:
@@ -143,17 +139,15 @@ def teacher_levels(feat) -> List[Tensor]:
     return list(feat.preact) + [as_map(feat.pooled)]
 
 
-@register("reviewkd", gamma=1.0, alpha=0.0, beta=REGISTRY_WEIGHT,
+@register("reviewkd", gamma=1.0, alpha=0.0, beta=REGISTRY_WEIGHT, beta_per_pair=PAIR_WEIGHT,
           paper="Chen et al., Distilling Knowledge via Knowledge Review, CVPR 2021")
-class ReviewKD(Distiller):
+class ReviewKD(WarmupDistiller):
+    options = (Option("reviewkd_warmup", int, DEFAULT_WARMUP, "ReviewKD's warm-up epochs"),)
+
     def __init__(self, ctx: BuildContext):
-        super().__init__(ctx)
+        super().__init__(ctx, ctx.options.reviewkd_warmup, "reviewkd_warmup")
         lv_s, lv_t = student_levels(ctx.feat_s), teacher_levels(ctx.feat_t)
         self.pairs = pair_from_deepest(lv_s, lv_t)
-        warmup = getattr(ctx.args, "reviewkd_warmup", None)
-        self.warmup = DEFAULT_WARMUP if warmup is None else int(warmup)
-        if self.warmup < 0:
-            raise UserError(f"--reviewkd_warmup must be >= 0 (got {self.warmup})")
         mid = min(MAX_MID_CHANNELS, lv_s[-1].shape[1])
         last = len(self.pairs) - 1
         # ABFs listed shallow to deep like the pairs; only the deepest does not fuse
@@ -161,27 +155,9 @@ class ReviewKD(Distiller):
                                    for k, (i, j) in enumerate(self.pairs)])
         self.criterion = HCL()
         self.names = [("pooled" if j == len(lv_t) - 1 else f"stage{j + 1}") for _, j in self.pairs]
-        self.epoch: Optional[int] = None
         shapes = ", ".join(f"s{i}{tuple(lv_s[i].shape[1:])}->t{j}{tuple(lv_t[j].shape[1:])}" for i, j in self.pairs)
         print(f"reviewkd: levels paired from the deepest (pooled as 1x1): {shapes}; mid channels {mid}; "
               f"warm-up {self.warmup} epochs", flush=True)
-        pair = (ctx.teacher_name.lower(), ctx.student_name.lower())
-        if pair in PAIR_WEIGHT:
-            weight = PAIR_WEIGHT[pair]
-            if weight != REGISTRY_WEIGHT:
-                print(f"reviewkd: the official CIFAR-100 weight for {ctx.teacher_name} -> {ctx.student_name} "
-                      f"is {weight:g} (pass -b {weight:g}); the registry default is {REGISTRY_WEIGHT:g}", flush=True)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def warmup_factor(self) -> float:
-        if self.epoch is None or self.warmup == 0:
-            return 1.0
-        return min(self.epoch / self.warmup, 1.0)
-
-    def epoch_metrics(self) -> Dict[str, float]:
-        return {"warmup": self.warmup_factor()}
 
     def fused(self, feat_s) -> List[Tensor]:
         """The ABF outputs, shallow to deep (one per pair), fused from the deepest level."""
@@ -192,7 +168,7 @@ class ReviewKD(Distiller):
             outs[k], residual = self.abfs[k](lv_s[self.pairs[k][0]], residual)
         return outs
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None):
+    def forward(self, feat_s, feat_t, batch=None):
         lv_t = teacher_levels(feat_t)
         g_s, g_t = [], []
         for out, (_, j) in zip(self.fused(feat_s), self.pairs):

@@ -82,6 +82,6 @@ class RKD(Distiller):
         super().__init__(ctx)
         self.criterion = RKDLoss(w_dist=25.0, w_angle=50.0)
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def forward(self, feat_s, feat_t, batch=None) -> Tuple[Tensor, Dict[str, Tensor]]:
         parts = self.criterion.terms(feat_s.pooled, feat_t.pooled.detach())
         return parts["dist"] + parts["angle"], parts

@@ -44,5 +44,5 @@ class SP(Distiller):
         super().__init__(ctx)
         self.criterion = Similarity()
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def forward(self, feat_s, feat_t, batch=None) -> Tuple[Tensor, Dict[str, Tensor]]:
         return self.criterion(feat_s.stages[-1], feat_t.stages[-1].detach()), {}

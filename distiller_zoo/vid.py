@@ -74,7 +74,7 @@ class VID(Distiller):
             for i, j in self.pairs)
         print(describe_pairing("vid", self.pairs, ctx.feat_s.stages, ctx.feat_t.stages))
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None) -> Tuple[Tensor, Dict[str, Tensor]]:
+    def forward(self, feat_s, feat_t, batch=None) -> Tuple[Tensor, Dict[str, Tensor]]:
         parts = {}
         for (i, j), crit in zip(self.pairs, self.losses):
             parts[f"stage{j + 1}"] = crit(feat_s.stages[i], feat_t.stages[j].detach())

@@ -1,11 +1,13 @@
 """Command-line flags both entry points share, with RepDistiller's names and defaults."""
 import argparse
+import math
 import zlib
 
-from engine.errors import UserError
+import yaml
 
-# RepDistiller trains these with lr 0.01 instead of 0.05.
-LOW_LR_MODELS = ("MobileNetV2", "ShuffleV1", "ShuffleV2")
+from core.errors import UserError
+from engine.build import default_lr
+
 REFERENCE_EPOCHS = 240
 REFERENCE_DECAY_EPOCHS = (150, 180, 210)
 
@@ -30,7 +32,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num_workers", type=int, default=8, help="DataLoader workers (torch loader only)")
     g.add_argument("--epochs", type=int, default=REFERENCE_EPOCHS, help="epochs of the main training")
     g.add_argument("--learning_rate", type=float, default=None,
-                   help="default 0.05, or 0.01 for MobileNetV2/ShuffleV1/ShuffleV2")
+                   help="default: the model's, 0.05 (0.01 for MobileNetV2, ShuffleV1, ShuffleV2)")
     g.add_argument("--lr_decay_epochs", type=str, default=None,
                    help="comma-separated milestones; default 150,180,210 scaled to --epochs")
     g.add_argument("--lr_decay_rate", type=float, default=0.1, help="factor at each milestone")
@@ -57,13 +59,14 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:<k>")
     s.add_argument("--loader", type=str, default="auto", choices=("auto", "memory", "torch"),
                    help="memory: data on the device, augmented there (default for CIFAR/digits)")
-    s.add_argument("--amp", type=str, default="auto", choices=("auto", "bf16", "fp16", "off"),
+    s.add_argument("--amp", type=str, default=None, choices=("auto", "bf16", "fp16", "off"),
                    help="autocast precision; auto = bf16 on CUDA; on a CPU bf16 only where it is native and "
-                        "measured faster, else off (fp32)")
+                        "measured faster, else off (fp32); default auto (on --resume, the run's)")
     s.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=None,
-                   help="channels_last memory format; default: on for CUDA, measured on a CPU")
-    s.add_argument("--compile", action="store_true", help="torch.compile the networks")
-    s.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default torch's")
+                   help="channels_last memory format; default: on for CUDA, measured on a CPU (on --resume, the run's)")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the networks; default off (on --resume, the run's)")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default torch's (on --resume, the run's)")
 
 
 def finalize_common_args(args: argparse.Namespace, trained_model: str) -> argparse.Namespace:
@@ -73,9 +76,15 @@ def finalize_common_args(args: argparse.Namespace, trained_model: str) -> argpar
     if args.batch_size <= 0:
         raise UserError(f"--batch_size must be positive, got {args.batch_size}")
     if args.learning_rate is None:
-        args.learning_rate = 0.01 if trained_model in LOW_LR_MODELS else 0.05
-    if args.learning_rate <= 0:
-        raise UserError(f"--learning_rate must be positive, got {args.learning_rate}")
+        args.learning_rate = default_lr(trained_model)
+    if not math.isfinite(args.learning_rate) or args.learning_rate <= 0:
+        raise UserError(f"--learning_rate must be a positive number, got {args.learning_rate}")
+    if not math.isfinite(args.momentum) or args.momentum < 0:
+        raise UserError(f"--momentum must be a number >= 0, got {args.momentum}")
+    if not math.isfinite(args.weight_decay) or args.weight_decay < 0:
+        raise UserError(f"--weight_decay must be a number >= 0, got {args.weight_decay}")
+    if args.print_freq < 1:
+        raise UserError(f"--print_freq must be at least 1, got {args.print_freq}")
     args.lr_decay_epochs = parse_milestones(args.lr_decay_epochs, args.epochs)
     if args.seed is None:
         args.seed = seed_from_trial(args.trial)
@@ -96,3 +105,31 @@ def parse_milestones(text, epochs: int):
 
 def seed_from_trial(trial: str) -> int:
     return int(trial) if str(trial).isdigit() else zlib.crc32(str(trial).encode()) % (2**31)
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv=None, derived=("method", "beta_label")):
+    """Parse `argv`, with `--config FILE` (YAML, or a run's args.json) setting any flag first and
+    the command line overriding it. `derived` names keys an args.json records that are not flags."""
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="YAML file (or a run's args.json) setting any of these flags; the command line wins")
+    known, _ = parser.parse_known_args(argv)
+    if known.config:
+        parser.set_defaults(**read_config(known.config, parser, derived))
+    return parser.parse_args(argv)
+
+
+def read_config(path: str, parser: argparse.ArgumentParser, derived=()) -> dict:
+    try:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+    except OSError as err:
+        raise UserError(f"cannot read --config {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise UserError(f"--config {path} must map flag names to values (e.g. 'epochs: 240')")
+    flags = {action.dest for action in parser._actions}
+    unknown = sorted(set(values) - flags - set(derived) - {"resume"})
+    if unknown:
+        raise UserError(f"--config {path} sets unknown flags: {', '.join(unknown)}")
+    return {k: v for k, v in values.items() if k in flags and k not in ("config", "resume")}

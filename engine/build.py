@@ -3,18 +3,28 @@ import difflib
 
 from torch import nn
 
-from engine.errors import UserError
+from core.errors import UserError
+from models import MODELS
 
 
 def check_model_name(name: str, flag: str = "--model") -> str:
-    from models import model_dict
-    if name not in model_dict:
-        close = difflib.get_close_matches(name, list(model_dict), n=1)
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, list(MODELS), n=1)
         hint = f"did you mean {close[0]}? " if close else ""
-        raise UserError(f"unknown model '{name}' for {flag}; {hint}choose one of: {', '.join(model_dict)}")
+        raise UserError(f"unknown model '{name}' for {flag}; {hint}choose one of: {', '.join(MODELS)}")
     return name
 
 
 def build_model(name: str, num_classes: int) -> nn.Module:
-    from models import model_dict
-    return model_dict[check_model_name(name)](num_classes=num_classes)
+    return MODELS[check_model_name(name)].build(num_classes=num_classes)
+
+
+def default_lr(name: str) -> float:
+    """The learning rate the model's registry entry gives it (RepDistiller's rule)."""
+    return MODELS[check_model_name(name)].lr
+
+
+def init_stage_lr(name: str, base_lr: float) -> float:
+    """An init stage's constant learning rate when `name` is the student."""
+    entry = MODELS[check_model_name(name)]
+    return base_lr if entry.init_lr is None else entry.init_lr

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import UserError
+from core.errors import UserError
 
 
 def save_checkpoint(state: dict, path) -> None:

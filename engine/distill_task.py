@@ -1,7 +1,7 @@
 """Student training: `gamma * CE + alpha * KD + sum(beta_m * method_m)` over the registered
 methods, with their init stages. Knows no method by name.
 
-Strong view: when a distiller declares `needs_strong_view` (MLKD), the loader's images are 2B,
+Strong view: when a distiller's data needs include a strong view (MLKD), the loader's images are 2B,
 the B weak views then the B strong views of the same samples. The student runs on each view
 separately (its BatchNorm sees one view per pass, as in MLKD's official trainer), the frozen
 teacher on both at once. Cross-entropy covers both views, `CE(weak) + CE(strong)` logged as
@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distiller_zoo.base import Distiller, InitStage
-from distiller_zoo.kd import DistillKL
+from distiller_zoo.base import Batch, Distiller, InitStage
 from distiller_zoo.temperature import Temperature
 from engine.task import Task, compile_features
 from engine.trainer import Stage
@@ -24,8 +23,8 @@ from models.features import Features
 
 class DistillTask(Task):
     def __init__(self, student: nn.Module, teacher: nn.Module, methods: List[Tuple[str, float, Distiller]],
-                 gamma: float, alpha: float, temperature: Temperature, num_classes: int,
-                 logit_stand: bool = False, init_lr: float = 0.01):
+                 gamma: float, alpha: float, kd_term: Tuple[str, nn.Module], temperature: Temperature,
+                 num_classes: int, init_lr: float = 0.01):
         super().__init__(student, num_classes)
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
@@ -35,14 +34,15 @@ class DistillTask(Task):
         self.gamma, self.alpha = gamma, alpha
         self.init_lr = init_lr
         self.temperature = temperature
-        self.kd = DistillKL(temperature, logit_stand)
-        self.strong_view = any(getattr(d, "needs_strong_view", False) for _, _, d in methods)
+        self.kd_name, self.kd = kd_term  # the -a term (KD) and the name it is logged under
+        self.strong_view = any(d.needs.strong_view for _, _, d in methods)
 
     def teacher_features(self, images):
         with torch.no_grad():
             return self.teacher.forward_features(images)
 
-    def forward(self, images, targets, indices=None, contrast_idx=None):
+    def forward(self, images, targets, indices=None, contrast=None):
+        batch = Batch(targets=targets, indices=indices, contrast=contrast)
         if self.strong_view:
             feat_s, feat_t, weak_s, weak_t = self._two_view_features(images, targets.shape[0])
         else:
@@ -55,15 +55,15 @@ class DistillTask(Task):
             terms["ce_strong"] = F.cross_entropy(feat_s.logits[targets.shape[0]:].float(), targets)
             loss = loss + self.gamma * terms["ce_strong"]
         if self.alpha:
-            terms["kd"] = self.kd(weak_s.logits, weak_t.logits)
-            loss = loss + self.alpha * terms["kd"]
+            terms[self.kd_name] = self.kd(weak_s.logits, weak_t.logits)
+            loss = loss + self.alpha * terms[self.kd_name]
         for name, distiller in self.distillers.items():
             if not self.weights[name]:
                 continue  # a zero weight switches a term off; it costs nothing
-            if getattr(distiller, "needs_strong_view", False):
-                value, parts = distiller(feat_s, feat_t, targets, indices, contrast_idx)
+            if distiller.needs.strong_view:
+                value, parts = distiller(feat_s, feat_t, batch)
             else:
-                value, parts = distiller(weak_s, weak_t, targets, indices, contrast_idx)
+                value, parts = distiller(weak_s, weak_t, batch)
             terms[name] = value
             terms.update({f"{name}_{k}": v.detach() for k, v in parts.items()})
             loss = loss + self.weights[name] * value

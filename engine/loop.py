@@ -10,7 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from engine.distributed import all_reduce_sum
+from core.distributed import all_reduce_sum
 from engine.precision import autocast
 from engine.progress import epoch_bar
 

@@ -15,17 +15,15 @@ import copy
 import json
 import os
 import platform
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from engine.errors import UserError
+from core.errors import UserError
 
 MIN_GAIN = 1.05           # bf16 or channels_last must beat the alternative by 5% to be chosen
 PROBE_STEPS = 3           # timed steps per candidate, after one untimed warm-up round
@@ -50,7 +48,9 @@ class Execution:
 
 
 def parse_amp(flag: str, device: torch.device):
-    """The autocast dtype for an explicit --amp, or 'auto'."""
+    """The autocast dtype for an explicit --amp, or 'auto' (also for no --amp)."""
+    if flag is None:
+        return "auto"
     if flag == "fp16" and device.type != "cuda":
         raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 or --amp off on the CPU")
     if flag == "auto":
@@ -224,15 +224,3 @@ def set_threads(threads: Optional[int]) -> None:
     if threads < 1:
         raise UserError(f"--threads must be positive, got {threads}")
     torch.set_num_threads(threads)
-
-
-def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-    else:
-        torch.backends.cudnn.benchmark = True

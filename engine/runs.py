@@ -5,7 +5,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from engine.errors import UserError
+from core.errors import UserError
 
 ARGS_FILE = "args.json"
 RESULTS_FILE = "results.json"

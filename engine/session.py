@@ -4,21 +4,28 @@ import argparse
 import sys
 from pathlib import Path
 
+from dataset.loaders import build_loaders
+from distiller_zoo.options import DataNeeds
 from engine import runs
 from engine.args import finalize_common_args
-from engine.distributed import barrier, setup
-from engine.precision import seed_everything, set_threads
+from core.distributed import barrier, setup
+from core.seeding import seed_everything
+from engine.precision import set_threads
 
-# Flags that say how to run, not what to compute: on --resume the command line's values win.
+# Flags that say how to run, not what to compute: on --resume the command line's values win,
+# those of SPEED_FLAGS only where the command line gives them (else the run keeps its own).
 EXECUTION_FLAGS = ("device", "num_workers", "print_freq", "data_folder", "download", "resume", "save_dir",
                    "auto_resume", "amp", "channels_last", "compile", "threads")
+SPEED_FLAGS = ("amp", "channels_last", "compile", "threads")
 
 
 def restore_args(args: argparse.Namespace, kind: str, default_name) -> argparse.Namespace:
     """On --resume, the run's stored arguments win over the command line, except how to run."""
-    run_dir = runs.locate_run_dir(args, kind, default_name(args))
+    by_directory = isinstance(args.resume, str)  # a run directory needs no name
+    run_dir = runs.locate_run_dir(args, kind, "" if by_directory else default_name(args))
     stored = runs.load_run_args(run_dir)
-    merged = argparse.Namespace(**{**stored, **{k: getattr(args, k) for k in EXECUTION_FLAGS}})
+    given = {k: getattr(args, k) for k in EXECUTION_FLAGS if not (k in SPEED_FLAGS and getattr(args, k) is None)}
+    merged = argparse.Namespace(**{**stored, **given})
     merged.run_name = run_dir.name
     merged.save_dir = str(run_dir.parent.parent)
     return merged
@@ -57,11 +64,10 @@ def create_run_dir(args, ctx, run_dir: Path) -> None:
         runs.write_json(Path(run_dir) / runs.ARGS_FILE, {k: v for k, v in vars(args).items() if k != "resume"})
 
 
-def build_data(args, ctx, contrast=None, strong_view: bool = False):
-    """(train_loader, test_loader, info); contrast: CRD's (nce_k, mode) or None; strong_view:
-    training batches carry a second, strongly augmented view (MLKD)."""
-    from dataset.loaders import build_loaders
+def build_data(args, ctx, needs: DataNeeds = DataNeeds()):
+    """(train_loader, test_loader, info), the training batches carrying what `needs` asks
+    (the active methods' data needs: contrastive negatives, a strong second view)."""
     return build_loaders(args.dataset, args.data_folder, args.batch_size, loader=args.loader,
                          device=ctx.device, num_workers=args.num_workers, seed=args.seed,
-                         download=args.download, contrast=contrast, rank=ctx.rank,
-                         world_size=ctx.world_size, channels_last=False, strong_view=strong_view)
+                         download=args.download, contrast=needs.contrast, rank=ctx.rank,
+                         world_size=ctx.world_size, channels_last=False, strong_view=needs.strong_view)

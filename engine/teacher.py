@@ -6,8 +6,9 @@ from pathlib import Path
 
 from engine import runs
 from engine.build import build_model
+from models import arch_from_folder as registry_arch_from_folder
 from engine.checkpoint import load_checkpoint, load_model_weights
-from engine.errors import UserError
+from core.errors import UserError
 
 
 def find_best_teacher(save_dir, dataset: str) -> Path:
@@ -40,9 +41,12 @@ def teacher_arch(path: Path, state: dict, model_t) -> str:
 
 
 def arch_from_folder(path: Path) -> str:
-    """RepDistiller's rule: the folder is '<model>_<dataset>_...', wrn names keep three parts."""
-    segments = path.parent.name.split("_")
-    return "_".join(segments[:3]) if segments[0] == "wrn" else segments[0]
+    """RepDistiller's rule: the folder is '<model>_<anything>' (models/registry.py)."""
+    arch = registry_arch_from_folder(path.parent.name)
+    if arch is None:
+        raise UserError(f"cannot tell the architecture of {path} from its folder name {path.parent.name!r}; "
+                        "pass --model_t")
+    return arch
 
 
 def read_teacher(path, model_t):

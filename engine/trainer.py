@@ -6,6 +6,7 @@ A *task* is an nn.Module whose forward(images, targets, indices, ...) returns
 network as `task.model` and may declare init stages (e.g. FT's paraphraser)
 that run before the main training. The trainer knows no method by name.
 """
+import csv
 import inspect
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from torch import nn
 
 from engine import runs
 from engine.checkpoint import load_checkpoint, save_checkpoint
-from engine.distributed import average_buffers, broadcast_from_main
+from core.distributed import average_buffers, broadcast_from_main
 from engine.loop import evaluate, train_epoch
 from engine.metrics_log import MAIN_STAGE, MetricsLog
 from engine.optim import build_sgd, lr_at, set_lr
@@ -118,8 +119,10 @@ class Trainer:
                               show_progress=self.ctx.is_main, with_accuracy=stage.evaluate, run=self.run_dir.name)
         average_buffers(self.task.model)
         if stage.evaluate:
+            # in full precision whatever the training precision, so the accuracy recorded is the
+            # one evaluate.py (and RepDistiller) measure on the saved weights
             metrics.update(evaluate(self.task.model, self.test_loader, device=self.ctx.device,
-                                    amp_dtype=self.amp_dtype, channels_last=self.channels_last))
+                                    amp_dtype=None, channels_last=self.channels_last))
         metrics["lr"] = lr
         metrics.update(self.task.epoch_metrics())
         self.elapsed += metrics["epoch_time"]
@@ -181,7 +184,6 @@ class Trainer:
 
     def _reread_last_metrics(self) -> dict:
         """A resumed run that had already finished: take the last evaluation from metrics.csv."""
-        import csv
         with open(self.run_dir / "metrics.csv", newline="") as f:
             rows = [r for r in csv.DictReader(f) if r["stage"] == MAIN_STAGE]
         return {k: float(rows[-1][k]) for k in ("test_top1", "test_top5")}

@@ -74,11 +74,11 @@ import train_teacher  # noqa: E402
 from engine.args import finalize_common_args  # noqa: E402
 from engine.build import build_model  # noqa: E402
 from engine.checkpoint import save_checkpoint  # noqa: E402
-from engine.distributed import setup  # noqa: E402
+from core.distributed import setup  # noqa: E402
 from engine.loop import train_epoch  # noqa: E402
-from engine.objective import parse_objective  # noqa: E402
 from engine.optim import build_sgd  # noqa: E402
-from engine.precision import cpu_name, resolve_execution, seed_everything  # noqa: E402
+from core.seeding import seed_everything  # noqa: E402
+from engine.precision import cpu_name, resolve_execution  # noqa: E402
 from engine.trainer import first_batch_shape  # noqa: E402
 from engine.session import build_data  # noqa: E402
 from engine.task import SupervisedTask  # noqa: E402
@@ -262,7 +262,8 @@ def build_path(path: str, opts, config: Config, data_folder: str, work: Path):
         ckpt = random_teacher_checkpoint(config.teacher, work, opts.seed)
         args = train_student.parse_args(flags + ["--distill", config.method, "--model_s", config.student,
                                                  "--path_t", str(ckpt), "--model_t", config.teacher])
-        args = finalize_common_args(train_student.resolve_run(args), config.student)
+        plan = train_student.resolve_run(args)
+        args = finalize_common_args(args, config.student)
     ctx = setup(args.device)
     seed_everything(args.seed, args.deterministic)  # same seed on both paths: identical initial weights
     if config.method == "teacher":
@@ -270,10 +271,7 @@ def build_path(path: str, opts, config: Config, data_folder: str, work: Path):
         model = build_model(args.model, info.num_classes).to(ctx.device)
         task = SupervisedTask(model, info.num_classes)
     else:
-        objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand)
-        needs_contrast = any(spec.cls.needs_contrast for spec, _ in objective.methods)
-        train_loader, _, info = build_data(args, ctx, contrast=(args.nce_k, args.mode) if needs_contrast else None)
-        task = train_student.build_task(args, objective, ctx, train_loader, info)
+        train_loader, _, _, task = train_student.build_run(args, plan, ctx)
     return args, ctx, train_loader, task
 
 

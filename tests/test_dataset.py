@@ -21,7 +21,7 @@ from dataset.digits import digits_mean_std, load_digits_split
 from dataset.loaders import TorchLoader, build_loaders
 from dataset.memory import InMemoryLoader, crop_flip, draw_crop_flip, normalize
 from dataset.order import AUGMENT_STREAM, epoch_indices, mix_seed
-from engine.errors import UserError
+from core.errors import UserError
 
 # chi-square critical values at p = 1e-6: a fixed seed makes these tests deterministic, and the
 # bounds are loose enough that a correct sampler passes whatever the seed

@@ -9,7 +9,7 @@ from dataset.contrast import ContrastSampler
 from dataset.digits import digits_mean_std, load_digits_split
 from dataset.loaders import build_loaders
 from dataset.memory import InMemoryLoader
-from engine.errors import UserError
+from core.errors import UserError
 
 
 

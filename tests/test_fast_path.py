@@ -33,9 +33,8 @@ from conftest import ROOT
 from engine.args import finalize_common_args
 from engine.build import build_model
 from engine.checkpoint import save_checkpoint
-from engine.distributed import Context
+from core.distributed import Context
 from engine.loop import train_epoch
-from engine.objective import parse_objective
 from engine.session import build_data
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -56,12 +55,13 @@ def task_and_batch(tmp_path_factory):
                                      "--distill", "crd:0.8,at:1000", "-r", "1", "-a", "0.9",
                                      "--nce_k", "64", "--batch_size", str(BATCH), "--loader", "memory",
                                      "--seed", "0"])
-    args = finalize_common_args(train_student.resolve_run(args), args.model_s)
+    plan = train_student.resolve_run(args)
+    args = finalize_common_args(args, args.model_s)
     ctx = Context(device=CPU)
-    objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand)
-    loader, _, info = build_data(args, ctx, contrast=(args.nce_k, args.mode))
+    plan.objective.resolve_options(args, (args.model_t, args.model_s))
+    loader, _, info = build_data(args, ctx, plan.objective.needs)
     torch.manual_seed(1)
-    task = train_student.build_task(args, objective, ctx, loader, info)
+    task = train_student.build_task(args, plan, ctx, loader, info)
     loader.set_epoch(1)
     batch = next(iter(loader))
     return task, batch

@@ -14,7 +14,7 @@ import train_student
 import train_teacher
 from conftest import ROOT, fast_args
 from engine import precision, session
-from engine.errors import UserError
+from core.errors import UserError
 from models import model_dict
 
 CPU = torch.device("cpu")
@@ -80,24 +80,26 @@ def test_explicit_flags_are_not_measured(probe_log):
 
 def test_probe_times_copies_and_leaves_the_run_untouched():
     torch.manual_seed(0)
-    net = model_dict["resnet8"](num_classes=10)
+    net, frozen = model_dict["resnet8"](num_classes=10), model_dict["resnet8"](num_classes=10)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     rng = torch.get_rng_state()
-    timings = precision.time_candidates(net, [model_dict["resnet8"](num_classes=10)], (2, 3, 32, 32),
-                                        [(None, False), (None, True)])
+    timings = precision.time_candidates(net, [frozen], (2, 3, 32, 32), [(None, False), (None, True)])
     assert set(timings) == {"fp32/NCHW", "fp32/channels_last"} and all(t > 0 for t in timings.values())
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
     assert torch.equal(rng, torch.get_rng_state())
 
 
-def test_resume_takes_execution_flags_from_the_command_line(digits_teacher):
+def test_resume_takes_speed_flags_given_on_the_command_line_else_the_runs(digits_teacher):
     save, run_dir = digits_teacher
     args = train_teacher.parse_args(["--resume", str(run_dir), "--amp", "bf16", "--channels_last", "--compile",
                                      "--threads", "1"])
     merged = session.restore_args(args, "teachers", train_teacher.run_name)
     stored = session.runs.load_run_args(run_dir)
-    assert (stored["amp"], stored["compile"], stored.get("threads")) == ("auto", False, None)
+    assert (stored["amp"], stored["compile"], stored["threads"]) == (None, None, None)
     assert (merged.amp, merged.channels_last, merged.compile, merged.threads) == ("bf16", True, True, 1)
+    kept = session.restore_args(train_teacher.parse_args(["--resume", str(run_dir), "--print_freq", "7"]),
+                                "teachers", train_teacher.run_name)
+    assert (kept.amp, kept.compile, kept.print_freq) == (None, None, 7)
 
 
 # --- logs and HParams ------------------------------------------------------------------------

@@ -1,20 +1,13 @@
 """AB (activation boundaries): the loss against an independent computation, its zero,
 gradient flow, the init stage, and the main-stage zero term."""
-import argparse
 
 import pytest
 import torch
 
+from distiller_zoo.base import Batch
 from distiller_zoo.ab import AB, ABLoss, alternative_l2
 from distiller_zoo.base import InitStage, resolve
 from method_helpers import make_ctx
-
-
-def make_args(**kw):
-    base = dict(kd_T=4, hint_layer=2, feat_dim=128, nce_k=16, nce_t=0.07, nce_m=0.5,
-                mode="exact", init_epochs=30)
-    base.update(kw)
-    return argparse.Namespace(**base)
 
 
 def reference_ab(g_s, g_t, margin=1.0):
@@ -98,7 +91,7 @@ def test_main_stage_term_is_exact_zero_and_logs_monitor():
     ab = AB(ctx).train()
     feat_s = ctx.student.forward_features(x)
     before = [c[1].running_mean.clone() for c in ab.connectors]
-    loss, parts = ab(feat_s, ctx.feat_t, torch.zeros(2, dtype=torch.long), torch.arange(2))
+    loss, parts = ab(feat_s, ctx.feat_t, Batch(torch.zeros(2, dtype=torch.long), torch.arange(2)))
     assert loss.item() == 0.0 and loss.grad_fn is None and not loss.requires_grad
     assert loss.dim() == 0 and loss.dtype == torch.float32
     assert set(parts) == {"boundary", "agreement"}
@@ -120,7 +113,7 @@ def test_cross_architecture_pairing_and_spatial_matching(capsys):
     loss = ab.boundary_loss(feat_s, ctx.feat_t)
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
-    value, parts = ab(feat_s, ctx.feat_t, None, None)
+    value, parts = ab(feat_s, ctx.feat_t)
     assert value.item() == 0.0 and torch.isfinite(parts["boundary"])
 
 

@@ -64,7 +64,7 @@ def test_gradients_reach_student_and_both_embeds_not_teacher():
     ft = hand_features(20, requires_grad=True, seed=2)
     d = CC(BuildContext(None, None, fs, ft, make_args(feat_dim=16), 10, 10))
     assert d.embed_s.linear.weight.shape == (16, 12) and d.embed_t.linear.weight.shape == (16, 20)
-    loss, parts = d(fs, ft, None, None)
+    loss, parts = d(fs, ft)
     assert parts == {}
     loss.backward()
     assert fs.pooled.grad is not None and fs.pooled.grad.abs().sum() > 0

@@ -5,7 +5,6 @@ import math
 import os
 import socket
 import sys
-from argparse import Namespace
 
 import numpy as np
 import pytest
@@ -16,15 +15,14 @@ from crd.criterion import ContrastLoss, CRDLoss, Embed
 from crd.memory import ContrastMemory, last_occurrence
 from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.crd import CRD
-from engine.errors import UserError
+from distiller_zoo.base import Batch
+from core.errors import UserError
 from models import Features, model_dict
+from method_helpers import make_args as default_options
 
 
 def make_args(**kw):
-    args = dict(kd_T=4, hint_layer=2, feat_dim=16, nce_k=8, nce_t=0.07, nce_m=0.5,
-                mode="exact", init_epochs=30)
-    args.update(kw)
-    return Namespace(**args)
+    return default_options(**{"feat_dim": 16, "nce_k": 8, **kw})
 
 
 def make_ctx(s_name, t_name, n_train=50, **kw):
@@ -49,7 +47,8 @@ def test_registry():
     spec = resolve("crd")
     assert spec.name == "crd" and spec.cls is CRD
     assert (spec.gamma, spec.alpha, spec.beta) == (1.0, 0.0, 0.8)
-    assert CRD.needs_contrast is True
+    needs = CRD.data_needs(make_args(nce_k=99, mode="relax"))
+    assert (needs.indices, needs.contrast, needs.strong_view) == (True, (99, "relax"), False)
 
 
 # --- memory bank ---------------------------------------------------------------------------
@@ -283,7 +282,7 @@ def test_distiller_on_real_models(s_name, t_name):
         feat_t = ctx.teacher.forward_features(x)
     indices = torch.tensor([3, 11])
     contrast_idx = torch.cat([indices[:, None], torch.randint(0, 50, (2, 8))], 1)
-    loss, parts = crd(feat_s, feat_t, torch.tensor([0, 1]), indices, contrast_idx)
+    loss, parts = crd(feat_s, feat_t, Batch(torch.tensor([0, 1]), indices, contrast_idx))
     assert loss.dim() == 0 and torch.isfinite(loss)
     assert set(parts) == {"s_anchor", "t_anchor"}
     loss.backward()
@@ -304,7 +303,7 @@ def test_teacher_tensor_with_grad_gets_none():
 
     fs, ft = feats(6, True), feats(5, True)
     ctx = BuildContext(None, None, fs, ft, make_args(), n_train=20, num_classes=10)
-    loss, _ = CRD(ctx)(fs, ft, None, torch.tensor([0, 1]), None)
+    loss, _ = CRD(ctx)(fs, ft, Batch(indices=torch.tensor([0, 1])))
     loss.backward()
     assert fs.pooled.grad is not None and ft.pooled.grad is None
 
@@ -313,11 +312,14 @@ def test_user_errors():
     ctx, x = make_ctx("resnet8", "resnet8x4")
     crd = CRD(ctx)
     with pytest.raises(UserError, match="dataset index"):
-        crd(ctx.feat_s, ctx.feat_t, torch.tensor([0, 1]), None, None)
-    ctx.args = make_args(nce_k=0)
+        crd(ctx.feat_s, ctx.feat_t, Batch(targets=torch.tensor([0, 1])))
+    ctx.options = make_args(nce_k=0)
     with pytest.raises(UserError, match="nce_k"):
         CRD(ctx)
-    ctx.args = make_args()
+    ctx.options = make_args(nce_k=100)
+    with pytest.raises(UserError, match="--nce_k 100 negatives need a training set larger"):
+        CRD(ctx)
+    ctx.options = make_args()
     ctx.n_train = 0
     with pytest.raises(UserError, match="training set size"):
         CRD(ctx)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.ctkd import CTKD, cosine_lambda, kd_with_temperature, reverse_gradient
-from engine.errors import UserError
+from distiller_zoo.base import Batch
+from core.errors import UserError
 from models import Features, model_dict
 from method_helpers import make_args
 
@@ -67,7 +68,7 @@ def test_zero_for_identical_logits():
     z = rand(4, 6, seed=3)
     for mode in ("global", "instance"):
         d = make_ctkd(num_classes=6, ctkd_mode=mode)
-        loss, _ = d(logit_features(z), logit_features(z.clone()), None, None)
+        loss, _ = d(logit_features(z), logit_features(z.clone()))
         assert loss.item() == pytest.approx(0.0, abs=1e-6)
 
 
@@ -109,7 +110,7 @@ def test_global_temperature_gets_reversed_gradient(epoch):
     lam = cosine_lambda(epoch)
     zs = rand(4, 5, seed=4).requires_grad_()
     zt = rand(4, 5, seed=5)
-    loss, _ = d(logit_features(zs), logit_features(zt), None, None)
+    loss, _ = d(logit_features(zs), logit_features(zt))
     loss.backward()
     got = d.loss.temperature.module.raw.grad
 
@@ -130,7 +131,7 @@ def test_global_temperature_gets_reversed_gradient(epoch):
 def test_no_temperature_gradient_at_lambda_zero():
     d = make_ctkd()
     d.set_epoch(0)
-    loss, _ = d(logit_features(rand(3, 5, seed=6)), logit_features(rand(3, 5, seed=7)), None, None)
+    loss, _ = d(logit_features(rand(3, 5, seed=6)), logit_features(rand(3, 5, seed=7)))
     loss.backward()
     assert d.loss.temperature.module.raw.grad.item() == 0.0
 
@@ -143,7 +144,7 @@ def test_instance_temperature_reversed_gradient_and_metric():
     twin = copy.deepcopy(mlp)
     zs = rand(5, 6, seed=8).requires_grad_()
     zt = rand(5, 6, seed=9)
-    loss, _ = d(logit_features(zs), logit_features(zt), None, None)
+    loss, _ = d(logit_features(zs), logit_features(zt))
     loss.backward()
 
     zs2 = zs.detach().clone().requires_grad_()
@@ -159,7 +160,7 @@ def test_instance_temperature_reversed_gradient_and_metric():
     assert torch.allclose(zs.grad, zs2.grad, rtol=1e-4, atol=1e-7)
     # the logged temperature is the mean over the epoch's batches
     assert d.epoch_metrics()["temperature"] == pytest.approx(temps.mean().item(), rel=1e-5)
-    d(logit_features(zt), logit_features(zs.detach()), None, None)
+    d(logit_features(zt), logit_features(zs.detach()))
     second = 1.0 + 20.0 * torch.sigmoid(twin(torch.cat([zs.detach(), zt], dim=1))).mean().item()
     assert d.epoch_metrics()["temperature"] == pytest.approx((temps.mean().item() + second) / 2, rel=1e-5)
 
@@ -177,7 +178,7 @@ def test_global_temperature_metric_follows_parameter():
 def test_logit_standardisation():
     zs, zt = rand(4, 6, seed=10), rand(4, 6, seed=11, scale=8.0)
     d = make_ctkd(num_classes=6, logit_stand=True)
-    loss, _ = d(logit_features(zs), logit_features(zt), None, None)
+    loss, _ = d(logit_features(zs), logit_features(zt))
 
     def z(x):
         return (x - x.mean(1, keepdim=True)) / (x.std(1, keepdim=True) + 1e-7)
@@ -190,7 +191,7 @@ def test_float32_under_bf16_autocast():
     d = make_ctkd()
     zs, zt = rand(3, 5, seed=1).bfloat16(), rand(3, 5, seed=2).bfloat16()
     with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
-        loss, _ = d(logit_features(zs), logit_features(zt), None, None)
+        loss, _ = d(logit_features(zs), logit_features(zt))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
@@ -214,7 +215,7 @@ def test_distiller_on_real_models(mode, capsys):
                           student_name="resnet8", teacher_name="resnet8x4"))
     assert f"ctkd: {mode} temperature in (1, 21)" in capsys.readouterr().out
     d.set_epoch(3)
-    loss, parts = d(s.forward_features(x), ft, torch.tensor([1, 2, 3, 4]), None)
+    loss, parts = d(s.forward_features(x), ft, Batch(targets=torch.tensor([1, 2, 3, 4])))
     assert loss.dim() == 0 and torch.isfinite(loss) and parts == {}
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s.parameters())

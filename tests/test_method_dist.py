@@ -9,6 +9,7 @@ import torch
 from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.dist import DIST, DISTLoss
 from distiller_zoo.temperature import Temperature
+from distiller_zoo.base import Batch
 from models import Features, model_dict
 from method_helpers import make_args
 
@@ -79,34 +80,30 @@ def test_zero_for_identical_logits_and_range():
     assert 0 < parts["inter"].item() <= 2 and 0 < parts["intra"].item() <= 2
 
 
-def test_shared_temperature_schedule_and_fallback():
+def test_shared_temperature_schedule():
     zs, zt = rand(4, 6, seed=6), rand(4, 6, seed=7)
     temp = Temperature(4.0, 2.0, "linear", epochs=3)
     d = make_dist(temperature=temp)
     for epoch, T in ((1, 4.0), (2, 3.0), (3, 2.0)):
         temp.set_epoch(epoch)
-        loss, _ = d(logit_features(zs), logit_features(zt), None, None)
+        loss, _ = d(logit_features(zs), logit_features(zt))
         assert loss.item() == pytest.approx(sum(np_dist(zs.numpy(), zt.numpy(), T)), rel=1e-5)
-    # without a shared temperature in the context, --kd_T is used
-    d = make_dist(temperature=None, kd_T=3)
-    loss, _ = d(logit_features(zs), logit_features(zt), None, None)
-    assert loss.item() == pytest.approx(sum(np_dist(zs.numpy(), zt.numpy(), 3.0)), rel=1e-5)
 
 
 def test_logit_standardisation():
     zs, zt = rand(4, 6, seed=8), rand(4, 6, seed=9, scale=10.0)
     d = make_dist(temperature=2.0, logit_stand=True)
-    loss, _ = d(logit_features(zs), logit_features(zt), None, None)
+    loss, _ = d(logit_features(zs), logit_features(zt))
     assert loss.item() == pytest.approx(sum(np_dist(zs.numpy(), zt.numpy(), 2.0, stand=True)), rel=1e-5)
     # standardised logits make the loss blind to the teacher's logit scale and shift
-    loss2, _ = d(logit_features(zs), logit_features(3.0 * zt + 1.0), None, None)
+    loss2, _ = d(logit_features(zs), logit_features(3.0 * zt + 1.0))
     assert loss2.item() == pytest.approx(loss.item(), rel=1e-4)
 
 
 def test_gradients_reach_student_never_teacher():
     zs = rand(4, 5, seed=10).requires_grad_()
     zt = rand(4, 5, seed=11).requires_grad_()
-    loss, parts = make_dist(temperature=4.0)(logit_features(zs), logit_features(zt), None, None)
+    loss, parts = make_dist(temperature=4.0)(logit_features(zs), logit_features(zt))
     loss.backward()
     assert zs.grad is not None and zs.grad.abs().sum() > 0
     assert zt.grad is None
@@ -129,7 +126,7 @@ def test_distiller_on_real_models(s_name, t_name, capsys):
     d = DIST(BuildContext(s, t, fs0, ft, make_args(), n_train=100, num_classes=10,
                           student_name=s_name, teacher_name=t_name, temperature=Temperature(4.0)))
     assert "dist: tau 4" in capsys.readouterr().out
-    loss, parts = d(s.forward_features(x), ft, torch.tensor([1, 2, 3, 4]), None)
+    loss, parts = d(s.forward_features(x), ft, Batch(targets=torch.tensor([1, 2, 3, 4])))
     assert loss.dim() == 0 and torch.isfinite(loss) and all(torch.isfinite(v) for v in parts.values())
     assert loss.item() == pytest.approx((parts["inter"] + parts["intra"]).item(), rel=1e-6)
     loss.backward()

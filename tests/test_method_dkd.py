@@ -2,13 +2,16 @@
 the zero for identical logits, gradients, the warm-up factor, per-pair beta defaults, the
 distiller on real models and the UserError paths."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.dkd import DKD, DKDLoss, dkd_terms
-from engine.errors import UserError
+from distiller_zoo.base import Batch
+from distiller_zoo.options import pair_key, resolve_options
+from core.errors import UserError
 from models import Features, model_dict
 from method_helpers import make_args
 
@@ -17,11 +20,14 @@ def logit_features(logits):
     return Features(stem=logits, stages=[logits], preact=[logits], pooled=logits, logits=logits)
 
 
-def make_dkd(teacher_name="resnet32x4", student_name="resnet8x4", num_classes=5, **kw):
+def make_dkd(teacher_name="resnet32x4", student_name="resnet8x4", num_classes=5, kd_T=4.0, **given):
+    """DKD with its options resolved as a run resolves them: given flags, else the pair's
+    published value, else the default."""
     f = logit_features(torch.zeros(2, num_classes))
-    args = make_args(**kw)
-    return DKD(BuildContext(None, None, f, f, args, n_train=10, num_classes=num_classes,
-                            student_name=student_name, teacher_name=teacher_name, temperature=args.kd_T))
+    flags = SimpleNamespace(**{**{opt.name: None for opt in DKD.options}, **given})
+    options, _ = resolve_options(DKD.options, flags, pair_key(teacher_name, student_name))
+    return DKD(BuildContext(None, None, f, f, options, n_train=10, num_classes=num_classes,
+                            student_name=student_name, teacher_name=teacher_name, temperature=kd_T))
 
 
 def np_softmax(z):
@@ -108,7 +114,7 @@ def test_gradients_reach_student_never_teacher():
     zs = rand(3, 5, seed=6).requires_grad_()
     zt = rand(3, 5, seed=7).requires_grad_()
     dkd = make_dkd()
-    loss, parts = dkd(logit_features(zs), logit_features(zt), torch.tensor([0, 4, 2]), None)
+    loss, parts = dkd(logit_features(zs), logit_features(zt), Batch(targets=torch.tensor([0, 4, 2])))
     loss.backward()
     assert zs.grad is not None and zs.grad.abs().sum() > 0
     assert zt.grad is None
@@ -123,7 +129,7 @@ def test_warmup_factor():
         dkd.set_epoch(epoch)
         assert dkd.warmup_factor() == pytest.approx(factor)
         assert dkd.epoch_metrics() == {"warmup": pytest.approx(factor)}
-        loss, parts = dkd(logit_features(zs), logit_features(zt), y, None)
+        loss, parts = dkd(logit_features(zs), logit_features(zt), Batch(targets=y))
         assert loss.item() == pytest.approx(factor * full.item(), rel=1e-6)
         assert parts["nckd"].item() == pytest.approx(factor * full_parts["nckd"].item(), rel=1e-6)
         assert (parts["tckd"] + parts["nckd"]).item() == pytest.approx(loss.item(), rel=1e-6)
@@ -171,7 +177,7 @@ def test_distiller_on_real_models(s_name, t_name, capsys):
     assert "dkd: alpha 1, beta" in capsys.readouterr().out
     dkd.set_epoch(1)
     fs = s.forward_features(x)
-    loss, parts = dkd(fs, ft, torch.tensor([3, 7]), None)
+    loss, parts = dkd(fs, ft, Batch(targets=torch.tensor([3, 7])))
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s.parameters())
@@ -185,4 +191,4 @@ def test_user_errors():
     with pytest.raises(UserError, match="dkd_warmup"):
         make_dkd(dkd_warmup=-1)
     with pytest.raises(UserError, match="labels"):
-        make_dkd()(logit_features(torch.zeros(2, 5)), logit_features(torch.zeros(2, 5)), None, None)
+        make_dkd()(logit_features(torch.zeros(2, 5)), logit_features(torch.zeros(2, 5)))

@@ -7,7 +7,7 @@ import torch
 
 from distiller_zoo.base import METHODS, BuildContext, resolve
 from distiller_zoo.fitnet import ConvReg, FitNet, HintLoss, hint_indices
-from engine.errors import UserError
+from core.errors import UserError
 from models import Features
 from method_helpers import make_args, make_ctx, step_on_real_models
 
@@ -92,7 +92,7 @@ def test_gradients_reach_student_and_regressor_not_teacher():
     d = FitNet(ctx)
     assert (d.s_idx, d.t_idx) == (2, 2)
     assert isinstance(d.regressor.conv, torch.nn.ConvTranspose2d)
-    loss, parts = d(fs, ft, None, None)
+    loss, parts = d(fs, ft)
     assert parts == {} and loss.dim() == 0
     loss.backward()
     assert fs.stages[1].grad is not None and fs.stages[1].grad.abs().sum() > 0
@@ -118,6 +118,6 @@ def test_real_models_bad_hint_layer():
     ctx, _ = make_ctx("resnet8", "vgg8", hint_layer=0)
     with pytest.raises(UserError):
         FitNet(ctx)
-    ctx.args.hint_layer = 5
+    ctx.options.hint_layer = 5
     with pytest.raises(UserError):
         FitNet(ctx)

@@ -1,6 +1,5 @@
 """FSP (flow of solution procedure): Gram matrices and the loss against explicit loops,
 the zero, gradients, the channel-count UserError, the init stage and the zero main term."""
-import argparse
 
 import numpy as np
 import pytest
@@ -8,16 +7,9 @@ import torch
 
 from distiller_zoo.base import InitStage, resolve
 from distiller_zoo.fsp import FSP, FSPLoss, fsp_matrix
-from engine.errors import UserError
+from core.errors import UserError
 from models.features import Features
 from method_helpers import make_ctx
-
-
-def make_args(**kw):
-    base = dict(kd_T=4, hint_layer=2, feat_dim=128, nce_k=16, nce_t=0.07, nce_m=0.5,
-                mode="exact", init_epochs=30)
-    base.update(kw)
-    return argparse.Namespace(**base)
 
 
 def np_pool(x, size):
@@ -105,7 +97,7 @@ def test_init_stage_and_zero_main_term():
     feat_s = ctx.student.forward_features(x)
     out = stage.loss(feat_s, ctx.feat_t)
     assert out["loss"].requires_grad and torch.isfinite(out["loss"])
-    loss, parts = fsp(feat_s, ctx.feat_t, None, None)
+    loss, parts = fsp(feat_s, ctx.feat_t)
     assert loss.item() == 0.0 and loss.grad_fn is None and loss.dtype == torch.float32
     assert parts["fsp"].item() == pytest.approx(out["loss"].item(), rel=1e-6)
     assert not parts["fsp"].requires_grad

@@ -1,6 +1,5 @@
 """FT (factor transfer): the factor loss against an independent computation, its zero,
 the paraphraser's init stage, and gradient flow in the main stage."""
-import argparse
 
 import numpy as np
 import pytest
@@ -10,13 +9,6 @@ from distiller_zoo.base import InitStage, resolve
 from distiller_zoo.ft import FT, FactorTransferLoss, Paraphraser, Translator
 from models.features import Features
 from method_helpers import make_ctx
-
-
-def make_args(**kw):
-    base = dict(kd_T=4, hint_layer=2, feat_dim=128, nce_k=16, nce_t=0.07, nce_m=0.5,
-                mode="exact", init_epochs=30)
-    base.update(kw)
-    return argparse.Namespace(**base)
 
 
 def with_last_stage(feat, last):
@@ -92,7 +84,7 @@ def test_main_stage_gradients_reach_student_and_translator_only():
     ft = FT(ctx).train()
     feat_s = ctx.student.forward_features(x)
     t_last = ctx.feat_t.stages[-1].clone().requires_grad_(True)
-    loss, parts = ft(feat_s, with_last_stage(ctx.feat_t, t_last), None, None)
+    loss, parts = ft(feat_s, with_last_stage(ctx.feat_t, t_last))
     assert parts == {} and loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     assert t_last.grad is None
@@ -107,7 +99,7 @@ def test_main_stage_value_is_factor_loss_of_translator_and_paraphraser():
     ctx, x = make_ctx("resnet8", "resnet8")
     ft = FT(ctx).eval()
     feat_s = ctx.student.forward_features(x)
-    loss, _ = ft(feat_s, ctx.feat_t, None, None)
+    loss, _ = ft(feat_s, ctx.feat_t)
     with torch.no_grad():
         fs = ft.translator(feat_s.stages[-1])
         fte = ft.paraphraser.encode(ctx.feat_t.stages[-1])
@@ -120,7 +112,7 @@ def test_cross_architecture(capsys):
     ft = FT(ctx)
     assert "s2(64, 8, 8)->t3(512, 4, 4)" in capsys.readouterr().out
     feat_s = ctx.student.forward_features(x)
-    loss, _ = ft(feat_s, ctx.feat_t, None, None)
+    loss, _ = ft(feat_s, ctx.feat_t)
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
     assert ft.translator.encoder[0][0].weight.grad is not None

@@ -9,7 +9,8 @@ import torch
 
 from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.irg import IRG, IRGLoss, edge_matrix, pool_channels, transformation_vector
-from engine.errors import UserError
+from distiller_zoo.base import Batch
+from core.errors import UserError
 from models import Features, model_dict
 from method_helpers import make_args
 
@@ -132,7 +133,7 @@ def test_gradients_reach_student_never_teacher():
     fs = Features(stem=f_s[1], stages=f_s[1:], preact=f_s[1:], pooled=f_s[0], logits=z_s)
     ft = Features(stem=f_t[1], stages=f_t[1:], preact=f_t[1:], pooled=f_t[0], logits=z_t)
     irg = IRG(BuildContext(None, None, fs, ft, make_args(), n_train=10, num_classes=5))
-    loss, parts = irg(fs, ft, None, None)
+    loss, parts = irg(fs, ft)
     assert set(parts) == {"vertex", "edge", "transformation"}
     loss.backward()
     for t in [z_s] + f_s:
@@ -160,7 +161,7 @@ def test_distiller_on_real_models(s_name, t_name, capsys):
                            student_name=s_name, teacher_name=t_name))
     assert "irg:" in capsys.readouterr().out
     fs = s.forward_features(x)
-    loss, parts = irg(fs, ft, torch.zeros(4, dtype=torch.long), None)
+    loss, parts = irg(fs, ft, Batch(targets=torch.zeros(4, dtype=torch.long)))
     assert loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
     assert parts["edge"].item() > 0
     loss.backward()

@@ -9,7 +9,7 @@ import torch
 
 from distiller_zoo.base import resolve
 from distiller_zoo.kdsvd import KDSVD, KDSVDLoss, TopRightSingular
-from engine.errors import UserError
+from core.errors import UserError
 from method_helpers import make_ctx
 
 
@@ -127,7 +127,7 @@ def test_builds_from_real_models(student, teacher, capsys):
     kd = KDSVD(ctx)
     assert "kdsvd: stages paired from the deepest" in capsys.readouterr().out
     feat_s = ctx.student.forward_features(x)
-    loss, parts = kd(feat_s, ctx.feat_t, None, None)
+    loss, parts = kd(feat_s, ctx.feat_t)
     assert parts == {} and loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
     assert torch.isfinite(ctx.student.conv1.weight.grad).all()

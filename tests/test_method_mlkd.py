@@ -15,10 +15,12 @@ from dataset.memory import InMemoryLoader
 from dataset.strong import Cutout, cutout, cutout_boxes, two_view_transform
 from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.dist import DIST
+from distiller_zoo.kd import DistillKL
 from distiller_zoo.mlkd import MLKD, MLKDLoss, batch_term, class_term, instance_term, mask_fractions
 from distiller_zoo.temperature import Temperature
+from distiller_zoo.base import Batch
 from engine.distill_task import DistillTask
-from engine.errors import UserError
+from core.errors import UserError
 from models import Features, model_dict
 from method_helpers import make_args
 
@@ -113,7 +115,7 @@ def ref_mlkd(ws, wt, ss, st, temps=TEMPS, stand=False):
 
 def test_registry():
     spec = resolve("MLKD")
-    assert spec.name == "mlkd" and spec.cls is MLKD and MLKD.needs_strong_view
+    assert spec.name == "mlkd" and spec.cls is MLKD and MLKD.data_needs(None).strong_view
     assert (spec.gamma, spec.alpha, spec.beta) == (0.1, 0.0, 0.9)
 
 
@@ -172,10 +174,10 @@ def test_distiller_splits_the_two_views_and_rejects_one_view():
     ws, wt, ss, st = (rand(4, 5, seed=s) for s in (7, 8, 9, 10))
     d = make_mlkd()
     loss, parts = d(logit_features(torch.cat([ws, ss])), logit_features(torch.cat([wt, st])),
-                    torch.tensor([0, 1, 2, 3]), None)
+                    Batch(targets=torch.tensor([0, 1, 2, 3])))
     assert loss.item() == pytest.approx(sum(ref_mlkd(*(t.tolist() for t in (ws, wt, ss, st))).values()), rel=1e-4)
     with pytest.raises(UserError, match="strong view"):
-        d(logit_features(ws), logit_features(wt), torch.tensor([0, 1, 2, 3]), None)
+        d(logit_features(ws), logit_features(wt), Batch(targets=torch.tensor([0, 1, 2, 3])))
 
 
 def test_zero_for_identical_logits():
@@ -208,14 +210,14 @@ def test_shared_temperature_moves_the_base_temperature():
     for epoch, T0 in ((1, 4.0), (3, 2.0)):
         temp.set_epoch(epoch)
         assert d.loss.temperatures() == (T0, 3.0, 5.0, 2.0, 6.0)
-        loss, _ = d(*feats, torch.arange(4), None)
+        loss, _ = d(*feats, Batch(targets=torch.arange(4)))
         assert loss.item() == pytest.approx(sum(ref_mlkd(*lists, temps=(T0, 3.0, 5.0, 2.0, 6.0)).values()), rel=1e-4)
 
 
 def test_gradients_reach_student_never_teacher():
     zs = rand(8, 5, seed=21).requires_grad_()
     zt = rand(8, 5, seed=22).requires_grad_()
-    loss, _ = make_mlkd()(logit_features(zs), logit_features(zt), torch.arange(4), None)
+    loss, _ = make_mlkd()(logit_features(zs), logit_features(zt), Batch(targets=torch.arange(4)))
     loss.backward()
     assert zs.grad is not None and zs.grad[:4].abs().sum() > 0 and zs.grad[4:].abs().sum() > 0
     assert zt.grad is None
@@ -233,9 +235,9 @@ def test_float32_under_bf16_autocast():
 class Recorder(DIST):
     """DIST that records the batch size it was given."""
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None):
+    def forward(self, feat_s, feat_t, batch=None):
         self.rows = (feat_s.logits.shape[0], feat_t.logits.shape[0], feat_s.stages[-1].shape[0])
-        return super().forward(feat_s, feat_t, targets, indices, contrast_idx)
+        return super().forward(feat_s, feat_t, batch)
 
 
 def test_task_two_views_ce_on_both_others_on_the_weak_half():
@@ -248,7 +250,7 @@ def test_task_two_views_ce_on_both_others_on_the_weak_half():
     ctx = BuildContext(student, teacher, fs, ft, make_args(), n_train=100, num_classes=10, temperature=Temperature(4.0))
     mlkd, other = MLKD(ctx), Recorder(ctx)
     task = DistillTask(student, teacher, [("mlkd", 0.9, mlkd), ("dist", 2.0, other)], gamma=0.1, alpha=0.5,
-                       temperature=Temperature(4.0), num_classes=10)
+                       kd_term=("kd", DistillKL(4.0)), temperature=Temperature(4.0), num_classes=10)
     terms, logits = task(x, targets, torch.arange(4))
     assert logits.shape == (4, 10)
     assert other.rows == (4, 4, 4)

@@ -71,7 +71,7 @@ def test_gradients_reach_student_not_teacher(capsys):
     d = NST(BuildContext(None, None, fs, ft, make_args(), 10, 10))
     assert d.pairs == [(0, 1), (1, 2)]
     assert "nst: stages paired from the deepest" in capsys.readouterr().out
-    loss, parts = d(fs, ft, None, None)
+    loss, parts = d(fs, ft)
     assert set(parts) == {"stage2", "stage3"}
     assert loss.item() == pytest.approx(sum(v.item() for v in parts.values()))
     loss.backward()

@@ -10,7 +10,7 @@ from scipy.stats import norm
 
 from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.ofd import OFD, OFDLoss, ofd_margin, partial_l2
-from engine.errors import UserError
+from core.errors import UserError
 from models import model_dict
 from models.features import Features
 
@@ -35,7 +35,7 @@ def make_ctx(s_name, t_name, **kw):
         feat_s = student.forward_features(x)
         feat_t = teacher.forward_features(x)
     ctx = BuildContext(student=student, teacher=teacher, feat_s=feat_s, feat_t=feat_t,
-                       args=make_args(**kw), n_train=100, num_classes=10,
+                       options=make_args(**kw), n_train=100, num_classes=10,
                        student_name=s_name, teacher_name=t_name)
     return ctx, x
 
@@ -111,7 +111,7 @@ def test_gradients_reach_student_and_connectors_not_teacher():
     pre_t = [p.clone().requires_grad_(True) for p in ctx.feat_t.preact]
     feat_t = Features(stem=ctx.feat_t.stem, stages=ctx.feat_t.stages, preact=pre_t,
                       pooled=ctx.feat_t.pooled, logits=ctx.feat_t.logits)
-    loss, parts = ofd(feat_s, feat_t, None, None)
+    loss, parts = ofd(feat_s, feat_t)
     assert parts == {} and loss.dim() == 0 and torch.isfinite(loss) and loss.item() > 0
     loss.backward()
     assert all(p.grad is None for p in pre_t)
@@ -145,7 +145,7 @@ def test_cross_architecture(student, teacher, pairs, capsys):
     assert ofd.pairs == pairs
     assert "ofd: stages paired from the deepest" in capsys.readouterr().out
     feat_s = ctx.student.forward_features(x)
-    loss, _ = ofd(feat_s, ctx.feat_t, None, None)
+    loss, _ = ofd(feat_s, ctx.feat_t)
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()
 

@@ -70,7 +70,7 @@ def test_gradients_reach_student_not_teacher():
     fs = hand_features(6, requires_grad=True, seed=1)
     ft = hand_features(10, requires_grad=True, seed=2)
     d = PKT(BuildContext(None, None, fs, ft, make_args(), 10, 10))
-    loss, parts = d(fs, ft, None, None)
+    loss, parts = d(fs, ft)
     assert parts == {}
     loss.backward()
     assert fs.pooled.grad is not None and fs.pooled.grad.abs().sum() > 0

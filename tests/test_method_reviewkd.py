@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from distiller_zoo.base import BuildContext, resolve
-from distiller_zoo.reviewkd import ABF, ReviewKD, hcl_pair, official_weight
-from engine.errors import UserError
+from distiller_zoo.objective import parse_objective
+from distiller_zoo.reviewkd import ABF, ReviewKD, hcl_pair
+from distiller_zoo.base import Batch
+from core.errors import UserError
 from models import Features, model_dict
 from method_helpers import make_args
 
@@ -171,7 +173,7 @@ def test_loss_matches_numpy_chain_with_warmup(capsys):
     out0, _ = np_abf(d.abfs[0], levels_s[0], res)
     terms = [np_hcl(o, t) for o, t in zip([out0, out1, out2], levels_t)]
 
-    loss, parts = d(fs, ft, None, None)
+    loss, parts = d(fs, ft)
     assert loss.item() == pytest.approx(sum(terms), rel=1e-4)
     for name, term in zip(["stage1", "stage2", "pooled"], terms):
         assert parts[name].item() == pytest.approx(term, rel=1e-4)
@@ -179,7 +181,7 @@ def test_loss_matches_numpy_chain_with_warmup(capsys):
         d.set_epoch(epoch)
         assert d.warmup_factor() == pytest.approx(factor)
         assert d.epoch_metrics() == {"warmup": pytest.approx(factor)}
-        loss, parts = d(fs, ft, None, None)
+        loss, parts = d(fs, ft)
         assert loss.item() == pytest.approx(factor * sum(terms), rel=1e-4)
         assert sum(v.item() for v in parts.values()) == pytest.approx(loss.item(), rel=1e-6)
     custom = make_reviewkd(fs, ft, reviewkd_warmup=4)
@@ -199,7 +201,7 @@ def test_pairing_from_deepest_and_spatial_matching():
     d.eval()
     outs = d.fused(fs)
     assert [tuple(o.shape[1:]) for o in outs] == [(5, 8, 8), (6, 4, 4), (7, 1, 1)]
-    loss, parts = d(fs, ft, None, None)
+    loss, parts = d(fs, ft)
     # the larger (student) output is average-pooled to the teacher's size
     pooled0 = torch.nn.functional.avg_pool2d(outs[0], 2).detach().double().numpy()
     assert parts["stage1"].item() == pytest.approx(np_hcl(pooled0, ft.preact[0].double().numpy()), rel=1e-4)
@@ -209,25 +211,24 @@ def test_gradients_reach_student_and_abfs_never_teacher():
     fs = hand_features([(2, 8, 8), (3, 4, 4)], pooled_dim=4, requires_grad=True, seed=6)
     ft = hand_features([(3, 8, 8), (5, 4, 4)], pooled_dim=6, requires_grad=True, seed=7)
     d = make_reviewkd(fs, ft)
-    loss, _ = d(fs, ft, None, None)
+    loss, _ = d(fs, ft)
     loss.backward()
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in fs.stages + [fs.pooled])
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in d.parameters())
     assert all(f.grad is None for f in ft.preact + ft.stages + [ft.pooled])
 
 
-def test_official_weights(capsys):
-    assert official_weight("resnet32x4", "resnet8x4") == 5.0
-    assert official_weight("resnet32x4", "ShuffleV2") == 8.0
-    assert official_weight("resnet56", "resnet20") == 0.6
-    assert official_weight("resnet110", "resnet32") == 1.0
-    assert official_weight("vgg13", "vgg8") == 1.0
-    fs = hand_features([(2, 8, 8)], pooled_dim=4, seed=8)
-    ft = hand_features([(3, 8, 8)], pooled_dim=6, seed=9)
-    make_reviewkd(fs, ft, teacher_name="resnet56", student_name="resnet20")
-    assert "pass -b 0.6" in capsys.readouterr().out
-    make_reviewkd(fs, ft, teacher_name="resnet32x4", student_name="resnet8x4")
-    assert "pass -b" not in capsys.readouterr().out
+def test_official_weights_are_the_pairs_default_b():
+    def term(teacher, student, beta=None):
+        method = parse_objective("reviewkd", None, None, beta, pair=(teacher, student)).methods[0]
+        return method.weight, method.weight_source
+
+    assert term("resnet32x4", "resnet8x4") == (5.0, "published for resnet32x4 -> resnet8x4")
+    assert term("resnet32x4", "ShuffleV2") == (8.0, "published for resnet32x4 -> shufflev2")
+    assert term("resnet56", "resnet20") == (0.6, "published for resnet56 -> resnet20")
+    assert term("resnet110", "resnet32") == (1.0, "published for resnet110 -> resnet32")
+    assert term("vgg13", "vgg8") == (5.0, "default")
+    assert term("resnet56", "resnet20", beta=2.0) == (2.0, "given")
 
 
 def test_distiller_on_real_models():
@@ -241,7 +242,7 @@ def test_distiller_on_real_models():
     assert d.pairs == [(0, 0), (1, 1), (2, 2), (3, 3)]
     assert d.abfs[0].conv1[0].out_channels == 64          # mid = min(512, student pooled channels)
     d.set_epoch(1)
-    loss, parts = d(s.forward_features(x), ft, torch.tensor([1, 2, 3, 4]), None)
+    loss, parts = d(s.forward_features(x), ft, Batch(targets=torch.tensor([1, 2, 3, 4])))
     assert loss.dim() == 0 and torch.isfinite(loss) and set(parts) == {"stage1", "stage2", "stage3", "pooled"}
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in s.parameters())

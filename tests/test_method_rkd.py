@@ -90,7 +90,7 @@ def test_gradients_reach_student_not_teacher():
     fs = hand_features(6, requires_grad=True, seed=1)
     ft = hand_features(10, requires_grad=True, seed=2)
     d = RKD(BuildContext(None, None, fs, ft, make_args(), 10, 10))
-    loss, parts = d(fs, ft, None, None)
+    loss, parts = d(fs, ft)
     assert set(parts) == {"dist", "angle"}
     assert loss.item() == pytest.approx(parts["dist"].item() + parts["angle"].item())
     loss.backward()

@@ -63,7 +63,7 @@ def test_gradients_reach_student_not_teacher():
     fs = hand_features([(4, 8, 8), (6, 4, 4)], requires_grad=True, seed=1)
     ft = hand_features([(5, 8, 8), (7, 2, 2)], requires_grad=True, seed=2)
     d = SP(BuildContext(None, None, fs, ft, make_args(), 10, 10))
-    loss, parts = d(fs, ft, None, None)
+    loss, parts = d(fs, ft)
     assert parts == {}
     loss.backward()
     assert fs.stages[-1].grad is not None and fs.stages[-1].grad.abs().sum() > 0

@@ -91,7 +91,7 @@ def test_gradients_reach_student_and_connectors_not_teacher(capsys):
     assert "vid: stages paired from the deepest" in capsys.readouterr().out
     first = [m for m in d.losses[1].regressor if isinstance(m, torch.nn.Conv2d)][0]
     assert (first.in_channels, first.out_channels) == (6, 7)
-    loss, parts = d(fs, ft, None, None)
+    loss, parts = d(fs, ft)
     assert set(parts) == {"stage2", "stage3"}
     loss.backward()
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in fs.stages)

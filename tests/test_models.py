@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models import MODELS as REGISTRY
 from models import FeatureModel, Features, model_dict
 
 HERE = Path(__file__).resolve().parent
@@ -80,9 +81,29 @@ def _shape(t):
 
 # --- registry and reference -------------------------------------------------
 
-def test_registry_holds_exactly_the_reference_names():
-    assert set(model_dict) == set(MODELS)
-    assert len(model_dict) == 24
+def test_every_reference_model_is_registered_as_a_cifar_network():
+    assert len(MODELS) == 24 and set(MODELS) <= set(REGISTRY)
+    assert {REGISTRY[name].family for name in MODELS} == {"cifar"}
+    assert model_dict == {name: entry.build for name, entry in REGISTRY.items()}
+
+
+@pytest.mark.parametrize("registered", list(REGISTRY))
+def test_every_registered_model_keeps_the_features_contract(registered):
+    """What every method relies on, for any model a registry entry adds: Features by name,
+    one preact per stage of the stage's shape, the declared stage channels, logits = forward."""
+    torch.manual_seed(0)
+    net = REGISTRY[registered].build(num_classes=10).eval()
+    size = {"cifar": 32, "imagenet": 64}[REGISTRY[registered].family]
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        feats = net.forward_features(x)
+        logits = net(x)
+    assert isinstance(net, FeatureModel) and isinstance(feats, Features)
+    assert feats.stem.dim() == 4 and feats.pooled.shape[0] == 2 and feats.pooled.dim() == 2
+    assert len(feats.preact) == len(feats.stages) == len(net.stage_channels) >= 1
+    assert [s.shape[1] for s in feats.stages] == list(net.stage_channels)
+    assert all(p.shape == s.shape for p, s in zip(feats.preact, feats.stages))
+    assert feats.logits.shape == (2, 10) and torch.equal(feats.logits, logits)
 
 
 def test_reference_copy_matches_shared():

@@ -12,7 +12,7 @@ import train_student
 import train_teacher
 from conftest import ROOT
 from engine.build import check_model_name
-from engine.objective import parse_objective
+from distiller_zoo.objective import parse_objective
 
 ENTRY_POINTS = {"train_student.py": train_student, "train_teacher.py": train_teacher}
 SCRIPTS = ("run_cifar_vanilla.sh", "run_cifar_distill.sh", "run_cifar_dkd.sh", "run_digits_table.sh")

@@ -128,7 +128,7 @@ def test_atomic_checkpoint_keeps_the_old_file_when_a_write_fails(tmp_path, monke
     (["--model", "resnet9"], "unknown model 'resnet9'"),
     (["--model", "resnet8", "--dataset", "mnist"], "unknown dataset"),
     (["--model", "resnet8", "--epochs", "0"], "--epochs must be positive"),
-    (["--model", "resnet8", "--learning_rate", "-0.1"], "--learning_rate must be positive"),
+    (["--model", "resnet8", "--learning_rate", "-0.1"], "--learning_rate must be a positive number"),
     (["--model", "resnet8", "--batch_size", "5000"], "exceeds"),
 ])
 def test_user_mistakes_end_with_one_line_and_status_2(tmp_path, capsys, flags, message):

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from engine.errors import UserError
+from core.errors import UserError
 
 
 @dataclass

@@ -1,0 +1,117 @@
+"""The objective `r*CE + a*KD + sum(b_m * method_m)` from --distill and -r/-a/-b, each method's
+options, and what the training batches must carry.
+
+`--distill crd` takes the method's published defaults for any of -r/-a/-b omitted (and, where
+the method publishes per-pair -b weights, the pair's). `--distill crd:0.8,at:1000` combines
+methods, each with its own weight; `kd:w` sets the KD weight a. Without -r/-a, a combination
+takes the first method's defaults.
+"""
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Dict, List, Optional, Tuple
+
+from core.errors import UserError
+from distiller_zoo.base import MethodSpec, resolve
+from distiller_zoo.kd import DistillKL
+from distiller_zoo.options import DataNeeds, Pair, pair_key, resolve_options, resolve_value
+
+# Logit standardisation's CIFAR-100 weights for plain KD (Sun et al., CVPR 2024).
+LOGIT_STAND_KD = (0.1, 9.0)
+
+
+@dataclass
+class MethodTerm:
+    spec: MethodSpec
+    weight: float
+    weight_source: str = "default"
+    options: SimpleNamespace = field(default_factory=SimpleNamespace)
+    option_sources: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def needs(self) -> DataNeeds:
+        return self.spec.cls.data_needs(self.options)
+
+    def describe(self) -> str:
+        opts = ", ".join(f"{k} {v}" + ("" if self.option_sources[k] == "given" else f" ({self.option_sources[k]})")
+                         for k, v in vars(self.options).items())
+        weight = f"b {self.weight:g}" + ("" if self.weight_source == "given" else f" ({self.weight_source})")
+        return f"{self.spec.name}: {weight}" + (f"; {opts}" if opts else "")
+
+
+@dataclass
+class Objective:
+    gamma: float
+    alpha: float
+    methods: List[MethodTerm]   # every method with a Distiller class
+    logit_stand: bool = False
+
+    @property
+    def name(self) -> str:
+        """The run's method label: `crd`, `crd+kd` when KD is weighted in, `crd+at`, `kd`;
+        `+ls` with logit standardisation."""
+        names = [term.spec.name for term in self.methods]
+        if self.alpha or not names:
+            names.append("kd")
+        if self.logit_stand:
+            names.append("ls")
+        return "+".join(names)
+
+    @property
+    def beta_label(self) -> str:
+        return "+".join(f"{term.weight:g}" for term in self.methods) or "0"
+
+    @property
+    def needs(self) -> DataNeeds:
+        needs = DataNeeds()
+        for term in self.methods:
+            needs = needs.merge(term.needs)
+        return needs
+
+    def resolve_options(self, args, pair: Pair) -> None:
+        """Every method's typed options from the parsed flags (published per-pair values where a
+        flag is not given); written back to `args` so args.json records them."""
+        for term in self.methods:
+            term.options, term.option_sources = resolve_options(term.spec.options, args, pair)
+
+    def kd_term(self, temperature) -> Tuple[str, DistillKL]:
+        """The -a term, KD at the run's temperature, and the name it is logged under."""
+        return "kd", DistillKL(temperature, self.logit_stand)
+
+
+def parse_objective(distill: str, gamma: Optional[float], alpha: Optional[float],
+                    beta: Optional[float], logit_stand: bool = False, pair: Pair = ("", "")) -> Objective:
+    entries = [_parse_entry(e) for e in distill.split(",") if e.strip()]
+    if not entries:
+        raise UserError("--distill is empty; name a method, e.g. --distill kd")
+    if len(entries) > 1 and beta is not None:
+        raise UserError("-b is ambiguous with several methods; give each its weight, e.g. --distill crd:0.8,at:1000")
+    pair = pair_key(*pair)
+    methods = [MethodTerm(spec, *_method_weight(spec, weight, beta, pair))
+               for spec, weight in entries if spec.cls is not None]
+    names = [term.spec.name for term in methods]
+    if len(set(names)) != len(names):
+        raise UserError(f"--distill names a method twice: {distill}")
+    first = entries[0][0]
+    default_gamma, default_alpha = LOGIT_STAND_KD if logit_stand and not methods else (first.gamma, first.alpha)
+    kd_weights = [w for spec, w in entries if spec.cls is None and w is not None]
+    if alpha is None:
+        alpha = kd_weights[0] if kd_weights else default_alpha
+    return Objective(gamma=default_gamma if gamma is None else gamma, alpha=alpha, methods=methods,
+                     logit_stand=logit_stand)
+
+
+def _method_weight(spec: MethodSpec, weight: Optional[float], beta: Optional[float], pair: Pair) -> Tuple[float, str]:
+    """`name:w` first, then -b, then the weight published for the pair, then the default."""
+    given = weight if weight is not None else beta
+    return resolve_value(spec.beta_per_pair, given, spec.beta, pair)
+
+
+def _parse_entry(entry: str) -> Tuple[MethodSpec, Optional[float]]:
+    name, _, weight = entry.strip().partition(":")
+    spec = resolve(name)
+    if not weight:
+        return spec, None
+    try:
+        return spec, float(weight)
+    except ValueError:
+        raise UserError(f"weight '{weight}' of method '{name}' in --distill is not a number") from None
