@@ -11,6 +11,7 @@ the method's published defaults. Without --path_t the best teacher of the data s
 """
 import argparse
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -49,8 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="z-score logits before the temperature softmax (Sun et al., CVPR 2024)")
     m.add_argument("--init_epochs", type=int, default=30, help="epochs of an init stage (AB, FT, FSP)")
     m.add_argument("--init_lr", type=float, default=None,
-                   help="constant lr of an init stage; default 0.01 for ResNet/WRN students (RepDistiller), "
-                        "else --learning_rate")
+                   help="constant lr of every init stage; default RepDistiller's: 0.01 for FT with a "
+                        "ResNet/WRN student, else --learning_rate")
+    m.add_argument("--ft_factor", type=str, default=None, choices=("repdistiller", "paper"),
+                   help="FT's loss: RepDistiller's mean over channels of F^2 (default, b 200), or the paper's "
+                        "whole factor (give its weight with -b)")
+    m.add_argument("--ab_connector", type=str, default=None, choices=("repdistiller", "paper"),
+                   help="AB's connector: identity where shapes agree, else conv + BN (RepDistiller, default); "
+                        "or 1x1 conv + BN for every pair (the paper)")
     m.add_argument("--hint_layer", type=int, default=2, choices=range(5), help="FitNet: 0 = stem, k = stage k")
     m.add_argument("--feat_dim", type=int, default=128, help="CRD/CC embedding size")
     m.add_argument("--mode", type=str, default="exact", choices=("exact", "relax"), help="CRD sampling")
@@ -86,13 +93,6 @@ def resolve_run(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def init_lr(args) -> float:
-    """RepDistiller's init.py: 0.01 for ResNet and WRN students, the base lr for the others."""
-    if args.init_lr is not None:
-        return args.init_lr
-    return 0.01 if args.model_s.startswith(("resnet", "wrn")) else args.learning_rate
-
-
 def run_name(args) -> str:
     return (f"S-{args.model_s}_T-{args.model_t}_{args.dataset}_{args.method}"
             f"_r{args.gamma:g}_a{args.alpha:g}_b{args.beta_label}_trial{args.trial}")
@@ -108,9 +108,10 @@ def build_task(args, objective, ctx, train_loader, info) -> DistillTask:
                          n_train=info.n_train, num_classes=info.num_classes,
                          student_name=args.model_s, teacher_name=args.model_t,
                          temperature=temperature, logit_stand=args.logit_stand)
-    methods = [(spec.name, weight, spec.cls(build)) for spec, weight in objective.methods]
+    methods = [(spec.name, weight, spec.cls(replace(build, weight_given=spec.name in objective.weights_given)))
+               for spec, weight in objective.methods]
     task = DistillTask(student, teacher, methods, args.gamma, args.alpha, temperature, info.num_classes,
-                       args.logit_stand, init_lr(args))
+                       args.logit_stand, init_lr=args.init_lr, base_lr=args.learning_rate)
     return task.to(ctx.device)
 
 

@@ -17,6 +17,7 @@ class Objective:
     alpha: float
     methods: List[Tuple[MethodSpec, float]]   # every method with a Distiller class, and its weight
     logit_stand: bool = False
+    weights_given: Tuple[str, ...] = ()        # methods whose weight came from -b or `name:w`
 
     @property
     def name(self) -> str:
@@ -54,8 +55,10 @@ def parse_objective(distill: str, gamma: Optional[float], alpha: Optional[float]
     kd_weights = [w for spec, w in entries if spec.cls is None and w is not None]
     if alpha is None:
         alpha = kd_weights[0] if kd_weights else default_alpha
+    given = tuple(spec.name for spec, weight in entries
+                  if spec.cls is not None and (weight is not None or beta is not None))
     return Objective(gamma=default_gamma if gamma is None else gamma, alpha=alpha, methods=methods,
-                     logit_stand=logit_stand)
+                     logit_stand=logit_stand, weights_given=given)
 
 
 def _method_weight(spec: MethodSpec, weight: Optional[float], beta: Optional[float]) -> float:
