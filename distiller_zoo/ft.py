@@ -24,7 +24,7 @@ parameters belong to the init stage only, so the main optimiser never sees them.
 
 Decisions where references differ:
 - The paper and its official code compare the whole flattened factor instead of A(F).
-  `--ft_factor paper` selects that (`FactorTransferLoss(p1=None)`). Its term is about 3x
+  `--ft_factor paper` selects that (`FactorTransferLoss(p1=None)`). Its term is 2.5-3x
   smaller than RepDistiller's at initialisation (resnet32x4 -> resnet8x4) and no weight
   for it under this mean-L1 form is published, so the variant must be given its weight
   (-b or `--distill ft:<w>`) and never runs under RepDistiller's 200.
