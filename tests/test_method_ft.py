@@ -6,10 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from distiller_zoo.ab import AB
 from distiller_zoo.base import InitStage, resolve
 from distiller_zoo.ft import FT, FactorTransferLoss, Paraphraser, Translator
-from models.features import Features
+from distiller_zoo.temperature import Temperature
+from engine.distill_task import DistillTask
 from engine.errors import UserError
+from engine.objective import parse_objective
+from models.features import Features
 from method_helpers import make_ctx
 
 
@@ -159,3 +163,18 @@ def test_paper_variant_needs_its_own_weight():
 def test_init_stage_lr_is_repdistillers(student, lr):
     ctx, _ = make_ctx(student, "resnet8")
     assert FT(ctx).init_stage().lr == lr
+
+
+def test_task_runs_each_init_stage_at_its_reference_lr():
+    ctx, _ = make_ctx("resnet8", "resnet8")
+    methods = [("ft", 200.0, FT(ctx)), ("ab", 1.0, AB(ctx))]
+    task = DistillTask(ctx.student, ctx.teacher, methods, 1.0, 0.0, Temperature(4.0), 10, base_lr=0.05)
+    assert {s.name: s.constant_lr for s in task.init_stages()} == {"init_ft": 0.01, "init_ab": 0.05}
+    task.init_lr = 0.2  # --init_lr overrides every stage
+    assert {s.constant_lr for s in task.init_stages()} == {0.2}
+
+
+@pytest.mark.parametrize("distill,beta,given", [("ft", None, ()), ("ft", 300.0, ("ft",)),
+                                                ("ft:300,at", None, ("ft",)), ("factor:300", None, ("ft",))])
+def test_objective_says_which_weights_the_user_gave(distill, beta, given):
+    assert parse_objective(distill, None, None, beta).weights_given == given
