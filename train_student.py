@@ -23,7 +23,7 @@ from distiller_zoo.base import BuildContext
 from distiller_zoo.objective import Objective, parse_objective
 from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
 from engine.args import HelpFormatter, add_common_args, parse_with_config
-from engine.build import build_model, check_model_name, init_stage_lr
+from engine.build import build_model, check_model_name
 from engine.distill_task import DistillTask
 from engine.loop import NonFiniteLoss, move_batch
 from engine.session import build_data, create_run_dir, restore_args, start
@@ -68,8 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--logit_stand", action="store_true",
                    help="z-score logits before the temperature softmax (Sun et al., CVPR 2024)")
     m.add_argument("--init_lr", type=float, default=None,
-                   help="constant lr of an init stage; default: the student's (0.01 for ResNet/WRN, "
-                        "RepDistiller's init.py), else --learning_rate")
+                   help="constant lr of every init stage; default RepDistiller's: 0.01 for FT with a "
+                        "ResNet/WRN student (its registry entry), else --learning_rate")
     add_method_options(parser)
     add_common_args(parser)
     parser.set_defaults(trial="1")
@@ -130,10 +130,6 @@ def resolve_run(args: argparse.Namespace) -> Plan:
     return Plan(objective, state)
 
 
-def init_lr(args) -> float:
-    return args.init_lr if args.init_lr is not None else init_stage_lr(args.model_s, args.learning_rate)
-
-
 def run_name(args) -> str:
     return (f"S-{args.model_s}_T-{args.model_t}_{args.dataset}_{args.method}"
             f"_r{args.gamma:g}_a{args.alpha:g}_b{args.beta_label}_trial{args.trial}")
@@ -149,10 +145,11 @@ def build_task(args, plan: Plan, ctx, train_loader, info) -> DistillTask:
     for term in plan.objective.methods:
         build = BuildContext(student=student, teacher=teacher, feat_s=feat_s, feat_t=feat_t, options=term.options,
                              n_train=info.n_train, num_classes=info.num_classes, student_name=args.model_s,
-                             teacher_name=args.model_t, temperature=temperature, logit_stand=args.logit_stand)
+                             teacher_name=args.model_t, temperature=temperature, logit_stand=args.logit_stand,
+                             weight_given=term.weight_source == "given")
         methods.append((term.spec.name, term.weight, term.spec.cls(build)))
     task = DistillTask(student, teacher, methods, args.gamma, args.alpha, plan.objective.kd_term(temperature),
-                       temperature, info.num_classes, init_lr(args))
+                       temperature, info.num_classes, init_lr=args.init_lr, base_lr=args.learning_rate)
     return task.to(ctx.device)
 
 

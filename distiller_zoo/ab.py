@@ -2,9 +2,11 @@
 Boundaries Formed by Hidden Neurons", AAAI 2019.
 
 The student learns on which side of zero each teacher neuron lies before its ReLU
-(the activation boundary). Per paired stage, a connector r (1x1 conv + BN, student
-to teacher channels) maps the student's pre-ReLU output s; with the teacher's
-pre-ReLU output t and margin mu = 1, the paper's alternative (hinge-squared) loss is
+(the activation boundary). Per paired stage, a connector r maps the student's pre-ReLU
+output s to the teacher's shape (RepDistiller's `Connector`: the identity where channels
+and height agree, else FitNet's `ConvReg` without its ReLU, i.e. a conv chosen by the
+spatial sizes + BN); with the teacher's pre-ReLU output t and margin mu = 1, the paper's
+alternative (hinge-squared) loss is
 
     L_i = sum[ (r(s) + mu)^2 * 1{r(s) > -mu and t <= 0}
              + (r(s) - mu)^2 * 1{r(s) <= mu and t > 0} ]
@@ -18,7 +20,8 @@ size. The 1/1000 * 3 scale and the weights are RepDistiller's `ABLoss`.
 
 Features consumed: `preact` (the tensor entering the ReLU after each stage), stages
 paired from the deepest (`pair_from_deepest`); where spatial sizes differ the larger
-map is average-pooled to the smaller (`match_spatial`) after the connector.
+map is average-pooled to the smaller (`match_spatial`) after the connector (only the
+paper's connector below leaves sizes unequal).
 
 Init stage. AB is a two-stage method: for `--init_epochs` epochs (RepDistiller's
 default 30) the student's feature layers (everything but its classifier) and the
@@ -34,11 +37,11 @@ over. The registry holds RepDistiller's `-b 1` only so that its scripts' names a
 hyper-parameters carry over; the value has no effect on training.
 
 Decisions where references differ:
-- RepDistiller's `Connector` is the identity where student and teacher shapes agree
-  and FitNet's strided `ConvReg` elsewhere; the paper and its official code use a
-  1x1 conv + BN for every pair, which is what this file does (initialised as the
-  official code: conv weights N(0, 2/(k*k*C_out)), BN weight 1, bias 0); spatial
-  sizes are matched by pooling, the suite's rule.
+- The paper and its official code use a 1x1 conv + BN for every pair (initialised as
+  the official code: conv weights N(0, 2/(k*k*C_out)), BN weight 1, bias 0), so where
+  RepDistiller's identity applies they train a connector it does not have.
+  `--ab_connector paper` selects it (spatial sizes then matched by pooling, the suite's
+  rule). The weight is the same for both: AB's init-stage loss is unweighted.
 - The init stage trains at the base learning rate with SGD (RepDistiller's `init`).
 """
 import math
@@ -48,9 +51,15 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor, nn
 
+from core.errors import UserError
 from distiller_zoo.base import (INIT_EPOCHS, BuildContext, Distiller, InitStage, describe_pairing,
                                 feature_parameters, match_spatial, pair_from_deepest, register)
+from distiller_zoo.fitnet import ConvReg
+from distiller_zoo.options import Option
 from models.features import Features
+
+CONNECTOR_CHOICES = ("repdistiller", "paper")  # --ab_connector
+DEFAULT_CONNECTOR = "repdistiller"
 
 
 def conv_bn_connector(s_channels: int, t_channels: int) -> nn.Sequential:
@@ -63,6 +72,14 @@ def conv_bn_connector(s_channels: int, t_channels: int) -> nn.Sequential:
     nn.init.ones_(bn.weight)
     nn.init.zeros_(bn.bias)
     return nn.Sequential(conv, bn)
+
+
+def repdistiller_connector(s_shape, t_shape) -> nn.Module:
+    """RepDistiller's rule: the identity where channels and height agree, else ConvReg + BN
+    (no ReLU: the boundary loss needs the sign of the connected map)."""
+    if s_shape[1] == t_shape[1] and s_shape[2] == t_shape[2]:
+        return nn.Identity()
+    return ConvReg(s_shape, t_shape, use_relu=False, method="ab", fix="use --ab_connector paper")
 
 
 @contextmanager
@@ -110,15 +127,24 @@ class ABLoss(nn.Module):
 class AB(Distiller):
     """AB: an init stage on the boundary loss; no main-stage term (see the module docstring)."""
 
-    options = (INIT_EPOCHS,)
+    options = (INIT_EPOCHS,
+               Option("ab_connector", str, DEFAULT_CONNECTOR, "AB's connector: RepDistiller's (the identity where "
+                      "shapes agree, else a conv regressor) or the paper's 1x1 conv + BN on every pair",
+                      paper="paper", choices=CONNECTOR_CHOICES))
 
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         pre_s, pre_t = ctx.feat_s.preact, ctx.feat_t.preact
         self.pairs = pair_from_deepest(pre_s, pre_t)
         print(describe_pairing("ab", self.pairs, pre_s, pre_t))
-        self.connectors = nn.ModuleList(
-            [conv_bn_connector(pre_s[i].shape[1], pre_t[j].shape[1]) for i, j in self.pairs])
+        kind = ctx.options.ab_connector
+        if kind not in CONNECTOR_CHOICES:
+            raise UserError(f"--ab_connector must be one of {', '.join(CONNECTOR_CHOICES)}, got '{kind}'")
+        if kind == "paper":
+            connectors = [conv_bn_connector(pre_s[i].shape[1], pre_t[j].shape[1]) for i, j in self.pairs]
+        else:
+            connectors = [repdistiller_connector(pre_s[i].shape, pre_t[j].shape) for i, j in self.pairs]
+        self.connectors = nn.ModuleList(connectors)
         self.criterion = ABLoss(len(self.pairs), margin=1.0)
         self.init_epochs = ctx.options.init_epochs
         # A plain list, not submodules: the student belongs to the task, not to this distiller.

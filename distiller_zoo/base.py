@@ -32,6 +32,7 @@ class BuildContext:
     teacher_name: str = ""
     temperature: object = 4.0  # the run's shared Temperature (float() gives the current value)
     logit_stand: bool = False  # z-score logits before the temperature softmax (--logit_stand)
+    weight_given: bool = False  # the method's weight came from -b or `name:w`, not from the registry
 
 
 @dataclass
@@ -41,12 +42,14 @@ class InitStage:
     `loss(feat_s, feat_t)` returns a dict of named terms whose key 'loss' is
     minimised over `params` for `epochs` epochs at the base learning rate.
     `needs_student` is False when the student takes no part (FT's paraphraser),
-    which saves its forward pass."""
+    which saves its forward pass. `lr` is the stage's constant learning rate where the
+    method's reference prescribes one (None: the base learning rate); --init_lr overrides it."""
 
     epochs: int
     params: List[nn.Parameter]
     loss: Callable[[Features, Features], Dict[str, Tensor]]
     needs_student: bool = True
+    lr: Optional[float] = None
 
 
 @dataclass

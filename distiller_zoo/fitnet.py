@@ -43,9 +43,11 @@ from core.errors import UserError
 
 
 class ConvReg(nn.Module):
-    """Regressor from the student's map (C_s, H_s, W_s) to the teacher's (C_t, H_t, W_t)."""
+    """Regressor from the student's map (C_s, H_s, W_s) to the teacher's (C_t, H_t, W_t).
+    `method` and `fix` word the error for a size it cannot produce."""
 
-    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int], use_relu: bool = True):
+    def __init__(self, s_shape: Sequence[int], t_shape: Sequence[int], use_relu: bool = True,
+                 method: str = "fitnet", fix: str = "choose another --hint_layer"):
         super().__init__()
         s_c, s_h, s_w = (int(v) for v in s_shape[-3:])
         t_c, t_h, t_w = (int(v) for v in t_shape[-3:])
@@ -57,8 +59,8 @@ class ConvReg(nn.Module):
             self.conv = nn.Conv2d(s_c, t_c, kernel_size=(1 + s_h - t_h, 1 + s_w - t_w))
         else:
             raise UserError(
-                f"fitnet: cannot regress the student's {s_h}x{s_w} map onto the teacher's {t_h}x{t_w} map "
-                "(the student's must be twice, half, or at least the teacher's size); choose another --hint_layer")
+                f"{method}: cannot regress the student's {s_h}x{s_w} map onto the teacher's {t_h}x{t_w} map "
+                f"(the student's must be twice, half, or at least the teacher's size); {fix}")
         self.bn = nn.BatchNorm2d(t_c)
         self.use_relu = use_relu
 

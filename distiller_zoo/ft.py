@@ -5,12 +5,13 @@ A paraphraser P (conv encoder to k*C_t channels, rate k = 0.5, and a transposed-
 decoder back) first learns, unsupervised, to reconstruct the teacher's last stage
 output T:  L_rec = mean (P_dec(P_enc(T)) - T)^2.  Its encoder output F_T = P_enc(T) is
 the teacher factor. In the main stage a translator Q on the student's last stage S
-gives the student factor F_S = Q(S), and
+gives the student factor F_S = Q(S), each factor is reduced to a spatial map
+A(F) = mean over channels of F^2 (RepDistiller's `FactorTransfer`, p1 = 2), and
 
-    L_FT = mean | F_S / ||F_S||_2 - F_T / ||F_T||_2 |        (p = 1)
+    L_FT = mean | A(F_S) / ||A(F_S)||_2 - A(F_T) / ||A(F_T)||_2 |        (p = 1)
 
-with each factor flattened per sample and L2-normalised, the mean taken over the batch
-and the factor's elements (PyTorch's L1 loss).
+with each map flattened per sample and L2-normalised, the mean taken over the batch
+and the map's H*W positions. This is the loss RepDistiller's b = 200 was tuned for.
 
 Features consumed: the last stage output (`stages[-1]`) of both networks. Student and
 teacher factors both have int(C_t * k) channels, so any pair works; where spatial
@@ -22,16 +23,15 @@ factor is computed without gradient and with the paraphraser in eval mode, and i
 parameters belong to the init stage only, so the main optimiser never sees them.
 
 Decisions where references differ:
-- RepDistiller's `FactorTransfer` reduces each factor to a spatial attention map
-  (mean over channels of F^2, its `p1 = 2`) before normalising; the paper and its
-  official code compare the whole flattened factor. This file follows the paper
-  (`FactorTransferLoss(p1=None)`); `p1=2` gives RepDistiller's variant. The default
-  -b 200 is RepDistiller's, tuned for its variant: the flattened factor has C_t/2 times
-  more elements, so per-element L1 terms are smaller.
+- The paper and its official code compare the whole flattened factor instead of A(F).
+  `--ft_factor paper` selects that (`FactorTransferLoss(p1=None)`). Its term is 2.5-3x
+  smaller than RepDistiller's at initialisation (resnet32x4 -> resnet8x4) and no weight
+  for it under this mean-L1 form is published, so the variant must be given its weight
+  (-b or `--distill ft:<w>`) and never runs under RepDistiller's 200.
 - RepDistiller builds its `Paraphraser` with its default `use_bn=False` (conv +
   LeakyReLU(0.1) only) and its `Translator` with BN; the same here.
 - The init stage's constant lr is RepDistiller's: 0.01 for ResNet/WRN students, the base
-  lr otherwise (`--init_lr` overrides; train_student.py applies it to every init stage).
+  lr otherwise (`--init_lr` overrides).
 """
 from typing import Dict, Optional
 
@@ -39,9 +39,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.errors import UserError
 from distiller_zoo.base import (INIT_EPOCHS, BuildContext, Distiller, InitStage, describe_pairing, match_spatial,
                                 register)
+from distiller_zoo.options import Option
+from models import MODELS
 from models.features import Features
+
+FACTOR_CHOICES = ("repdistiller", "paper")  # --ft_factor: A(F) = mean_c F^2, or the whole factor
+DEFAULT_FACTOR = "repdistiller"
+# RepDistiller's init.py trains the paraphraser at 0.01 for these students, at the base lr otherwise.
 
 
 def _block(in_ch: int, out_ch: int, use_bn: bool, transposed: bool = False) -> nn.Sequential:
@@ -91,12 +98,12 @@ class Translator(nn.Module):
 
 
 class FactorTransferLoss(nn.Module):
-    """mean |normalize(flatten(F_S)) - normalize(flatten(F_T))|^p over batch and elements.
+    """mean |normalize(flatten(A(F_S))) - normalize(flatten(A(F_T)))|^p over batch and elements.
 
-    p1=None (default) flattens the factor itself (the paper); p1=2 first reduces it to
-    the mean over channels of F^2 (RepDistiller's `FactorTransfer`)."""
+    p1=2 (default) takes A(F) = mean over channels of F^2 (RepDistiller's `FactorTransfer`);
+    p1=None takes the factor itself (the paper)."""
 
-    def __init__(self, p: int = 1, p1: Optional[int] = None):
+    def __init__(self, p: int = 1, p1: Optional[int] = 2):
         super().__init__()
         self.p = p
         self.p1 = p1
@@ -119,7 +126,10 @@ class FactorTransferLoss(nn.Module):
 class FT(Distiller):
     """Paraphraser trained in the init stage, translator and factor loss in the main stage."""
 
-    options = (INIT_EPOCHS,)
+    options = (INIT_EPOCHS,
+               Option("ft_factor", str, DEFAULT_FACTOR, "FT's factor loss: RepDistiller's (mean of squares over "
+                      "channels, the loss -b 200 is tuned for) or the paper's whole factor (give its -b)",
+                      paper="paper", choices=FACTOR_CHOICES))
 
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
@@ -129,8 +139,15 @@ class FT(Distiller):
         c_s, c_t = st_s[-1].shape[1], st_t[-1].shape[1]
         self.paraphraser = Paraphraser(c_t, k=0.5)
         self.translator = Translator(c_s, c_t, k=0.5)
-        self.criterion = FactorTransferLoss(p=1)
+        factor = ctx.options.ft_factor
+        if factor not in FACTOR_CHOICES:
+            raise UserError(f"--ft_factor must be one of {', '.join(FACTOR_CHOICES)}, got '{factor}'")
+        if factor == "paper" and not ctx.weight_given:
+            raise UserError("--ft_factor paper has no published weight (ft's 200 is RepDistiller's, for its "
+                            "own reduction); give one with -b or --distill ft:<weight>")
+        self.criterion = FactorTransferLoss(p=1, p1=2 if factor == "repdistiller" else None)
         self.init_epochs = ctx.options.init_epochs
+        self.init_lr = MODELS[ctx.student_name].init_lr if ctx.student_name in MODELS else None
 
     def teacher_factor(self, f_t: Tensor) -> Tensor:
         """The frozen paraphraser's encoding: no gradient, eval mode."""
@@ -149,7 +166,7 @@ class FT(Distiller):
 
     def init_stage(self) -> InitStage:
         return InitStage(epochs=self.init_epochs, params=list(self.paraphraser.parameters()),
-                         loss=self._init_loss, needs_student=False)
+                         loss=self._init_loss, needs_student=False, lr=self.init_lr)
 
     def forward(self, feat_s: Features, feat_t: Features, batch=None):
         factor_s = self.translator(feat_s.stages[-1])

@@ -40,7 +40,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--dataset", type=str, default="cifar100",
                    help="cifar100, cifar10, digits, imagenet, tinyimagenet")
-    g.add_argument("--trial", type=str, default="0", help="trial name; part of the run directory")
+    g.add_argument("-t", "--trial", type=str, default="0", help="trial name; part of the run directory")
 
     r = parser.add_argument_group("runs")
     r.add_argument("--seed", type=int, default=None, help="default: derived from --trial")

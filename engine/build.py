@@ -22,9 +22,3 @@ def build_model(name: str, num_classes: int) -> nn.Module:
 def default_lr(name: str) -> float:
     """The learning rate the model's registry entry gives it (RepDistiller's rule)."""
     return MODELS[check_model_name(name)].lr
-
-
-def init_stage_lr(name: str, base_lr: float) -> float:
-    """An init stage's constant learning rate when `name` is the student."""
-    entry = MODELS[check_model_name(name)]
-    return base_lr if entry.init_lr is None else entry.init_lr

@@ -8,7 +8,7 @@ teacher on both at once. Cross-entropy covers both views, `CE(weak) + CE(strong)
 'ce' and 'ce_strong' (MLKD's official loss); KD (-a) and every distiller without the flag see
 the weak half only; a strong-view distiller receives the Features of all 2B rows. The logits
 returned for the accuracy are the weak half's, one row per sample."""
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +24,7 @@ from models.features import Features
 class DistillTask(Task):
     def __init__(self, student: nn.Module, teacher: nn.Module, methods: List[Tuple[str, float, Distiller]],
                  gamma: float, alpha: float, kd_term: Tuple[str, nn.Module], temperature: Temperature,
-                 num_classes: int, init_lr: float = 0.01):
+                 num_classes: int, init_lr: Optional[float] = None, base_lr: float = 0.05):
         super().__init__(student, num_classes)
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
@@ -32,7 +32,7 @@ class DistillTask(Task):
         self.distillers = nn.ModuleDict({name: d for name, _, d in methods})
         self.weights: Dict[str, float] = {name: w for name, w, _ in methods}
         self.gamma, self.alpha = gamma, alpha
-        self.init_lr = init_lr
+        self.init_lr, self.base_lr = init_lr, base_lr
         self.temperature = temperature
         self.kd_name, self.kd = kd_term  # the -a term (KD) and the name it is logged under
         self.strong_view = any(d.needs.strong_view for _, _, d in methods)
@@ -87,8 +87,14 @@ class DistillTask(Task):
 
     def init_stages(self) -> list:
         return [Stage(f"init_{name}", stage.epochs, InitStep(self, stage), stage.params,
-                      evaluate=False, constant_lr=self.init_lr)
+                      evaluate=False, constant_lr=self._init_lr(stage))
                 for name, stage in self._declared_init_stages()]
+
+    def _init_lr(self, stage: InitStage) -> float:
+        """--init_lr, else the method's own init lr, else the base lr."""
+        if self.init_lr is not None:
+            return self.init_lr
+        return self.base_lr if stage.lr is None else stage.lr
 
     def main_parameters(self) -> list:
         """The student, and every connector no init stage owns (an init stage's connectors,

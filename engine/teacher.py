@@ -11,8 +11,25 @@ from engine.checkpoint import load_checkpoint, load_model_weights
 from core.errors import UserError
 
 
+# RepDistiller's teachers: its download script's <arch>_vanilla/ and its train_teacher.py's
+# <arch>_cifar100_lr_..._trial_<k>/ folders, both under save/models/; all are CIFAR-100 networks.
+REPDISTILLER_TEACHERS = "models/*/ckpt_epoch_240.pth"
+REPDISTILLER_DATASET = "cifar100"
+
+
 def find_best_teacher(save_dir, dataset: str) -> Path:
-    """The best.pth of the teacher run with the highest best top-1 for `dataset`."""
+    """The best.pth of this suite's teacher run with the highest best top-1 for `dataset`; only
+    when there is none, the RepDistiller teacher under `save_dir` with the highest accuracy its
+    checkpoint records. Our runs rank first: their data set and accuracy are recorded by this
+    suite, a RepDistiller checkpoint's data set is implied by its folder alone."""
+    candidates = _suite_teachers(save_dir, dataset) or _repdistiller_teachers(save_dir, dataset)
+    if not candidates:
+        raise UserError(f"no trained teacher for {dataset} under {Path(save_dir) / 'teachers'}; train one first: "
+                        f"python train_teacher.py --model resnet32x4 --dataset {dataset}")
+    return max(candidates)[1]
+
+
+def _suite_teachers(save_dir, dataset: str) -> list:
     candidates = []
     for results_path in sorted(Path(save_dir, "teachers").glob(f"*/{runs.RESULTS_FILE}")):
         with open(results_path) as f:
@@ -20,10 +37,15 @@ def find_best_teacher(save_dir, dataset: str) -> Path:
         best = results_path.parent / runs.BEST_CKPT
         if results.get("dataset") == dataset and best.is_file():
             candidates.append((results.get("best_top1", 0.0), best))
-    if not candidates:
-        raise UserError(f"no trained teacher for {dataset} under {Path(save_dir) / 'teachers'}; train one first: "
-                        f"python train_teacher.py --model resnet32x4 --dataset {dataset}")
-    return max(candidates)[1]
+    return candidates
+
+
+def _repdistiller_teachers(save_dir, dataset: str) -> list:
+    """(accuracy recorded at epoch 240, path) of RepDistiller's teacher checkpoints."""
+    if dataset != REPDISTILLER_DATASET:
+        return []
+    return [(float(load_checkpoint(path).get("accuracy", float("-inf"))), path)
+            for path in sorted(Path(save_dir).glob(REPDISTILLER_TEACHERS))]
 
 
 def teacher_arch(path: Path, state: dict, model_t) -> str:

@@ -19,7 +19,7 @@ from .vgg import vgg8, vgg11, vgg13, vgg16, vgg19
 from .wrn import wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
 
 # RepDistiller's CIFAR zoo under its names. Learning rates: RepDistiller's train_student.py (0.01 for
-# MobileNetV2 and the ShuffleNets) and init.py (init stages at 0.01 for ResNet and WRN students).
+# MobileNetV2 and the ShuffleNets) and init.py (FT's init stage at 0.01 for ResNet and WRN students).
 register_model("resnet8", resnet8, init_lr=0.01)
 register_model("resnet14", resnet14, init_lr=0.01)
 register_model("resnet20", resnet20, init_lr=0.01)

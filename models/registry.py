@@ -6,7 +6,7 @@ An entry carries what the run wiring needs to know about a network without namin
   (224x224, strided 7x7 stems);
 - `lr`: the learning rate RepDistiller trains it with (0.05, or 0.01 for MobileNetV2 and the
   ShuffleNets) where --learning_rate is not given;
-- `init_lr`: the constant learning rate of an init stage (AB, FT, FSP) when it is the student
+- `init_lr`: the constant learning rate of FT's paraphraser stage when it is the student
   (RepDistiller's init.py: 0.01 for ResNets and WRNs, else the run's learning rate).
 
 RepDistiller infers a teacher's architecture from its folder name (`resnet32x4_vanilla`,

@@ -7,6 +7,7 @@ import torch
 from distiller_zoo.base import Batch
 from distiller_zoo.ab import AB, ABLoss, alternative_l2
 from distiller_zoo.base import InitStage, resolve
+from distiller_zoo.fitnet import ConvReg
 from method_helpers import make_ctx
 
 
@@ -53,7 +54,7 @@ def test_loss_zero_when_student_beyond_margin_on_teacher_side():
 
 
 def test_gradients_reach_student_and_connectors_not_teacher():
-    ctx, x = make_ctx("resnet8", "resnet8")
+    ctx, x = make_ctx("resnet8", "resnet8x4")
     ab = AB(ctx)
     feat_s = ctx.student.forward_features(x)
     teacher_pre = [p.clone().requires_grad_(True) for p in ctx.feat_t.preact]
@@ -65,7 +66,7 @@ def test_gradients_reach_student_and_connectors_not_teacher():
     assert all(t.grad is None for t in teacher_pre)
     assert ctx.student.conv1.weight.grad is not None and ctx.student.conv1.weight.grad.abs().sum() > 0
     for c in ab.connectors:
-        assert c[0].weight.grad is not None and c[0].weight.grad.abs().sum() > 0
+        assert c.conv.weight.grad is not None and c.conv.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in ctx.teacher.parameters())
 
 
@@ -87,10 +88,10 @@ def test_init_stage_declares_student_features_and_connectors():
 
 
 def test_main_stage_term_is_exact_zero_and_logs_monitor():
-    ctx, x = make_ctx("resnet8", "resnet8")
+    ctx, x = make_ctx("resnet8", "resnet8x4")
     ab = AB(ctx).train()
     feat_s = ctx.student.forward_features(x)
-    before = [c[1].running_mean.clone() for c in ab.connectors]
+    before = [c.bn.running_mean.clone() for c in ab.connectors]
     loss, parts = ab(feat_s, ctx.feat_t, Batch(torch.zeros(2, dtype=torch.long), torch.arange(2)))
     assert loss.item() == 0.0 and loss.grad_fn is None and not loss.requires_grad
     assert loss.dim() == 0 and loss.dtype == torch.float32
@@ -98,7 +99,7 @@ def test_main_stage_term_is_exact_zero_and_logs_monitor():
     assert torch.isfinite(parts["boundary"]) and 0.0 <= parts["agreement"].item() <= 1.0
     # monitoring moved no BatchNorm statistics and left the connectors in train mode
     for c, b in zip(ab.connectors, before):
-        assert torch.equal(c[1].running_mean, b)
+        assert torch.equal(c.bn.running_mean, b)
         assert c.training
 
 
@@ -108,7 +109,7 @@ def test_cross_architecture_pairing_and_spatial_matching(capsys):
     ab = AB(ctx)
     assert "stages paired from the deepest" in capsys.readouterr().out
     assert ab.pairs == [(0, 1), (1, 2), (2, 3)]
-    assert [c[0].out_channels for c in ab.connectors] == [256, 512, 512]
+    assert [c.conv.out_channels for c in ab.connectors] == [256, 512, 512]
     feat_s = ctx.student.forward_features(x)
     loss = ab.boundary_loss(feat_s, ctx.feat_t)
     assert loss.dim() == 0 and torch.isfinite(loss)
@@ -121,3 +122,24 @@ def test_registry():
     spec = resolve("abound")
     assert spec.name == "ab" and spec.cls is AB
     assert (spec.gamma, spec.alpha, spec.beta) == (1.0, 0.0, 1.0)
+
+
+def test_connector_rule_is_repdistillers_and_the_paper_is_an_option():
+    # equal channels and sizes: the identity, so the default loss is the boundary loss of the
+    # raw pre-ReLU maps, computed element by element
+    ctx, x = make_ctx("resnet8", "resnet14")
+    ab = AB(ctx)
+    assert all(isinstance(c, torch.nn.Identity) for c in ab.connectors)
+    assert list(ab.connectors.parameters()) == []
+    with torch.no_grad():
+        feat_s = ctx.student.forward_features(x)
+        expected = reference_ab(feat_s.preact, ctx.feat_t.preact)
+        assert ab.boundary_loss(feat_s, ctx.feat_t).item() == pytest.approx(expected, rel=1e-5)
+    # other channel counts: ConvReg without ReLU (a 1x1 conv at equal sizes) + BN
+    ctx, _ = make_ctx("resnet8", "resnet8x4")
+    ab = AB(ctx)
+    assert all(isinstance(c, ConvReg) and not c.use_relu and c.conv.kernel_size == (1, 1) for c in ab.connectors)
+    # the paper's connector: 1x1 conv + BN for every pair, identities included
+    ctx, _ = make_ctx("resnet8", "resnet14", ab_connector="paper")
+    ab = AB(ctx)
+    assert [type(m) for m in ab.connectors[0]] == [torch.nn.Conv2d, torch.nn.BatchNorm2d]

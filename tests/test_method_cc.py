@@ -1,12 +1,12 @@
-"""CC (correlation): Embed and the correlation-congruence loss against explicit
-loops, the minimum, gradients (both embeds train, the teacher does not), real models."""
+"""CC (correlation): the linear embedding and the correlation-congruence loss against
+explicit loops, the default loss end to end as RepDistiller computes it, the minimum, gradients (both embeds train, the teacher does not), real models."""
 
 import numpy as np
 import pytest
 import torch
 
 from distiller_zoo.base import BuildContext, resolve
-from distiller_zoo.cc import CC, Correlation, Embed
+from distiller_zoo.cc import CC, Correlation, LinearEmbed
 from models import Features
 from method_helpers import make_args, make_ctx, step_on_real_models
 
@@ -48,15 +48,28 @@ def test_zero_for_identical_and_batch_of_one():
     assert out.item() == 0.0 and out.requires_grad
 
 
-def test_embed_is_linear_then_l2_normalised():
+def test_embed_is_linear_without_normalisation():
     torch.manual_seed(2)
-    emb = Embed(6, 3)
+    emb = LinearEmbed(6, 3)
     x = torch.randn(4, 6)
     w, bias = emb.linear.weight.detach().double().numpy(), emb.linear.bias.detach().double().numpy()
-    y = x.double().numpy() @ w.T + bias
-    expected = y / np.sqrt((y ** 2).sum(axis=1, keepdims=True))
+    expected = x.double().numpy() @ w.T + bias
     np.testing.assert_allclose(emb(x).detach().numpy(), expected, rtol=1e-5, atol=1e-6)
     assert emb(x.bfloat16().float()).dtype == torch.float32
+
+
+def test_default_loss_is_repdistillers_on_linear_embeddings():
+    """RepDistiller: Correlation()(LinearEmbed_s(f_s), LinearEmbed_t(f_t)), by hand in numpy."""
+    fs, ft = hand_features(12, seed=3, b=5), hand_features(20, seed=4, b=5)
+    d = CC(BuildContext(None, None, fs, ft, make_args(feat_dim=7), 10, 10))
+    loss, _ = d(fs, ft)
+
+    def embed(layer, x):
+        return x.double().numpy() @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
+
+    e_s, e_t = embed(d.embed_s.linear, fs.pooled), embed(d.embed_t.linear, ft.pooled)
+    assert np.abs(np.linalg.norm(e_s, axis=1) - 1).max() > 0.1  # not unit rows: no normalisation
+    assert loss.item() == pytest.approx(np_cc(e_s, e_t), rel=1e-5)
 
 
 def test_gradients_reach_student_and_both_embeds_not_teacher():

@@ -5,8 +5,14 @@ import numpy as np
 import pytest
 import torch
 
+from distiller_zoo.ab import AB
 from distiller_zoo.base import InitStage, resolve
 from distiller_zoo.ft import FT, FactorTransferLoss, Paraphraser, Translator
+from distiller_zoo.temperature import Temperature
+from engine.distill_task import DistillTask
+from core.errors import UserError
+from distiller_zoo.kd import DistillKL
+from distiller_zoo.objective import parse_objective
 from models.features import Features
 from method_helpers import make_ctx
 
@@ -16,7 +22,7 @@ def with_last_stage(feat, last):
                     pooled=feat.pooled, logits=feat.logits)
 
 
-def reference_ft(fs, ft, p1=None):
+def reference_ft(fs, ft, p1=2):
     """numpy: per sample, flatten (or reduce to mean_c f^p1), divide by the L2 norm, mean |diff|."""
     fs = fs.detach().double().numpy()
     ft = ft.detach().double().numpy()
@@ -34,8 +40,8 @@ def reference_ft(fs, ft, p1=None):
 def test_factor_loss_matches_independent_computation():
     torch.manual_seed(1)
     fs, ft = torch.randn(3, 4, 5, 5), torch.randn(3, 4, 5, 5)
-    assert FactorTransferLoss()(fs, ft).item() == pytest.approx(reference_ft(fs, ft), rel=1e-5)
-    assert FactorTransferLoss(p1=2)(fs, ft).item() == pytest.approx(reference_ft(fs, ft, p1=2), rel=1e-5)
+    assert FactorTransferLoss()(fs, ft).item() == pytest.approx(reference_ft(fs, ft, p1=2), rel=1e-5)
+    assert FactorTransferLoss(p1=None)(fs, ft).item() == pytest.approx(reference_ft(fs, ft, p1=None), rel=1e-5)
 
 
 def test_factor_loss_pools_the_larger_factor():
@@ -49,7 +55,10 @@ def test_factor_loss_zero_for_proportional_factors():
     torch.manual_seed(3)
     ft = torch.randn(2, 4, 3, 3)
     assert FactorTransferLoss()(ft * 5.0, ft).item() == pytest.approx(0.0, abs=1e-7)
-    assert FactorTransferLoss()(-ft, ft).item() > 0
+    assert FactorTransferLoss(p1=None)(ft * 5.0, ft).item() == pytest.approx(0.0, abs=1e-7)
+    # mean_c F^2 forgets the sign, the whole factor does not
+    assert FactorTransferLoss()(-ft, ft).item() == pytest.approx(0.0, abs=1e-7)
+    assert FactorTransferLoss(p1=None)(-ft, ft).item() > 0
 
 
 def test_paraphraser_and_translator_shapes():
@@ -122,3 +131,45 @@ def test_registry():
     spec = resolve("factor")
     assert spec.name == "ft" and spec.cls is FT
     assert (spec.gamma, spec.alpha, spec.beta) == (1.0, 0.0, 200.0)
+
+
+def test_default_is_repdistillers_reduction_by_hand():
+    """RepDistiller's factor loss on a 1-sample, 2-channel, 2x2 factor, worked by hand:
+    A = mean_c F^2 per position, normalised to unit L2 norm, then the mean |difference|."""
+    fs = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]]]])   # A_s = (1, 0, 0, 0)
+    ft = torch.tensor([[[[0.0, 0.0], [0.0, 0.0]], [[2.0, 2.0], [0.0, 0.0]]]])   # A_t = (2, 2, 0, 0)
+    # unit A_t = (1/sqrt2, 1/sqrt2, 0, 0): |diffs| = (1 - 1/sqrt2, 1/sqrt2, 0, 0), mean over 4 positions
+    assert FactorTransferLoss()(fs, ft).item() == pytest.approx(0.25, rel=1e-6)
+
+
+def test_paper_variant_needs_its_own_weight():
+    ctx, _ = make_ctx("resnet8", "resnet8", ft_factor="paper")
+    with pytest.raises(UserError, match="-b"):
+        FT(ctx)
+    ctx.weight_given = True
+    assert FT(ctx).criterion.p1 is None
+    ctx.options.ft_factor = "repdistiller"
+    assert FT(ctx).criterion.p1 == 2
+
+
+@pytest.mark.parametrize("student,lr", [("resnet8", 0.01), ("wrn_16_1", 0.01), ("vgg8", None)])
+def test_init_stage_lr_is_repdistillers(student, lr):
+    ctx, _ = make_ctx(student, "resnet8")
+    assert FT(ctx).init_stage().lr == lr
+
+
+def test_task_runs_each_init_stage_at_its_reference_lr():
+    ctx, _ = make_ctx("resnet8", "resnet8")
+    methods = [("ft", 200.0, FT(ctx)), ("ab", 1.0, AB(ctx))]
+    task = DistillTask(ctx.student, ctx.teacher, methods, 1.0, 0.0, ("kd", DistillKL(4.0)), Temperature(4.0), 10,
+                       base_lr=0.05)
+    assert {s.name: s.constant_lr for s in task.init_stages()} == {"init_ft": 0.01, "init_ab": 0.05}
+    task.init_lr = 0.2  # --init_lr overrides every stage
+    assert {s.constant_lr for s in task.init_stages()} == {0.2}
+
+
+@pytest.mark.parametrize("distill,beta,given", [("ft", None, ()), ("ft", 300.0, ("ft",)),
+                                                ("ft:300,at", None, ("ft",)), ("factor:300", None, ("ft",))])
+def test_objective_says_which_weights_the_user_gave(distill, beta, given):
+    terms = parse_objective(distill, None, None, beta).methods
+    assert tuple(t.spec.name for t in terms if t.weight_source == "given") == given
