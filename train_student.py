@@ -18,7 +18,7 @@ import distiller_zoo  # noqa: F401  (importing registers the methods)
 from distiller_zoo.base import BuildContext
 from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
 from engine.args import add_common_args
-from engine.build import build_model, check_model_name
+from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.distill_task import DistillTask
 from engine.errors import UserError, exits_cleanly
 from engine.loop import NonFiniteLoss, move_batch
@@ -76,6 +76,8 @@ def resolve_run(args: argparse.Namespace) -> argparse.Namespace:
         print(f"no --path_t given: using the best {args.dataset} teacher, {args.path_t}")
     _, args.model_t = read_teacher(args.path_t, args.model_t)
     check_model_name(args.model_t, "--model_t")
+    check_fits_dataset(args.model_s, args.dataset, "--model_s")
+    check_fits_dataset(args.model_t, args.dataset, "--model_t")
     if args.kd_T is None:
         args.kd_T = LOGIT_STAND_T if args.logit_stand else 4.0
     if args.kd_T_schedule != "constant" and args.kd_T_end is None:
