@@ -35,11 +35,17 @@ CROP_TRIES = 10
 
 
 class EncodedImages:
-    """A batch of undecoded files (1-D uint8 tensors); a class, not a list, so that the loader
-    passes it on as it is instead of concatenating it like a batch of views."""
+    """A batch of undecoded files, concatenated into one uint8 tensor: a worker hands one
+    shared-memory block per batch to the main process, not one per file (which runs out of
+    file descriptors). A class, not a list, so the loader passes it on as it is."""
 
     def __init__(self, files: List[Tensor]):
-        self.files = files
+        self.data = torch.cat(files)
+        self.lengths = [len(f) for f in files]
+
+    @property
+    def files(self) -> List[Tensor]:
+        return list(torch.split(self.data, self.lengths))
 
 
 def collate_encoded(samples) -> Tuple[EncodedImages, Tensor, Tensor]:

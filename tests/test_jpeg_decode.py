@@ -38,6 +38,11 @@ def test_batches_in_the_loaders_format_on_the_cpu(tree):
     assert xt.shape == (2, 3, 224, 224) and it.tolist() == [0, 1]
 
 
+def test_workers_hand_over_whole_batches(tree):
+    train, _, _ = build_loaders("imagenet", tree, 3, loader="jpeg", num_workers=1)
+    assert [b[0].shape for b in train] == [(3, 3, 224, 224)] * 2
+
+
 def test_auto_picks_it_on_cuda_only():
     assert resolve_loader("imagenet", "auto", "cpu") == "torch"
     assert resolve_loader("imagenet", "auto", "cuda") == "jpeg"
