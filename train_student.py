@@ -23,7 +23,7 @@ from distiller_zoo.base import BuildContext
 from distiller_zoo.objective import Objective, parse_objective
 from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
 from engine.args import HelpFormatter, add_common_args, parse_with_config
-from engine.build import build_model, check_model_name
+from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.distill_task import DistillTask
 from engine.loop import NonFiniteLoss, move_batch
 from engine.session import build_data, create_run_dir, restore_args, start
@@ -117,6 +117,8 @@ def resolve_run(args: argparse.Namespace) -> Plan:
         print(f"no --path_t given: using the best {args.dataset} teacher, {args.path_t}")
     state, args.model_t = read_teacher(args.path_t, args.model_t)
     check_model_name(args.model_t, "--model_t")
+    check_fits_dataset(args.model_s, args.dataset, "--model_s")
+    check_fits_dataset(args.model_t, args.dataset, "--model_t")
     if args.kd_T is None:
         args.kd_T = LOGIT_STAND_T if args.logit_stand else 4.0
     if not math.isfinite(args.kd_T) or args.kd_T <= 0:

@@ -7,9 +7,9 @@ of the published tables.
 import argparse
 import sys
 
-from engine.args import HelpFormatter, add_common_args, parse_with_config
-from engine.build import build_model, check_model_name
 from core.errors import exits_cleanly
+from engine.args import HelpFormatter, add_common_args, parse_with_config
+from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.loop import NonFiniteLoss
 from engine.session import build_data, create_run_dir, start
 from engine.task import SupervisedTask
@@ -38,6 +38,7 @@ def run_name(args) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     check_model_name(args.model)
+    check_fits_dataset(args.model, args.dataset)
     args, ctx, run_dir = start(args, "teachers", lambda a: a.model, run_name)
     train_loader, test_loader, info = build_data(args, ctx)
     model = build_model(args.model, info.num_classes).to(ctx.device)

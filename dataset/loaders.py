@@ -13,8 +13,10 @@ dataset/strong.py); targets, indices and contrast indices stay B. The test loade
 - "memory" (default for cifar100, cifar10, digits): `InMemoryLoader`, the split as uint8 on the
   training device, augmented there in batches.
 - "torch": a torch DataLoader over datasets returning (img, target, index) with RepDistiller's
-  PIL transforms; the only path for imagenet/tinyimagenet. Contrast indices are drawn per batch
-  in the main process with the same `ContrastSampler`.
+  PIL transforms; the reference path for imagenet/tinyimagenet and their default on the CPU.
+  Contrast indices are drawn per batch in the main process with the same `ContrastSampler`.
+- "jpeg" (imagenet only; the default there on CUDA): workers read file bytes, the batch is
+  decoded and augmented on the training device (dataset/jpeg_decode.py).
 
 Both visit the same indices for the same (seed, epoch, rank), see dataset.order.
 """
@@ -29,12 +31,14 @@ from dataset.cifar100 import cifar_instance_dataset, eval_transform, load_cifar,
 from dataset.contrast import ContrastSampler, check_mode
 from dataset.digits import DigitsInstance, digits_mean_std, load_digits_split
 from dataset.imagenet import image_folder
+from dataset.jpeg_decode import JpegLoader, collate_encoded, encoded_folder
 from dataset.memory import InMemoryLoader
 from dataset.order import CONTRAST_STREAM, TRANSFORM_STREAM, WORKER_STREAM, epoch_indices, mix_seed, shard_length
 from dataset.strong import two_view_transform
 from core.errors import UserError
 
-LOADERS = ("auto", "memory", "torch")
+LOADERS = ("auto", "memory", "torch", "jpeg")
+JPEG_DATASETS = ("imagenet",)
 
 
 class TorchLoader:
@@ -54,7 +58,7 @@ class TorchLoader:
     def __init__(self, dataset, *, batch_size: int, train: bool, shuffle: Optional[bool] = None,
                  drop_last: bool = False, num_workers: int = 0, seed: int = 0, rank: int = 0,
                  world_size: int = 1, even_shards: Optional[bool] = None, contrast: Optional[ContrastSampler] = None,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, collate_fn=None):
         if batch_size < 1:
             raise ValueError("batch_size must be positive")
         self.dataset = dataset
@@ -70,6 +74,7 @@ class TorchLoader:
             raise ValueError("the torch loader draws contrast indices on the CPU")
         self.contrast = contrast
         self.pin_memory = pin_memory
+        self.collate_fn = collate_fn
         self.epoch = 0
 
     @property
@@ -91,6 +96,7 @@ class TorchLoader:
         words = (self.seed, self.epoch, self.rank)
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.indices().tolist(),
                             drop_last=self.drop_last, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                            collate_fn=self.collate_fn,
                             generator=torch.Generator().manual_seed(mix_seed(*words, WORKER_STREAM)))
         contrast_gen = torch.Generator().manual_seed(mix_seed(*words, CONTRAST_STREAM))
         batches = iter(loader)
@@ -176,13 +182,21 @@ def _torch_datasets(name: str, data_folder, download: bool, world_size: int):
     return train, test, train.targets, info.mean, info.std, len(train.classes)
 
 
-def resolve_loader(name: str, loader: str) -> str:
-    """'auto' -> 'memory' for the data sets that fit in memory, 'torch' otherwise."""
+def resolve_loader(name: str, loader: str, device="cpu", strong_view: bool = False) -> str:
+    """'auto' -> 'memory' for the data sets that fit in memory, 'jpeg' for ImageNet on CUDA,
+    'torch' otherwise."""
     info = get_info(name)
     if loader not in LOADERS:
         raise UserError(f"unknown --loader '{loader}'; use one of: {', '.join(LOADERS)}")
     if loader == "auto":
-        return "memory" if info.in_memory else "torch"
+        if info.in_memory:
+            return "memory"
+        gpu_decode = name in JPEG_DATASETS and torch.device(device).type == "cuda" and not strong_view
+        return "jpeg" if gpu_decode else "torch"
+    if loader == "jpeg" and (name not in JPEG_DATASETS or strong_view):
+        why = "a second, strong view" if strong_view else name
+        raise UserError(f"--loader jpeg supports {', '.join(JPEG_DATASETS)} without strong views; "
+                        f"use --loader torch (or auto) for {why}")
     if loader == "memory" and not info.in_memory:
         fits = ", ".join(k for k, v in DATASETS.items() if v.in_memory)
         raise UserError(f"--loader memory holds the whole data set on the device and supports {fits}; "
@@ -206,7 +220,7 @@ def build_loaders(name: str, data_folder="./data", batch_size: int = 64, *, load
     bit for bit; the torch path, draw for draw).
     """
     info: DatasetInfo = get_info(name)
-    kind = resolve_loader(name, loader)
+    kind = resolve_loader(name, loader, device, strong_view)
     contrast = _parse_contrast(contrast)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
@@ -216,6 +230,10 @@ def build_loaders(name: str, data_folder="./data", batch_size: int = 64, *, load
     if kind == "memory":
         (train_x, train_y), (test_x, test_y), mean, std = _memory_tensors(name, data_folder, download, world_size)
         n_train, n_test, num_classes = len(train_y), len(test_y), info.num_classes
+    elif kind == "jpeg":
+        train_set, test_set = encoded_folder(name, data_folder, True), encoded_folder(name, data_folder, False)
+        train_targets, mean, std, num_classes = train_set.targets, info.mean, info.std, len(train_set.classes)
+        n_train, n_test = len(train_set), len(test_set)
     else:
         train_set, test_set, train_targets, mean, std, num_classes = _torch_datasets(
             name, data_folder, download, world_size)
@@ -232,6 +250,15 @@ def build_loaders(name: str, data_folder="./data", batch_size: int = 64, *, load
                                       contrast=sampler, strong_view=strong_view, **common)
         test_loader = InMemoryLoader(test_x, test_y, batch_size=test_batch_size, mean=mean, std=std, train=False,
                                      device=device, channels_last=channels_last, **common)
+    elif kind == "jpeg":
+        targets = torch.as_tensor(list(train_targets), dtype=torch.long)
+        sampler = ContrastSampler(targets, *contrast) if contrast else None
+        files = dict(num_workers=num_workers, collate_fn=collate_encoded, **common)
+        train_loader = JpegLoader(TorchLoader(train_set, batch_size=batch_size, train=True, drop_last=drop_last,
+                                              contrast=sampler, **files),
+                                  train=True, device=device, mean=mean, std=std)
+        test_loader = JpegLoader(TorchLoader(test_set, batch_size=test_batch_size, train=False, **files),
+                                 train=False, device=device, mean=mean, std=std)
     else:
         targets = torch.as_tensor(list(train_targets), dtype=torch.long)
         if strong_view:

@@ -1,15 +1,19 @@
 """Command-line flags both entry points share, with RepDistiller's names and defaults."""
 import argparse
 import math
+import os
 import zlib
 
 import yaml
 
 from core.errors import UserError
 from engine.build import default_lr
+from engine.recipe import apply_imagenet_recipe
 
 REFERENCE_EPOCHS = 240
 REFERENCE_DECAY_EPOCHS = (150, 180, 210)
+REFERENCE_BATCH_SIZE = 64
+REFERENCE_WEIGHT_DECAY = 5e-4
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -28,15 +32,19 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--print_freq", type=int, default=100, help="steps between progress updates")
     g.add_argument("--tb_freq", type=int, default=500, help="accepted for RepDistiller compatibility")
     g.add_argument("--save_freq", type=int, default=40, help="also keep ckpt_epoch_<k>.pth every k epochs")
-    g.add_argument("--batch_size", type=int, default=64, help="per process")
+    g.add_argument("--batch_size", type=int, default=None,
+                   help="per process; default 64, or 256 in total for imagenet (engine/recipe.py)")
     g.add_argument("--num_workers", type=int, default=8, help="DataLoader workers (torch loader only)")
-    g.add_argument("--epochs", type=int, default=REFERENCE_EPOCHS, help="epochs of the main training")
+    g.add_argument("--epochs", type=int, default=None, help="epochs of the main training; default 240, or 100 "
+                                                              "for imagenet")
     g.add_argument("--learning_rate", type=float, default=None,
-                   help="default: the model's, 0.05 (0.01 for MobileNetV2, ShuffleV1, ShuffleV2)")
+                   help="default: the model's, 0.05 (0.01 for MobileNetV2, ShuffleV1, ShuffleV2); "
+                        "for imagenet 0.1 x total batch / 256")
     g.add_argument("--lr_decay_epochs", type=str, default=None,
-                   help="comma-separated milestones; default 150,180,210 scaled to --epochs")
+                   help="comma-separated milestones; default 150,180,210 (imagenet: 30,60,90) scaled to --epochs")
     g.add_argument("--lr_decay_rate", type=float, default=0.1, help="factor at each milestone")
-    g.add_argument("--weight_decay", type=float, default=5e-4, help="SGD weight decay")
+    g.add_argument("--weight_decay", type=float, default=None, help="SGD weight decay; default 5e-4, or 1e-4 for "
+                                                                     "imagenet")
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     g.add_argument("--dataset", type=str, default="cifar100",
                    help="cifar100, cifar10, digits, imagenet, tinyimagenet")
@@ -57,8 +65,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
     s = parser.add_argument_group("speed")
     s.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:<k>")
-    s.add_argument("--loader", type=str, default="auto", choices=("auto", "memory", "torch"),
-                   help="memory: data on the device, augmented there (default for CIFAR/digits)")
+    s.add_argument("--loader", type=str, default="auto", choices=("auto", "memory", "torch", "jpeg"),
+                   help="memory: data on the device, augmented there (default for CIFAR/digits); "
+                        "jpeg: ImageNet decoded on the device (default for imagenet on CUDA)")
     s.add_argument("--amp", type=str, default=None, choices=("auto", "bf16", "fp16", "off"),
                    help="autocast precision; auto = bf16 on CUDA; on a CPU bf16 only where it is native and "
                         "measured faster, else off (fp32); default auto (on --resume, the run's)")
@@ -71,6 +80,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
 
 def finalize_common_args(args: argparse.Namespace, trained_model: str) -> argparse.Namespace:
     """Validate the shared flags and fill the defaults that depend on other flags."""
+    args = apply_imagenet_recipe(args, int(os.environ.get("WORLD_SIZE", "1")))
+    if args.epochs is None:
+        args.epochs = REFERENCE_EPOCHS
+    if args.batch_size is None:
+        args.batch_size = REFERENCE_BATCH_SIZE
+    if args.weight_decay is None:
+        args.weight_decay = REFERENCE_WEIGHT_DECAY
     if args.epochs <= 0:
         raise UserError(f"--epochs must be positive, got {args.epochs}")
     if args.batch_size <= 0:

@@ -1,6 +1,7 @@
-"""Finding and loading the teacher: our checkpoints, or RepDistiller's/mdistiller's
-({'model': state_dict}), its architecture named by --model_t, the checkpoint, the run's
-args.json, or the folder name as RepDistiller does."""
+"""Finding and loading the teacher: our checkpoints, RepDistiller's/mdistiller's
+({'model': state_dict}), or torchvision's by name (torchvision:resnet34); its architecture
+named by --model_t, the checkpoint, the run's args.json, a torchvision weights file's name, or
+the folder name as RepDistiller does."""
 import json
 from pathlib import Path
 
@@ -9,6 +10,7 @@ from engine.build import build_model
 from models import arch_from_folder as registry_arch_from_folder
 from engine.checkpoint import load_checkpoint, load_model_weights
 from core.errors import UserError
+from engine.torchvision_teacher import arch_from_weights_file, is_torchvision_spec, read_torchvision_teacher
 
 
 # RepDistiller's teachers: its download script's <arch>_vanilla/ and its train_teacher.py's
@@ -59,7 +61,7 @@ def teacher_arch(path: Path, state: dict, model_t) -> str:
         for key in ("model", "model_s"):  # a teacher run, or a distilled student used as a teacher
             if key in stored:
                 return stored[key]
-    return arch_from_folder(path)
+    return arch_from_weights_file(path) or arch_from_folder(path)
 
 
 def arch_from_folder(path: Path) -> str:
@@ -73,6 +75,8 @@ def arch_from_folder(path: Path) -> str:
 
 def read_teacher(path, model_t):
     """Returns (checkpoint, architecture name) of the teacher checkpoint at `path`."""
+    if is_torchvision_spec(path):
+        return read_torchvision_teacher(str(path), model_t)
     path = Path(path)
     state = load_checkpoint(path)
     return state, teacher_arch(path, state, model_t)

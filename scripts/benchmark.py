@@ -82,6 +82,7 @@ from engine.precision import cpu_name, resolve_execution  # noqa: E402
 from engine.trainer import first_batch_shape  # noqa: E402
 from engine.session import build_data  # noqa: E402
 from engine.task import SupervisedTask  # noqa: E402
+from dataset.loaders import build_loaders  # noqa: E402
 
 METHODS = ("kd", "crd", "at", "fitnet", "ofd")
 PAIRS = (("resnet32x4", "resnet8x4"), ("vgg13", "MobileNetV2"))
@@ -386,6 +387,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n_images", type=int, default=5000, help="training images of the synthetic data set")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--imagenet_loader", action="store_true",
+                        help="time ImageNet's training loader alone instead: the PIL path against decode_jpeg on "
+                             "--device, over --n_images synthetic 500x375 JPEGs, batch 64, --num_workers workers")
     opts = parser.parse_args(argv)
     if opts.device is None:
         opts.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -396,8 +400,52 @@ def parse_args(argv=None) -> argparse.Namespace:
     return opts
 
 
+def write_jpeg_tree(root: Path, n_images: int, seed: int) -> Path:
+    """ImageNet's layout with n_images 500x375 JPEGs (ImageNet's most common size) over 10 classes."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:375, 0:500]
+    for k in range(n_images):
+        for split in ("train", "val"):
+            (root / split / f"n{k % 10:08d}").mkdir(parents=True, exist_ok=True)
+        phase = rng.uniform(0, 6.3, 3)
+        pixels = 127 + 100 * np.sin(np.stack([x / 23 + phase[0], y / 17 + phase[1], (x + y) / 31 + phase[2]], -1))
+        pixels += rng.normal(0, 10, pixels.shape)
+        image = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+        image.save(root / "train" / f"n{k % 10:08d}" / f"{k}.JPEG", quality=90)
+        if k < 10:
+            image.save(root / "val" / f"n{k % 10:08d}" / f"{k}.JPEG", quality=90)
+    return root
+
+
+def measure_imagenet_loader(opts, work: Path) -> List[dict]:
+    """Images/s of one pass over the training loader (after one untimed batch), per path."""
+    tree = write_jpeg_tree(work / "imagenet", opts.n_images, opts.seed)
+    rows = []
+    for kind in ("torch", "jpeg"):
+        train, _, _ = build_loaders("imagenet", tree, 64, loader=kind, device=opts.device,
+                                    num_workers=opts.num_workers, seed=opts.seed)
+        batches = iter(train)
+        next(batches)
+        start, n = time.perf_counter(), 0
+        for images, *_ in batches:
+            n += images.shape[0]
+        if opts.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        rows.append({"loader": "PIL" if kind == "torch" else f"decode_jpeg ({opts.device})",
+                     "images_per_s": n / (time.perf_counter() - start), "images": n})
+        print(f"{rows[-1]['loader']:>24}: {rows[-1]['images_per_s']:8.1f} images/s ({n} images)", flush=True)
+    return rows
+
+
 def main(argv=None) -> List[dict]:
     opts = parse_args(argv)
+    if opts.imagenet_loader:
+        with tempfile.TemporaryDirectory(prefix="distillbench-") as tmp:
+            device_name = torch.cuda.get_device_name(opts.device) if opts.device.startswith("cuda") else cpu_name()
+            print(f"ImageNet training loader alone on {opts.device} ({device_name}), {opts.num_workers} workers, "
+                  f"{torch.get_num_threads()} threads, {opts.n_images} synthetic 500x375 JPEGs, batch 64", flush=True)
+            return measure_imagenet_loader(opts, Path(tmp))
     configs = parse_configs(opts.configs)
     cuda = opts.device.startswith("cuda")
     rows = []
