@@ -28,6 +28,10 @@ from core.errors import UserError
 MIN_GAIN = 1.05           # bf16 or channels_last must beat the alternative by 5% to be chosen
 PROBE_STEPS = 3           # timed steps per candidate, after one untimed warm-up round
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+# Instruction-set caps a user (or a test of an older CPU) may set: oneDNN's below its bf16 level,
+# or ATen's below AVX-512, leave bf16 emulated even on a CPU that has it.
+NO_BF16_ONEDNN_ISAS = ("sse41", "avx", "avx2", "avx2_vnni", "avx2_vnni_2", "avx512_core", "avx512_core_vnni")
+NO_BF16_ATEN_CAPABILITIES = ("default", "avx2")
 
 
 @dataclass
@@ -100,7 +104,12 @@ def cpu_flags() -> set:
 
 
 def native_bf16() -> bool:
-    """True when the CPU computes bf16 in hardware (not emulated through fp32)."""
+    """True when the CPU computes bf16 in hardware (not emulated through fp32) and neither
+    oneDNN (ONEDNN_MAX_CPU_ISA) nor ATen (ATEN_CPU_CAPABILITY) is capped below it."""
+    onednn = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").lower()
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    if onednn in NO_BF16_ONEDNN_ISAS or aten in NO_BF16_ATEN_CAPABILITIES:
+        return False
     return bool(cpu_flags() & set(NATIVE_BF16_FLAGS))
 
 

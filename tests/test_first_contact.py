@@ -61,8 +61,22 @@ def test_cpu_without_native_bf16_never_tries_bf16(monkeypatch, probe_log):
     assert "no native bf16" in execution.reason
 
 
+def test_an_isa_cap_below_bf16_counts_as_no_native_bf16(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "")
+    assert precision.native_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert not precision.native_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "")
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    assert not precision.native_bf16()
+
+
 def test_native_bf16_is_measured_once_then_cached(monkeypatch, probe_log):
     monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
     first, second = resolve(), resolve()
     assert (first.amp_dtype, first.channels_last) == (torch.bfloat16, True)
     assert (second.amp_dtype, second.channels_last) == (torch.bfloat16, True)
