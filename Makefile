@@ -11,11 +11,12 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 install: $(STAMP)
 
-$(STAMP): setup.py
+# the installed copy (console commands) follows the checkout's code
+$(STAMP): setup.py $(shell git ls-files '*.py' 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q ".[test]"
 	touch $(STAMP)
 
 test: install
