@@ -52,6 +52,9 @@ PAIR_BETA = {
     ("vgg13", "mobilenetv2"): 6.0,
     ("wrn_40_2", "wrn_16_2"): 6.0,
     ("wrn_40_2", "wrn_40_1"): 6.0,
+    # ImageNet (mdistiller configs/imagenet/*/dkd.yaml, with T 1 and a 1-epoch warm-up)
+    ("imagenet_resnet34", "imagenet_resnet18"): 0.5,
+    ("imagenet_resnet50", "imagenet_mobilenet_v1"): 2.0,
 }
 
 

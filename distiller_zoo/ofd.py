@@ -85,7 +85,9 @@ class OFDLoss(nn.Module):
         return sum(self.stage_losses(g_s, g_t, margins))
 
 
+# ImageNet ResNet-50 -> MobileNetV1: mdistiller configs/imagenet/r50_mv1/ofd.yaml, FEAT_WEIGHT
 @register("ofd", gamma=1.0, alpha=0.0, beta=0.001,
+          beta_per_pair={("imagenet_resnet50", "imagenet_mobilenet_v1"): 1e-4},
           paper="Heo et al., A Comprehensive Overhaul of Feature Distillation, ICCV 2019")
 class OFD(Distiller):
     def __init__(self, ctx: BuildContext):

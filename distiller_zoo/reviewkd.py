@@ -76,6 +76,9 @@ PAIR_WEIGHT = {
     ("resnet32x4", "shufflev2"): 8.0,
     ("resnet56", "resnet20"): 0.6,
     ("resnet110", "resnet32"): 1.0,
+    # ImageNet (mdistiller configs/imagenet/*/reviewkd.yaml, REVIEWKD_WEIGHT)
+    ("imagenet_resnet34", "imagenet_resnet18"): 1.0,
+    ("imagenet_resnet50", "imagenet_mobilenet_v1"): 8.0,
 }
 
 

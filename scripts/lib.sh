@@ -22,19 +22,20 @@ done
 
 common=(--epochs "$EPOCHS" --save_dir "$SAVE" --data_folder "$DATA" --auto_resume)
 
-# run ENTRY_POINT ARGS...: one training run on GPU $GPU. With IN_PROCESS=1 the runs are queued
-# and `finish_runs` executes them all in one Python process (short runs then do not pay the
+# run ENTRY_POINT ARGS...: one training run on GPU(s) $GPU, started by "${LAUNCH[@]}" (default:
+# $PY; the ImageNet script sets a torchrun launcher). With IN_PROCESS=1 the runs are queued and
+# `finish_runs` executes them all in one Python process (short runs then do not pay the
 # interpreter's and torch's start-up each time).
 QUEUE=()
 run() {
-  local line
-  line="CUDA_VISIBLE_DEVICES=$GPU $PY $(printf '%q ' "$@")"
+  local line launch=("${LAUNCH[@]:-$PY}")
+  line="CUDA_VISIBLE_DEVICES=$GPU $(printf '%q ' "${launch[@]}" "$@")"
   if [ "$DRY_RUN" = 1 ]; then
     echo "$line"
   elif [ "${IN_PROCESS:-0}" = 1 ]; then
     QUEUE+=("$line")
   else
-    CUDA_VISIBLE_DEVICES="$GPU" "$PY" "$@"
+    CUDA_VISIBLE_DEVICES="$GPU" "${launch[@]}" "$@"
   fi
 }
 

@@ -19,7 +19,8 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-PUBLISHED = Path(__file__).resolve().parent / "published_cifar100.csv"
+HERE = Path(__file__).resolve().parent
+PUBLISHED = {"cifar100": HERE / "published_cifar100.csv", "imagenet": HERE / "published_imagenet.csv"}
 REFERENCE_ROWS = ("teacher", "vanilla")
 FROM_LABELS = ("vanilla", "teacher")  # results.json's method of train_teacher.py runs (older runs: 'teacher')
 
@@ -59,9 +60,14 @@ def stats(values: pd.Series) -> dict:
             "std": values.std(ddof=1) if n > 1 else float("nan"), "n": n}
 
 
+def published_numbers() -> pd.DataFrame:
+    """Every published number the tables compare with, one row per (dataset, pair, method)."""
+    return pd.concat([pd.read_csv(path).assign(dataset=dataset) for dataset, path in PUBLISHED.items()],
+                     ignore_index=True)
+
+
 def attach_published(table: pd.DataFrame) -> pd.DataFrame:
-    published = pd.read_csv(PUBLISHED).rename(columns={"top1": "published"})
-    published["dataset"] = "cifar100"
+    published = published_numbers().rename(columns={"top1": "published"})
     published = published.groupby(["dataset", "teacher", "student", "method"], as_index=False)["published"].first()
     table = table.merge(published, on=["dataset", "teacher", "student", "method"], how="left")
     table["diff"] = table["mean"] - table["published"]
@@ -69,7 +75,7 @@ def attach_published(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def method_order(methods) -> list:
-    published = list(dict.fromkeys(pd.read_csv(PUBLISHED)["method"]))
+    published = list(dict.fromkeys(published_numbers()["method"]))
     known = [m for m in published if m in methods and m not in REFERENCE_ROWS]
     return [*REFERENCE_ROWS, *known, *sorted(m for m in methods if m not in known and m not in REFERENCE_ROWS)]
 
@@ -96,7 +102,7 @@ def wide(summary: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
 
 def header(dataset: str, metric: str) -> str:
     epoch = "last-epoch" if metric == "last" else "best-epoch"
-    note = " [published, ours − published]" if dataset == "cifar100" else ""
+    note = " [published, ours − published]" if dataset in PUBLISHED else ""
     return f"{dataset}: {epoch} top-1 (%), mean ± std over trials (number of trials){note}"
 
 

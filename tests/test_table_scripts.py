@@ -15,7 +15,8 @@ from engine.build import check_model_name
 from distiller_zoo.objective import parse_objective
 
 ENTRY_POINTS = {"train_student.py": train_student, "train_teacher.py": train_teacher}
-SCRIPTS = ("run_cifar_vanilla.sh", "run_cifar_distill.sh", "run_cifar_dkd.sh", "run_digits_table.sh")
+SCRIPTS = ("run_cifar_vanilla.sh", "run_cifar_distill.sh", "run_cifar_dkd.sh", "run_digits_table.sh",
+           "run_imagenet.sh")
 
 
 def dry_run(script, **env):
@@ -30,8 +31,8 @@ def parse(line):
     words = shlex.split(line)
     while "=" in words[0]:
         words.pop(0)  # environment assignments
-    _python, script, *argv = words
-    entry = os.path.basename(script)
+    script = next(k for k, word in enumerate(words) if word.endswith(".py"))  # after python or a launcher
+    entry, argv = os.path.basename(words[script]), words[script + 1:]
     return entry, ENTRY_POINTS[entry].parse_args(argv)
 
 
@@ -87,6 +88,18 @@ def test_the_dkd_script_covers_the_dkd_tables():
     dkd = published[published["method"] == "dkd"]
     assert {(r.teacher, r.student, "dkd") for r in dkd.itertuples()} <= set(found)
     assert ("resnet32x4", "resnet8x4", "kd+ls") in found
+
+
+def test_the_imagenet_script_runs_both_published_pairs_under_torchrun():
+    lines = dry_run("run_imagenet.sh", GPUS="4")
+    assert all("torch.distributed.run --nproc_per_node 4" in line and "CUDA_VISIBLE_DEVICES=0,1,2,3" in line
+               for line in lines)
+    found = {(parse(line)[1].path_t, parse(line)[1].model_s, parse(line)[1].distill) for line in lines}
+    methods = {"kd", "at", "ofd", "crd", "reviewkd", "dkd", "dist"}
+    assert found == {(f"torchvision:{t}", s, m) for t, s in (("resnet34", "imagenet_resnet18"),
+                                                           ("resnet50", "imagenet_mobilenet_v1")) for m in methods}
+    published = pd.read_csv(ROOT / "scripts" / "published_imagenet.csv")
+    assert set(published["student"]) <= {"imagenet_resnet18", "imagenet_mobilenet_v1"}
 
 
 def test_an_unknown_option_is_refused():
