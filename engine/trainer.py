@@ -172,7 +172,7 @@ class Trainer:
 
     def _kept(self) -> str:
         if self.saved is None:
-            return f"no checkpoint was written yet, so {self.run_dir} starts again from scratch"
+            return f"no checkpoint was written yet, so {self.run_dir} can start again from scratch"
         stage, epoch = self.saved
         return f"{self.run_dir / runs.LAST_CKPT} keeps {stage} epoch {epoch}, later steps are redone"
 
