@@ -77,8 +77,9 @@ def strike(process, save: Path, moment: str, rng: random.Random, duration_s: flo
             return False
     elif moment == "checkpoint write":
         wait_for(process, lambda: run_file("*.tmp"), duration_s)
-    else:
-        time.sleep(rng.uniform(0, duration_s))
+    else:  # timed from the run's start: SIGINT during the interpreter's imports is Python's, not the run's
+        wait_for(process, lambda: run_file("args.json"), duration_s)
+        time.sleep(rng.uniform(0, duration_s / 2))
     if process.poll() is not None:
         return False
     process.send_signal(rng.choice(SIGNALS))
