@@ -12,7 +12,6 @@ the method's published defaults. Without --path_t the best teacher of the data s
 """
 import argparse
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +24,7 @@ from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from
 from engine.args import HelpFormatter, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.distill_task import DistillTask
-from engine.loop import NonFiniteLoss, move_batch
+from engine.loop import move_batch
 from engine.session import build_data, create_run_dir, restore_args, start
 from engine.teacher import build_teacher, find_best_teacher, read_teacher
 from engine.trainer import Trainer
@@ -196,11 +195,7 @@ def main(argv=None) -> dict:
             print(term.describe(), flush=True)
     create_run_dir(args, ctx, run_dir)
     trainer = Trainer(args, ctx, run_dir, task, args.model_s, train_loader, test_loader, describe=describe(args, plan))
-    try:
-        results = trainer.fit()
-    except NonFiniteLoss as err:
-        print(f"stopped: {err}; the last good checkpoint stays in {run_dir}", file=sys.stderr)
-        sys.exit(1)
+    results = trainer.fit()
     if ctx.is_main:
         print(f"{args.method}: {args.model_t} -> {args.model_s} on {args.dataset}: best top-1 "
               f"{results['best_top1']:.2f} (epoch {results['best_epoch']}), last {results['last_top1']:.2f}; "

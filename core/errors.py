@@ -1,5 +1,6 @@
-"""User-facing errors: one clear line and exit status 2, never a traceback."""
+"""User-facing errors: one clear line and an exit status, never a traceback."""
 import functools
+import signal
 import sys
 
 
@@ -7,11 +8,30 @@ class UserError(Exception):
     """A mistake the user can fix; the message names the problem and the fix."""
 
 
+class RunStopped(Exception):
+    """A run ended early on purpose (a signal, a non-finite loss): the message says what was
+    kept and how to go on; the process exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 EXIT_USAGE = 2
+EXIT_SIGINT = 128 + signal.SIGINT
+
+_cleanups = []
+
+
+def on_exit(callback) -> None:
+    """Call `callback()` when the running main ends, however it ends (a run directory's lock
+    is released so the next main in this process, a table script's next run, may take it)."""
+    _cleanups.append(callback)
 
 
 def exits_cleanly(main):
-    """Run `main`, turning a UserError into one line on stderr and exit status 2."""
+    """Run `main`, turning a UserError into one line on stderr and exit status 2, a RunStopped
+    into its line and status, and Ctrl-C outside training into one line and status 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -20,5 +40,14 @@ def exits_cleanly(main):
         except UserError as err:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(EXIT_USAGE)
+        except RunStopped as stop:
+            print(f"stopped: {stop}", file=sys.stderr)
+            sys.exit(stop.exit_code)
+        except KeyboardInterrupt:
+            print("interrupted (Ctrl-C) outside the training loop; run the same command again to go on", file=sys.stderr)
+            sys.exit(EXIT_SIGINT)
+        finally:
+            while _cleanups:
+                _cleanups.pop()()
 
     return wrapper

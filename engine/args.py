@@ -123,7 +123,8 @@ def seed_from_trial(trial: str) -> int:
     return int(trial) if str(trial).isdigit() else zlib.crc32(str(trial).encode()) % (2**31)
 
 
-def parse_with_config(parser: argparse.ArgumentParser, argv=None, derived=("method", "beta_label")):
+def parse_with_config(parser: argparse.ArgumentParser, argv=None,
+                      derived=("method", "beta_label", "world_size", "effective_batch")):
     """Parse `argv`, with `--config FILE` (YAML, or a run's args.json) setting any flag first and
     the command line overriding it. `derived` names keys an args.json records that are not flags."""
     parser.add_argument("--config", default=None, metavar="FILE",

@@ -1,22 +1,27 @@
 """Checkpoints in RepDistiller's format ({'model': state_dict, 'epoch', 'best_acc', ...}),
 written atomically: a write interrupted half-way never destroys the last good file."""
-import os
+import io
 from pathlib import Path
 
 import torch
 
 from core.errors import UserError
+from engine.atomic import write_atomic
 
 
 def save_checkpoint(state: dict, path) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Serialised in memory first, so a failed write is an OSError of this process's own
+    write (with its errno: disk full, file-size limit, permission), not torch's writer's."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(path, buffer.getbuffer())
 
 
 def load_checkpoint(path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a directory; name a checkpoint file in it"
+                        f"{' such as ' + str(path / 'best.pth') if (path / 'best.pth').is_file() else ''}")
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; check the path")
     try:

@@ -10,7 +10,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from core.distributed import all_reduce_sum
+from core.distributed import all_reduce_sum, world_size
 from engine.precision import autocast
 from engine.progress import epoch_bar
 
@@ -73,9 +73,11 @@ def check_finite(means: dict, where: str) -> None:
 
 
 def train_epoch(step_module, loader, optimizer, scaler, *, device, amp_dtype, channels_last,
-                print_freq: int, desc: str, show_progress: bool, with_accuracy: bool = True, run: str = "") -> dict:
+                print_freq: int, desc: str, show_progress: bool, with_accuracy: bool = True, run: str = "",
+                stop=None) -> dict:
     """Optimise over one pass of `loader`. `step_module(*batch)` returns (terms, logits);
-    terms['loss'] is minimised, every term is reported. Returns means, seconds, images/s."""
+    terms['loss'] is minimised, every term is reported. Returns means, seconds, images/s.
+    `stop` (engine.signals.StopRequest) ends the epoch between steps with Interrupted."""
     meter = EpochMeter(device)
     start = time.perf_counter()
     bar = epoch_bar(len(loader), run, desc, enabled=show_progress)
@@ -93,6 +95,9 @@ def train_epoch(step_module, loader, optimizer, scaler, *, device, amp_dtype, ch
             running = meter.means(with_accuracy, "")
             check_finite(running, f"at step {step} of {desc}")
             bar.set_postfix({k: f"{v:.3f}" for k, v in running.items()})
+        if stop is not None and stop_now(stop, step, print_freq, device):
+            bar.close()
+            raise stop.interrupted(f"at step {step} of {desc}")
     bar.close()
     means = meter.means(with_accuracy, "train_")
     seconds = time.perf_counter() - start
@@ -100,6 +105,14 @@ def train_epoch(step_module, loader, optimizer, scaler, *, device, amp_dtype, ch
     means["epoch_time"] = seconds
     means["images_per_s"] = meter.count * _world(loader) / seconds
     return means
+
+
+def stop_now(stop, step: int, print_freq: int, device) -> bool:
+    """One process asks its own flag after every step; under torchrun the ranks agree every
+    `print_freq` steps, where the loop reads the device anyway."""
+    if world_size() == 1:
+        return stop.requested()
+    return step % print_freq == 0 and stop.requested(device)
 
 
 def _world(loader) -> int:

@@ -6,7 +6,13 @@ stage's own. The main stage writes into the run directory itself; an init stage
 into a sub-directory named after it.
 """
 import csv
+import io
+import os
+import sys
 from pathlib import Path
+
+from core.errors import UserError
+from engine.atomic import appending, write_atomic
 
 METRICS_FILE = "metrics.csv"
 MAIN_STAGE = "main"
@@ -28,18 +34,43 @@ class MetricsLog:
     def _keep_first_rows(self, n: int) -> None:
         if not self.path.exists():
             return
-        with open(self.path, newline="") as f:
-            reader = csv.DictReader(f)
-            rows = list(reader)[:n]
-            fields = reader.fieldnames or []
-        self._rewrite(rows, fields)
+        rows, fields = self._read()
+        self._rewrite(rows[:n], fields)
+
+    def _read(self):
+        """(rows, field names) of metrics.csv; an unreadable file is moved aside with a warning
+        and the log starts afresh (the run itself is in the checkpoint, not here)."""
+        try:
+            with open(self.path, newline="") as f:
+                reader = csv.DictReader(f)
+                rows = list(reader)
+                fields = list(reader.fieldnames or [])
+            if fields and not {"stage", "epoch"} <= set(fields):
+                raise csv.Error("no stage and epoch columns")
+            return rows, fields
+        except (csv.Error, UnicodeDecodeError) as err:
+            aside = self.path.with_name(self.path.name + ".unreadable")
+            os.replace(self.path, aside)
+            print(f"warning: {self.path} is unreadable ({err}); moved to {aside.name}, "
+                  "new rows start a fresh file", file=sys.stderr)
+            self.rows = 0
+            return [], []
 
     def _rewrite(self, rows, fields) -> None:
-        with open(self.path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields)
-            if fields:
-                writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=fields)
+        if fields:
+            writer.writeheader()
+        writer.writerows(rows)
+        write_atomic(self.path, text.getvalue().encode())
+
+    def last_evaluation(self) -> dict:
+        """test_top1 and test_top5 of the last main-stage row (a resumed run that had finished)."""
+        rows = [r for r in self._read()[0] if r["stage"] == MAIN_STAGE] if self.path.exists() else []
+        if not rows:
+            raise UserError(f"{self.path} holds no evaluated epoch to report; "
+                            "evaluate the run's checkpoint with evaluate.py instead")
+        return {k: float(rows[-1][k]) for k in ("test_top1", "test_top5")}
 
     def _writer(self, stage: str):
         if stage not in self.writers:
@@ -63,15 +94,12 @@ class MetricsLog:
     def _append(self, row: dict) -> None:
         fields, old_rows = [], []
         if self.path.exists() and self.path.stat().st_size:
-            with open(self.path, newline="") as f:
-                reader = csv.DictReader(f)
-                old_rows = list(reader)
-                fields = list(reader.fieldnames or [])
+            old_rows, fields = self._read()
         new_fields = [k for k in row if k not in fields]
         if new_fields:  # a later stage logs terms the earlier did not: widen the header
             fields += new_fields
             self._rewrite(old_rows, fields)
-        with open(self.path, "a", newline="") as f:
+        with appending(self.path) as f:
             csv.DictWriter(f, fieldnames=fields).writerow(row)
         self.rows += 1
 

@@ -1,11 +1,12 @@
 """Run directories: one per run under save/, holding its arguments, metrics,
 TensorBoard events, checkpoints and final results."""
 import json
-import os
 import subprocess
+import sys
 from pathlib import Path
 
 from core.errors import UserError
+from engine.atomic import describe_os_error, write_atomic
 
 ARGS_FILE = "args.json"
 RESULTS_FILE = "results.json"
@@ -14,37 +15,97 @@ BEST_CKPT = "best.pth"
 
 
 def locate_run_dir(args, kind: str, default_name: str) -> Path:
-    """The run's directory, checked: --resume needs its checkpoint, a new run must not
-    overwrite an existing one. Creates nothing (under torchrun every rank checks)."""
+    """The run's directory, checked (`check_run_dir`). Creates nothing (under torchrun every
+    rank checks)."""
     if isinstance(args.resume, str):
         run_dir = Path(args.resume)
         if run_dir.is_file():
             run_dir = run_dir.parent
     else:
         run_dir = Path(args.save_dir) / kind / (args.run_name or default_name)
-    if args.resume:
-        if not (run_dir / LAST_CKPT).is_file():
-            raise UserError(f"cannot resume: {run_dir / LAST_CKPT} does not exist; "
-                            "start the run without --resume")
-        return run_dir
-    if (run_dir / ARGS_FILE).exists():
-        raise UserError(f"run directory {run_dir} already exists; pass --resume to continue it, "
-                        "or choose another --trial or --run_name")
+    check_run_dir(run_dir, bool(args.resume))
     return run_dir
 
 
-def load_run_args(run_dir: Path) -> dict:
-    with open(Path(run_dir) / ARGS_FILE) as f:
-        return json.load(f)
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """--resume needs a run (args.json); a new run must not overwrite one that checkpointed.
+    A run that never checkpointed (stopped in its first epoch) may start again either way."""
+    has_args = (run_dir / ARGS_FILE).exists()
+    started = bool(checkpoints(run_dir)) or (run_dir / RESULTS_FILE).exists()
+    if started and not has_args:
+        raise UserError(f"run directory {run_dir} holds checkpoints but no {ARGS_FILE}; restore {ARGS_FILE}, "
+                        "or move the directory away, or choose another --trial or --run_name")
+    if resume and not has_args:
+        raise UserError(f"cannot resume: {run_dir} holds no run (no {ARGS_FILE}); start the run without --resume")
+    if not resume and started:
+        raise UserError(f"run directory {run_dir} already exists; pass --resume to continue it, "
+                        "or choose another --trial or --run_name")
+
+
+def checkpoints(run_dir: Path) -> list:
+    """The checkpoints a run can resume from, newest first: ckpt_last.pth, then the kept
+    ckpt_epoch_<k>.pth by epoch."""
+    run_dir = Path(run_dir)
+    kept = sorted(run_dir.glob("ckpt_epoch_*.pth"), key=lambda p: _epoch_of(p), reverse=True)
+    last = [run_dir / LAST_CKPT] if (run_dir / LAST_CKPT).is_file() else []
+    return last + [p for p in kept if _epoch_of(p) >= 0]
+
+
+def _epoch_of(path: Path) -> int:
+    number = path.stem.removeprefix("ckpt_epoch_")
+    return int(number) if number.isdigit() else -1
+
+
+def clear_unfinished(run_dir: Path) -> None:
+    """Before a run that never checkpointed starts again: drop what its earlier start logged
+    (metrics rows, TensorBoard events, temporary files), so nothing appears twice."""
+    run_dir = Path(run_dir)
+    for pattern in ("metrics.csv", "*.tmp", "events.out.tfevents.*", "*/events.out.tfevents.*"):
+        for path in run_dir.glob(pattern):
+            path.unlink()
+
+
+def load_run_args(run_dir: Path, required=()) -> dict:
+    """The run's stored arguments; one line when args.json is missing, unreadable or lacks a
+    `required` key."""
+    path = Path(run_dir) / ARGS_FILE
+    fix = "restore it from a copy, or move the run directory away and start the run again"
+    try:
+        with open(path) as f:
+            stored = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; {fix}") from None
+    except OSError as err:
+        raise UserError(f"cannot read {path}: {describe_os_error(err)}") from None
+    except ValueError as err:
+        raise UserError(f"{path} is not valid JSON ({str(err).splitlines()[0]}); {fix}") from None
+    if not isinstance(stored, dict):
+        raise UserError(f"{path} does not map argument names to values; {fix}")
+    missing = [k for k in required if k not in stored]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; {fix}")
+    return stored
 
 
 def write_json(path: Path, payload: dict) -> None:
     """Write JSON atomically so a reader never sees half a file."""
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n"
+    write_atomic(path, text.encode())
+
+
+def read_results(path: Path):
+    """A results.json's contents, or None with a warning naming it when it is unreadable (one
+    broken run must not stop a table or the teacher lookup)."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+        if isinstance(results, dict):
+            return results
+        reason = "not a JSON object"
+    except (OSError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    print(f"warning: skipping unreadable {path} ({reason})", file=sys.stderr)
+    return None
 
 
 def code_version() -> str:

@@ -8,6 +8,7 @@ from dataset.loaders import build_loaders
 from distiller_zoo.options import DataNeeds
 from engine import runs
 from engine.args import finalize_common_args
+from engine.lock import lock_run_dir
 from core.distributed import barrier, setup
 from core.seeding import seed_everything
 from engine.precision import set_threads
@@ -17,15 +18,18 @@ from engine.precision import set_threads
 EXECUTION_FLAGS = ("device", "num_workers", "print_freq", "data_folder", "download", "resume", "save_dir",
                    "auto_resume", "amp", "channels_last", "compile", "threads")
 SPEED_FLAGS = ("amp", "channels_last", "compile", "threads")
+# what a run cannot be resumed without; a flag added to the code after a run started takes its default
+REQUIRED = ("dataset", "epochs", "batch_size", "learning_rate", "lr_decay_epochs", "seed", "trial")
+TRAINED = {"teachers": "model", "students": "model_s"}
 
 
 def restore_args(args: argparse.Namespace, kind: str, default_name) -> argparse.Namespace:
     """On --resume, the run's stored arguments win over the command line, except how to run."""
     by_directory = isinstance(args.resume, str)  # a run directory needs no name
     run_dir = runs.locate_run_dir(args, kind, "" if by_directory else default_name(args))
-    stored = runs.load_run_args(run_dir)
+    stored = runs.load_run_args(run_dir, REQUIRED + (TRAINED[kind],))
     given = {k: getattr(args, k) for k in EXECUTION_FLAGS if not (k in SPEED_FLAGS and getattr(args, k) is None)}
-    merged = argparse.Namespace(**{**stored, **given})
+    merged = argparse.Namespace(**{**vars(args), **stored, **given})
     merged.run_name = run_dir.name
     merged.save_dir = str(run_dir.parent.parent)
     return merged
@@ -37,7 +41,7 @@ def resume_if_interrupted(run_dir: Path) -> bool:
     if (run_dir / runs.RESULTS_FILE).is_file():
         print(f"finished already, skipped: {run_dir}")
         sys.exit(0)
-    return (run_dir / runs.LAST_CKPT).is_file()
+    return bool(runs.checkpoints(run_dir))
 
 
 def start(args: argparse.Namespace, kind: str, trained_model, default_name):
@@ -47,20 +51,34 @@ def start(args: argparse.Namespace, kind: str, trained_model, default_name):
         args.resume = resume_if_interrupted(Path(args.save_dir) / kind / (args.run_name or default_name(args)))
     if args.resume:
         args = restore_args(args, kind, default_name)
+        args.resume = args.resume if runs.checkpoints(resumed_dir(args, kind)) else False
     else:
         args = finalize_common_args(args, trained_model(args))
     set_threads(args.threads)
     ctx = setup(args.device)
     seed_everything(args.seed, args.deterministic)
     run_dir = runs.locate_run_dir(args, kind, default_name(args))
+    if not args.resume and (run_dir / runs.ARGS_FILE).exists() and ctx.is_main:
+        print(f"{run_dir} never reached its first checkpoint: starting it again from scratch")
+    args.world_size, args.effective_batch = ctx.world_size, ctx.world_size * args.batch_size
     return args, ctx, run_dir
 
 
+def resumed_dir(args, kind: str) -> Path:
+    """The directory of a restored run (restore_args names it by save_dir and run_name)."""
+    return Path(args.save_dir) / kind / args.run_name
+
+
 def create_run_dir(args, ctx, run_dir: Path) -> None:
-    """Make a new run's directory with its args.json (rank 0; a resumed run has both)."""
+    """Take the run directory for this process (rank 0), check it again now that no other
+    process can change it, and give a new run its args.json; a run that never checkpointed
+    first loses what its earlier start logged."""
     barrier()
+    if ctx.is_main:
+        lock_run_dir(run_dir)
+        runs.check_run_dir(run_dir, bool(args.resume))
     if ctx.is_main and not args.resume:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        runs.clear_unfinished(run_dir)
         runs.write_json(Path(run_dir) / runs.ARGS_FILE, {k: v for k, v in vars(args).items() if k != "resume"})
 
 

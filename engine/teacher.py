@@ -2,7 +2,6 @@
 ({'model': state_dict}), or torchvision's by name (torchvision:resnet34); its architecture
 named by --model_t, the checkpoint, the run's args.json, a torchvision weights file's name, or
 the folder name as RepDistiller does."""
-import json
 from pathlib import Path
 
 from engine import runs
@@ -34,10 +33,9 @@ def find_best_teacher(save_dir, dataset: str) -> Path:
 def _suite_teachers(save_dir, dataset: str) -> list:
     candidates = []
     for results_path in sorted(Path(save_dir, "teachers").glob(f"*/{runs.RESULTS_FILE}")):
-        with open(results_path) as f:
-            results = json.load(f)
+        results = runs.read_results(results_path)
         best = results_path.parent / runs.BEST_CKPT
-        if results.get("dataset") == dataset and best.is_file():
+        if results is not None and results.get("dataset") == dataset and best.is_file():
             candidates.append((results.get("best_top1", 0.0), best))
     return candidates
 
@@ -82,12 +80,16 @@ def read_teacher(path, model_t):
     return state, teacher_arch(path, state, model_t)
 
 
-def build_teacher(state: dict, arch: str, num_classes: int, path, dataset: str = "the data set"):
+def build_teacher(state: dict, arch: str, num_classes: int, path, dataset: str = None):
     """The network with the checkpoint's weights, in eval mode."""
+    trained_on = state.get("dataset")  # our checkpoints say; RepDistiller's do not
+    if None not in (trained_on, dataset) and trained_on != dataset:
+        raise UserError(f"teacher {path} was trained on {trained_on}, not {dataset}; "
+                        f"pick one trained on --dataset {dataset}")
     weights = state["model"]
     classes = _classifier_outputs(weights)
     if classes is not None and classes != num_classes:
-        raise UserError(f"checkpoint {path} predicts {classes} classes but {dataset} has {num_classes}; "
+        raise UserError(f"checkpoint {path} predicts {classes} classes but {dataset or 'the data set'} has {num_classes}; "
                         "pick one trained on the same --dataset")
     model = build_model(arch, num_classes)
     load_model_weights(model, weights, arch, path)

@@ -6,8 +6,9 @@ A *task* is an nn.Module whose forward(images, targets, indices, ...) returns
 network as `task.model` and may declare init stages (e.g. FT's paraphraser)
 that run before the main training. The trainer knows no method by name.
 """
-import csv
 import inspect
+import shlex
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
@@ -16,13 +17,16 @@ import torch
 from torch import nn
 
 from engine import runs
-from engine.checkpoint import load_checkpoint, save_checkpoint
+from core.errors import RunStopped
+from engine.checkpoint import save_checkpoint
 from core.distributed import average_buffers, broadcast_from_main
-from engine.loop import evaluate, train_epoch
+from engine.loop import NonFiniteLoss, evaluate, train_epoch
 from engine.metrics_log import MAIN_STAGE, MetricsLog
 from engine.optim import build_sgd, lr_at, set_lr
 from engine.precision import resolve_execution
 from engine.progress import run_line
+from engine.resume import load_resume_state
+from engine.signals import Interrupted, stop_on_signals
 
 
 @dataclass
@@ -60,17 +64,19 @@ class Trainer:
         self.best_acc, self.best_epoch, self.elapsed = 0.0, 0, 0.0
         self.position = {"stage": None, "epoch": 0, "rows": 0}
         self._ddp = {}
+        self.saved = None  # (stage, epoch) of the checkpoint on disk
         self.resume_state = self._load_resume() if args.resume else None
         self.log = MetricsLog(self.run_dir, self.position if args.resume else None, enabled=ctx.is_main)
 
     # --- resume -----------------------------------------------------------------------------
     def _load_resume(self) -> dict:
-        state = load_checkpoint(self.run_dir / runs.LAST_CKPT)
+        state = load_resume_state(self.run_dir, self.ctx.world_size, self.args.batch_size)
         self.task.model.load_state_dict(state["model"])
         self.task.load_extra_state(state.get("extra", {}))
         self.best_acc, self.best_epoch = state["best_acc"], state.get("best_epoch", 0)
         self.elapsed = state.get("elapsed", 0.0)
         self.position = {"stage": state["stage"], "epoch": state["epoch"], "rows": state["rows"]}
+        self.saved = (state["stage"], state["epoch"])
         if self.ctx.is_main:
             run_line(self.run_dir.name, f"resuming {self.run_dir} after {state['stage']} epoch {state['epoch']}")
         return state
@@ -92,6 +98,11 @@ class Trainer:
 
     # --- the run ----------------------------------------------------------------------------
     def fit(self) -> dict:
+        with stop_on_signals() as self.stop, self._stopping_cleanly():
+            self._train_stages()
+        return self._finish()
+
+    def _train_stages(self) -> None:
         stages = self.task.init_stages() + [
             Stage(MAIN_STAGE, self.args.epochs, self.task, self.task.main_parameters())]
         epoch_offset = 0
@@ -101,7 +112,6 @@ class Trainer:
             for epoch in range(first, stage.epochs + 1):
                 self._run_epoch(stage, epoch, epoch_offset + epoch, optimizer)
             epoch_offset += stage.epochs
-        return self._finish()
 
     def _run_epoch(self, stage: Stage, epoch: int, global_epoch: int, optimizer) -> None:
         lr = lr_at(epoch, self.args) if stage.constant_lr is None else stage.constant_lr
@@ -116,7 +126,8 @@ class Trainer:
         metrics = train_epoch(module, self.train_loader, optimizer, self.scaler, device=self.ctx.device,
                               amp_dtype=self.amp_dtype, channels_last=self.channels_last,
                               print_freq=self.args.print_freq, desc=desc,
-                              show_progress=self.ctx.is_main, with_accuracy=stage.evaluate, run=self.run_dir.name)
+                              show_progress=self.ctx.is_main, with_accuracy=stage.evaluate, run=self.run_dir.name,
+                              stop=self.stop)
         average_buffers(self.task.model)
         if stage.evaluate:
             # in full precision whatever the training precision, so the accuracy recorded is the
@@ -134,6 +145,8 @@ class Trainer:
             self.log.log_epoch(stage.name, epoch, metrics)
             run_line(self.run_dir.name, summary_line(desc, metrics, self.best_acc if stage.name == MAIN_STAGE else None))
             self._save(stage, epoch, optimizer, improved)
+        if self.stop.requested(self.ctx.device if self.ctx.distributed else None):
+            raise self.stop.interrupted(f"during {desc}, after its checkpoint")
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         """The stage's module, under DistributedDataParallel when running under torchrun; one
@@ -144,6 +157,30 @@ class Trainer:
             self._ddp[id(module)] = wrap_ddp(module, self.ctx.device)
         return self._ddp[id(module)]
 
+    # --- stopping early ----------------------------------------------------------------------
+    @contextmanager
+    def _stopping_cleanly(self):
+        """A stop signal or a non-finite loss ends the run with one line: what is on disk
+        and the command that goes on."""
+        try:
+            yield
+        except Interrupted as stop:
+            raise RunStopped(f"{stop}; {self._kept()}; go on with: {self._resume_command()}",
+                             stop.exit_code) from None
+        except NonFiniteLoss as err:
+            raise RunStopped(f"{err}; {self._kept()}", 1) from None
+
+    def _kept(self) -> str:
+        if self.saved is None:
+            return f"no checkpoint was written yet, so {self.run_dir} can start again from scratch"
+        stage, epoch = self.saved
+        return f"{self.run_dir / runs.LAST_CKPT} keeps {stage} epoch {epoch}, later steps are redone"
+
+    def _resume_command(self) -> str:
+        entry = "train_teacher.py" if self.run_dir.parent.name == "teachers" else "train_student.py"
+        launcher = f"torchrun --nproc_per_node {self.ctx.world_size}" if self.ctx.distributed else "python"
+        return f"{launcher} {entry} --resume {shlex.quote(str(self.run_dir))}"
+
     # --- files ------------------------------------------------------------------------------
     def _identity(self) -> dict:
         return {"arch": self.model_name, "num_classes": self.task.num_classes, "dataset": self.args.dataset}
@@ -152,19 +189,21 @@ class Trainer:
         state = {"model": self.task.model.state_dict(), "epoch": epoch, "stage": stage.name,
                  "best_acc": self.best_acc, "best_epoch": self.best_epoch, "optimizer": optimizer.state_dict(),
                  "extra": self.task.extra_state(), "rows": self.log.rows, "elapsed": self.elapsed,
-                 "seed": self.args.seed, **self._identity()}
+                 "seed": self.args.seed, "world_size": self.ctx.world_size, **self._identity()}
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         save_checkpoint(state, self.run_dir / runs.LAST_CKPT)
+        self.saved = (stage.name, epoch)
         if improved:
             save_checkpoint({"model": state["model"], "epoch": epoch, "best_acc": self.best_acc,
                              **self._identity()}, self.run_dir / runs.BEST_CKPT)
         if stage.name == MAIN_STAGE and self.args.save_freq > 0 and epoch % self.args.save_freq == 0:
-            save_checkpoint({"model": state["model"], "epoch": epoch, "accuracy": self.last_metrics["test_top1"],
-                             **self._identity()}, self.run_dir / f"ckpt_epoch_{epoch}.pth")
+            # the full state, so a run whose ckpt_last.pth is damaged can resume from it
+            save_checkpoint({**state, "accuracy": self.last_metrics["test_top1"]},
+                            self.run_dir / f"ckpt_epoch_{epoch}.pth")
 
     def _finish(self) -> dict:
-        last = getattr(self, "last_metrics", None) or self._reread_last_metrics()
+        last = getattr(self, "last_metrics", None) or self.log.last_evaluation()
         results = {
             "run_name": self.run_dir.name, "model": self.model_name, "dataset": self.args.dataset,
             "trial": self.args.trial,
@@ -173,6 +212,7 @@ class Trainer:
             "last_top1": last["test_top1"], "last_top5": last["test_top5"],
             "params": sum(p.numel() for p in self.task.model.parameters()),
             "wall_time_s": round(self.elapsed, 2), "code_version": runs.code_version(),
+            "world_size": self.ctx.world_size, "effective_batch": self.ctx.world_size * self.args.batch_size,
             **self.describe,
         }
         if self.ctx.is_main:
@@ -181,12 +221,6 @@ class Trainer:
                                  {"best_top1": results["best_top1"], "last_top1": results["last_top1"]})
             self.log.close()
         return results
-
-    def _reread_last_metrics(self) -> dict:
-        """A resumed run that had already finished: take the last evaluation from metrics.csv."""
-        with open(self.run_dir / "metrics.csv", newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r["stage"] == MAIN_STAGE]
-        return {k: float(rows[-1][k]) for k in ("test_top1", "test_top5")}
 
 
 def hparam_record(args, model_name: str, describe: dict) -> dict:

@@ -11,13 +11,13 @@ last epoch of one run, mdistiller's the best epoch averaged over 5 runs: --metri
 chooses, and the header says which.
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from engine.runs import read_results  # noqa: E402  (after the path insert)
 
 HERE = Path(__file__).resolve().parent
 PUBLISHED = {"cifar100": HERE / "published_cifar100.csv", "imagenet": HERE / "published_imagenet.csv"}
@@ -29,8 +29,9 @@ def load_runs(folders) -> pd.DataFrame:
     records = []
     for folder in folders:
         for path in sorted(Path(folder).rglob("results.json")):
-            with open(path) as f:
-                r = json.load(f)
+            r = read_results(path)
+            if r is None:
+                continue
             records.append({"dataset": r.get("dataset"), "model": r.get("model"), "teacher": r.get("teacher"),
                             "method": r.get("method", "teacher"), "trial": r.get("trial"),
                             "best": r.get("best_top1"), "last": r.get("last_top1"), "run": str(path.parent)})

@@ -23,6 +23,10 @@ def digits_teacher(tmp_path_factory):
     return save, run_dir
 
 
+class Crash(Exception):
+    """A simulated crash inside a run (not a signal, which the trainer turns into a clean stop)."""
+
+
 def read_json(path):
     with open(path) as f:
         return json.load(f)

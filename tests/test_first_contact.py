@@ -163,7 +163,7 @@ def test_help_shows_defaults_methods_and_examples(capsys):
     with pytest.raises(SystemExit):
         train_student.parse_args(["--help"])
     text = capsys.readouterr().out
-    assert "(default: resnet8)" in text and "(default: 64)" in text and "(default: 16384)" in text
+    assert "(default: resnet8)" in text and "default 64" in text and "(default: 16384)" in text
     assert "fitnet (hint)" in text and "crd: Tian" in text and "examples:" in text
 
 

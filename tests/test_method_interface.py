@@ -12,7 +12,7 @@ import torch
 
 import engine.trainer
 import train_student
-from conftest import ROOT, fast_args, read_json
+from conftest import ROOT, Crash, fast_args, read_json
 from distiller_zoo import ALIASES, METHODS
 from distiller_zoo.options import DataNeeds, Option, resolve_options
 
@@ -98,10 +98,10 @@ def test_resume_by_run_directory_alone(digits_teacher, tmp_path, monkeypatch):
     def save_then_interrupt(state, path):
         real_save(state, path)
         if str(path).endswith("ckpt_last.pth") and state["epoch"] == 1:
-            raise KeyboardInterrupt
+            raise Crash
 
     monkeypatch.setattr(engine.trainer, "save_checkpoint", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Crash):
         train_student.main(fast_args(tmp_path / "cut", *flags))
     monkeypatch.setattr(engine.trainer, "save_checkpoint", real_save)
     run = tmp_path / "cut" / "students" / whole["run_name"]

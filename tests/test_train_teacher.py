@@ -1,13 +1,16 @@
 import csv
+import errno
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import engine.atomic
 import engine.trainer
 import train_teacher
-from conftest import ROOT, fast_args, read_json
+from conftest import ROOT, Crash, fast_args, read_json
+from core.errors import UserError
 from engine.checkpoint import save_checkpoint
 
 
@@ -63,10 +66,10 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
     def save_then_interrupt(state, path):
         real_save(state, path)
         if str(path).endswith("ckpt_last.pth") and state["epoch"] == 2:
-            raise KeyboardInterrupt
+            raise Crash
 
     monkeypatch.setattr(engine.trainer, "save_checkpoint", save_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Crash):
         train_teacher.main(fast_args(cut_dir, *flags))
     monkeypatch.setattr(engine.trainer, "save_checkpoint", real_save)
     train_teacher.main(fast_args(cut_dir, *flags, "--resume"))
@@ -85,11 +88,11 @@ def test_rows_logged_after_the_last_checkpoint_are_dropped_on_resume(tmp_path, m
 
     def lose_second_checkpoint(state, path):
         if state["epoch"] == 2:
-            raise KeyboardInterrupt  # the row of epoch 2 is logged, its checkpoint never lands
+            raise Crash  # the row of epoch 2 is logged, its checkpoint never lands
         real_save(state, path)
 
     monkeypatch.setattr(engine.trainer, "save_checkpoint", lose_second_checkpoint)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Crash):
         train_teacher.main(fast_args(tmp_path, *flags))
     run_dir = tmp_path / "teachers" / "resnet8_digits_trial0"
     assert [r["epoch"] for r in _rows(run_dir)] == ["1", "2"]
@@ -108,20 +111,19 @@ def test_existing_run_is_never_overwritten(digits_teacher, capsys):
     assert (run_dir / "ckpt_last.pth").stat().st_mtime_ns == before
 
 
-def test_atomic_checkpoint_keeps_the_old_file_when_a_write_fails(tmp_path, monkeypatch):
+def test_a_failed_checkpoint_write_keeps_the_old_file_and_says_disk_full(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pth"
     save_checkpoint({"model": {"w": torch.ones(2)}}, path)
 
-    def broken_save(obj, f):
-        with open(f, "wb") as handle:
-            handle.write(b"half")
-        raise OSError("disk full")
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(engine.atomic.os, "fsync", disk_full)
+    with pytest.raises(UserError, match=f"cannot write {path}: disk full .*the previous ckpt.pth is kept"):
         save_checkpoint({"model": {"w": torch.zeros(2)}}, path)
     monkeypatch.undo()
     assert torch.equal(torch.load(path)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pth"]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -166,10 +168,10 @@ def test_auto_resume_skips_a_finished_run_and_resumes_an_interrupted_one(tmp_pat
     def interrupt_after_first_epoch(state, path):
         real_save(state, path)
         if state["epoch"] == 1:
-            raise KeyboardInterrupt
+            raise Crash
 
     monkeypatch.setattr(engine.trainer, "save_checkpoint", interrupt_after_first_epoch)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Crash):
         train_teacher.main(flags)
     monkeypatch.setattr(engine.trainer, "save_checkpoint", real_save)
     results = train_teacher.main(flags)

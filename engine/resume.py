@@ -1,0 +1,42 @@
+"""Choosing the checkpoint a run resumes from: ckpt_last.pth, or, when that is unreadable or
+not a resume checkpoint (RepDistiller's format has no training position), the newest good
+ckpt_epoch_<k>.pth, saying which. A resume with another number of processes is allowed
+but said: the effective batch and the data order change."""
+import sys
+from pathlib import Path
+
+from core.errors import UserError
+from engine import runs
+from engine.checkpoint import load_checkpoint
+
+RESUME_KEYS = ("model", "stage", "epoch", "rows", "optimizer", "best_acc")
+
+
+def load_resume_state(run_dir: Path, world_size: int, batch_size: int) -> dict:
+    problems = []
+    for path in runs.checkpoints(run_dir):
+        try:
+            state = load_checkpoint(path)
+        except UserError as err:
+            problems.append(str(err))
+            continue
+        missing = [k for k in RESUME_KEYS if k not in state]
+        if missing:
+            problems.append(f"{path.name} has no {', '.join(missing)} (not a resume checkpoint of this code, "
+                            "e.g. RepDistiller's format)")
+            continue
+        if problems:
+            print(f"warning: {'; '.join(problems)}; resuming from {path.name} "
+                  f"({state['stage']} epoch {state['epoch']}) instead", file=sys.stderr)
+        warn_on_new_world_size(state.get("world_size", 1), world_size, batch_size)
+        return state
+    found = "; ".join(problems) or "no checkpoint"
+    raise UserError(f"cannot resume {run_dir}: {found}; move the checkpoints away to start the run again")
+
+
+def warn_on_new_world_size(before: int, now: int, batch_size: int) -> None:
+    if before == now:
+        return
+    print(f"warning: this run was checkpointed with {before} process(es), effective batch {before * batch_size}; "
+          f"resumed with {now}, it trains on with an effective batch of {now * batch_size} per step and another "
+          "data order, so it will not end as the original would have", file=sys.stderr)

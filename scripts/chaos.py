@@ -1,0 +1,150 @@
+"""Kill a training run at random moments, resume it each time, and check that it ends exactly
+as an uninterrupted run: the same final weights, the same metrics.csv (timing columns aside).
+
+    python scripts/chaos.py --kills 20 -- train_teacher.py --model resnet8 --dataset digits \
+        --epochs 3 --batch_size 256 --deterministic --amp off --no-channels_last
+
+Each start uses --auto_resume (what the table scripts do). The kills mix SIGKILL, SIGTERM and
+SIGINT and cycle through three moments: before the first checkpoint (while one is not yet
+on disk), during a checkpoint write (the child slows its writes down, so the temporary file
+is there to be caught), and at a random time. Exit status 0 when the run survived every
+kill exactly, 1 otherwise; the last line says how many kills it survived.
+"""
+import argparse
+import csv
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
+MOMENTS = ("first epoch", "checkpoint write", "random")
+TIMING = ("epoch_time", "images_per_s")
+SLOW_WRITE_S = 0.3
+
+
+def child(entry: str, argv: list) -> None:
+    """Run the entry point in this process with checkpoint writes slowed down: half of the
+    temporary file, a pause, then the real atomic write."""
+    import runpy
+    sys.path.insert(0, str(ROOT))
+    import engine.checkpoint
+    real = engine.checkpoint.write_atomic
+
+    def slow_write(path, data):
+        Path(str(path) + ".tmp").write_bytes(bytes(data[:len(data) // 2]))
+        time.sleep(SLOW_WRITE_S)
+        real(path, data)
+
+    engine.checkpoint.write_atomic = slow_write
+    sys.argv = [entry, *argv]
+    runpy.run_path(str(ROOT / entry), run_name="__main__")
+
+
+def start(entry: str, argv: list, save: Path) -> subprocess.Popen:
+    command = [sys.executable, __file__, "--child", entry, *argv, "--save_dir", str(save), "--auto_resume"]
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def run_dir_of(save: Path):
+    found = sorted(save.glob("*/*/args.json"))
+    return found[0].parent if found else None
+
+
+def wait_for(process, condition, limit_s: float) -> bool:
+    """Poll `condition` every 10 ms while the process runs; whether it came true in time."""
+    deadline = time.monotonic() + limit_s
+    while process.poll() is None and time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def strike(process, save: Path, moment: str, rng: random.Random, duration_s: float) -> bool:
+    """Wait for `moment`, then send a random signal; whether the process was still running."""
+    def run_file(pattern):
+        run_dir = run_dir_of(save)
+        return run_dir is not None and any(run_dir.glob(pattern))
+
+    if moment == "first epoch" and not run_file("ckpt_last.pth"):
+        wait_for(process, lambda: run_file("args.json"), duration_s)
+        time.sleep(rng.uniform(0, 1.0))
+        if run_file("ckpt_last.pth"):
+            return False
+    elif moment == "checkpoint write":
+        wait_for(process, lambda: run_file("*.tmp"), duration_s)
+    else:  # timed from the run's start: SIGINT during the interpreter's imports is Python's, not the run's
+        wait_for(process, lambda: run_file("args.json"), duration_s)
+        time.sleep(rng.uniform(0, duration_s / 2))
+    if process.poll() is not None:
+        return False
+    process.send_signal(rng.choice(SIGNALS))
+    return True
+
+
+def finish(entry: str, argv: list, save: Path) -> None:
+    process = start(entry, argv, save)
+    _, err = process.communicate()
+    if process.returncode != 0:
+        raise SystemExit(f"chaos: the run did not finish (status {process.returncode}):\n{err}")
+
+
+def metrics(run_dir: Path) -> list:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return [{k: v for k, v in row.items() if k not in TIMING} for row in csv.DictReader(f)]
+
+
+def differences(reference: Path, chaos: Path) -> list:
+    import torch
+    a = torch.load(reference / "ckpt_last.pth", weights_only=False)["model"]
+    b = torch.load(chaos / "ckpt_last.pth", weights_only=False)["model"]
+    problems = [f"weights differ: {k}" for k in a if not torch.equal(a[k], b[k])]
+    if metrics(reference) != metrics(chaos):
+        problems.append("metrics.csv differs")
+    return problems
+
+
+def survive(entry: str, argv: list, save: Path, kills: int, seed: int) -> int:
+    """Run the reference, then the killed-and-resumed run; the number of kills delivered."""
+    rng = random.Random(seed)
+    began = time.monotonic()
+    finish(entry, argv, save / "reference")
+    duration_s = time.monotonic() - began
+    delivered = 0
+    for k in range(kills):
+        process = start(entry, argv, save / "chaos")
+        hit = strike(process, save / "chaos", MOMENTS[k % len(MOMENTS)], rng, duration_s)
+        _, err = process.communicate()
+        if "Traceback" in err:
+            raise SystemExit(f"chaos: a traceback after kill {k + 1}:\n{err}")
+        delivered += hit
+    finish(entry, argv, save / "chaos")
+    problems = differences(run_dir_of(save / "reference"), run_dir_of(save / "chaos"))
+    if problems:
+        raise SystemExit("chaos: " + "; ".join(problems))
+    return delivered
+
+
+def main(argv=None) -> int:
+    raw = sys.argv[1:] if argv is None else argv
+    if raw[:1] == ["--child"]:
+        child(raw[1], raw[2:])
+        return 0
+    parser = argparse.ArgumentParser(description="Kill a run at random moments and check it resumes exactly.")
+    parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save_dir", type=Path, default=Path("save/chaos"))
+    parser.add_argument("entry", choices=("train_teacher.py", "train_student.py"))
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="the entry point's flags (no --save_dir)")
+    args = parser.parse_args(raw)
+    delivered = survive(args.entry, args.args, args.save_dir, args.kills, args.seed)
+    print(f"chaos: survived {delivered} kills of {args.kills} tries, ended exactly as the uninterrupted run")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
