@@ -2,5 +2,5 @@
 from distiller_zoo.base import ALIASES, METHODS, BuildContext, Distiller, InitStage, resolve  # noqa: F401
 from distiller_zoo import (  # noqa: F401
     ab, at, cc, crd, ctkd, dist, dkd, fitnet, fsp, ft, irg, kd, kdsvd, mlkd, nst, ofd, pkt, reviewkd, rkd, sp,
-    vid, wttm, cat_kd,
+    vid, wttm, cat_kd, sdd,
 )
