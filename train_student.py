@@ -149,7 +149,8 @@ def build_task(args, plan: Plan, ctx, train_loader, info) -> DistillTask:
     for term in plan.objective.methods:
         build = BuildContext(student=student, teacher=teacher, feat_s=feat_s, feat_t=feat_t, options=term.options,
                              n_train=info.n_train, num_classes=info.num_classes, student_name=args.model_s,
-                             teacher_name=args.model_t, temperature=temperature, logit_stand=args.logit_stand)
+                             teacher_name=args.model_t, temperature=temperature, logit_stand=args.logit_stand,
+                             epochs=args.epochs)
         methods.append((term.spec.name, term.weight, term.spec.cls(build)))
     task = DistillTask(student, teacher, methods, args.gamma, args.alpha, plan.objective.kd_term(temperature),
                        temperature, info.num_classes, init_lr(args))

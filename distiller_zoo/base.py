@@ -32,6 +32,7 @@ class BuildContext:
     teacher_name: str = ""
     temperature: object = 4.0  # the run's shared Temperature (float() gives the current value)
     logit_stand: bool = False  # z-score logits before the temperature softmax (--logit_stand)
+    epochs: int = 240          # the main stage's length (--epochs; RepDistiller's 240 outside a run)
 
 
 @dataclass

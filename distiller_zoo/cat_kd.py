@@ -14,39 +14,33 @@ Pooling commutes with the 1x1 convolution, so A = W . avg_pool(F, R) + b is comp
 pooled map (equal, and K*H*W cheaper).
 
 Defaults (official repo GzyAftermath/CAT-KD, configs/cifar100/CAT_KD/*.yaml): R 2, no
-normalisation, CE weight 1, no KD term; the CAT weight beta per pair: resnet32x4 -> resnet8x4
-15 (also the default for other pairs), resnet56 -> resnet20 0.7, vgg13 -> vgg8 4.5 (the
-official README asks to tune beta for other architectures). Registry weights -r 1 -a 0 -b 1
-with beta inside the method (--cat_weight), as DKD keeps its beta, so per-pair values apply.
+normalisation, CE weight 1, no KD term; the CAT weight per pair: resnet32x4 -> resnet8x4 15
+(also the default for other pairs), resnet56 -> resnet20 0.7, vgg13 -> vgg8 4.5 (the official
+README asks to tune it for other architectures). The CAT weight is the method's -b: registry
+weights -r 1 -a 0 -b 15, with the per-pair values as the registry's published -b by pair.
 Published CIFAR-100 top-1 resnet32x4 -> resnet8x4: 76.91 (CAT-KD paper, as the issue states).
 
 Features: the map pooled into the classifier, relu(preact[-1]), and each network's classifier
 (the teacher's frozen, the student's trained through this loss). Networks whose classifier
 reads another map (MobileNetV2, ShuffleV2) are refused with a UserError.
 """
-from typing import Tuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distiller_zoo.base import BuildContext, Distiller, option, register
+from core.errors import UserError
+from distiller_zoo.base import BuildContext, Distiller, register
 from distiller_zoo.classifier import check_class_map, class_map
-from engine.errors import UserError
+from distiller_zoo.options import Option
 
 DEFAULT_RESOLUTION = 2
 DEFAULT_WEIGHT = 15.0
+# (teacher, student) -> the CAT weight (-b) of the official CIFAR-100 configs
 PAIR_WEIGHT = {
     ("resnet32x4", "resnet8x4"): 15.0,
     ("resnet56", "resnet20"): 0.7,
     ("vgg13", "vgg8"): 4.5,
 }
-
-OPTIONS = (
-    ("cat_weight", float, None, "CAT-KD: weight beta of the CAM loss (default: the paper's per-pair value, else 15)"),
-    ("cat_resolution", int, DEFAULT_RESOLUTION, "CAT-KD: side R of the average-pooled class activation maps"),
-    ("cat_normalize", bool, False, "CAT-KD: L2-normalise each pooled CAM before the MSE"),
-)
 
 
 def pooled_cams(fmap: Tensor, head: nn.Linear, resolution: int) -> Tensor:
@@ -67,34 +61,31 @@ class CATLoss(nn.Module):
         return F.mse_loss(cams_s, cams_t)
 
 
-def cat_weight(args, teacher: str, student: str) -> Tuple[float, str]:
-    given = option(args, "cat_weight", None)
-    if given is not None:
-        return float(given), "--cat_weight"
-    pair = (teacher.lower(), student.lower())
-    return PAIR_WEIGHT.get(pair, DEFAULT_WEIGHT), "per-pair default" if pair in PAIR_WEIGHT else "default"
-
-
-@register("cat_kd", gamma=1.0, alpha=0.0, beta=1.0, aliases=("catkd",),
+@register("cat_kd", family="feature", gamma=1.0, alpha=0.0, beta=DEFAULT_WEIGHT, aliases=("catkd",),
+          beta_per_pair=PAIR_WEIGHT,
           paper="Guo et al., Class Attention Transfer Based Knowledge Distillation, CVPR 2023")
 class CATKD(Distiller):
+    options = (
+        Option("cat_resolution", int, DEFAULT_RESOLUTION, "side R of the average-pooled class activation maps"),
+        Option("cat_normalize", bool, False, "L2-normalise each pooled CAM before the MSE"),
+    )
+
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
-        self.weight, source = cat_weight(ctx.args, ctx.teacher_name, ctx.student_name)
-        self.resolution = int(option(ctx.args, "cat_resolution", DEFAULT_RESOLUTION))
+        self.resolution = ctx.options.cat_resolution
         if self.resolution < 1:
             raise UserError(f"--cat_resolution must be >= 1 (got {self.resolution})")
         # plain attributes, not submodules: the heads belong to (and are trained or frozen with) the networks
         self.heads = (check_class_map("cat_kd", "student", ctx.student_name, ctx.student, ctx.feat_s),
                       check_class_map("cat_kd", "teacher", ctx.teacher_name, ctx.teacher, ctx.feat_t))
-        self.loss = CATLoss(bool(option(ctx.args, "cat_normalize", False)))
-        print(f"cat_kd: beta {self.weight:g} ({source}), CAMs pooled to {self.resolution}x{self.resolution}"
+        self.loss = CATLoss(ctx.options.cat_normalize)
+        print(f"cat_kd: CAMs pooled to {self.resolution}x{self.resolution}"
               + (", normalised" if self.loss.normalize else ""), flush=True)
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None):
+    def forward(self, feat_s, feat_t, batch=None):
         head_s, head_t = self.heads
         with torch.autocast(device_type=feat_s.logits.device.type, enabled=False):
             cams_s = pooled_cams(class_map(feat_s).float(), head_s, self.resolution)
             with torch.no_grad():
                 cams_t = pooled_cams(class_map(feat_t).float(), head_t, self.resolution)
-            return self.weight * self.loss(cams_s, cams_t), {}
+            return self.loss(cams_s, cams_t), {}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engine.errors import UserError
+from core.errors import UserError
 from models.features import Features
 
 

@@ -16,9 +16,10 @@ its linear warm-up (sdd_dkd), each per sample.
 
 Defaults (official repo shicaiwei123/SDD-CVPR2024: KD.py, SDD_DKD.py, models/cifar/utils.py
 SPP, teacher_resnet32x4.sh): M = (1, 2, 4) (the 2x2 and 1x1 cells pooled from the 4x4 cells),
-beta_c = 2, T = --kd_T (4); sd-kd resnet32x4 -> resnet8x4 uses M = (1, 2) (its script);
-sd-kd takes mdistiller's KD weights, registry -r 0.1 -a 0 -b 0.9; sd-dkd takes DKD's alpha 1,
-per-pair beta (distiller_zoo/dkd.py) and 20-epoch warm-up, registry -r 1 -a 0 -b 1.
+beta_c = 2, T = --kd_T (4); resnet32x4 -> resnet8x4 uses M = (1, 2) (the official script's
+SD-KD and SD-NKD runs of that pair; it lists no SD-DKD run of it, so both methods take it);
+sd-kd takes mdistiller's KD weights, registry -r 0.1 -a 0 -b 0.9; sd-dkd takes DKD's options
+(the same --dkd_alpha, --dkd_beta with its per-pair values, --dkd_warmup), registry -r 1 -a 0 -b 1.
 Published CIFAR-100 top-1 resnet32x4 -> resnet8x4: SD-DKD 77.0 (as the issue states; the
 official script records 75.59 and 75.31 for two SD-KD runs with M = (1, 2)).
 
@@ -27,27 +28,26 @@ networks whose classifier reads another map (MobileNetV2, ShuffleV2) are refused
 come from the teacher alone, so they carry no gradient. Logged parts: 'consistent' and
 'complementary', the weighted sums of the two groups of cells (they sum to the loss).
 """
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distiller_zoo.base import BuildContext, Distiller, option, register
+from core.errors import UserError
+from distiller_zoo.base import BuildContext, Distiller, WarmupDistiller, register
 from distiller_zoo.classifier import check_class_map, class_map
-from distiller_zoo.dkd import DEFAULT_ALPHA, DEFAULT_WARMUP, default_beta, dkd_terms
+from distiller_zoo.dkd import DKD, DKDLoss
 from distiller_zoo.kd import DistillKL
-from engine.errors import UserError
+from distiller_zoo.options import Option
 
-DEFAULT_SCALES = (1, 2, 4)
 DEFAULT_COMPLEMENTARY = 2.0
-# (teacher, student) -> scales of sd-kd's published runs
-KD_PAIR_SCALES = {("resnet32x4", "resnet8x4"): (1, 2)}
 
-OPTIONS = (
-    ("sdd_scales", str, None, "SDD: comma-separated pooling scales M, 1 included (default 1,2,4; "
-                              "1,2 for sdd_kd resnet32x4->resnet8x4)"),
-    ("sdd_weight", float, DEFAULT_COMPLEMENTARY, "SDD: weight of the complementary cells"),
+# One declaration shared by sdd_kd and sdd_dkd, so the shared flags resolve alike.
+SDD_OPTIONS = (
+    Option("sdd_scales", str, "1,2,4", "comma-separated pooling scales M, 1 included",
+           per_pair={("resnet32x4", "resnet8x4"): "1,2"}),
+    Option("sdd_weight", float, DEFAULT_COMPLEMENTARY, "weight of the complementary cells"),
 )
 
 
@@ -90,9 +90,7 @@ class SDDLoss(nn.Module):
         return parts["consistent"] + parts["complementary"], parts
 
 
-def parse_scales(text: Optional[str], default: Tuple[int, ...]) -> Tuple[int, ...]:
-    if text is None:
-        return default
+def parse_scales(text: str) -> Tuple[int, ...]:
     try:
         scales = tuple(sorted({int(s) for s in str(text).split(",") if s.strip()}))
     except ValueError:
@@ -102,82 +100,62 @@ def parse_scales(text: Optional[str], default: Tuple[int, ...]) -> Tuple[int, ..
     return scales
 
 
-class SDDDistiller(Distiller):
-    """Builds the cells of both networks and applies SDDLoss; subclasses give the row loss."""
+class ScaleCells:
+    """The cells of both networks through their own classifiers, and SDDLoss over them. A plain
+    object, not a module: the heads belong to (and are trained or frozen with) the networks."""
 
-    method = "sdd"
-
-    def __init__(self, ctx: BuildContext, row_loss, default_scales: Tuple[int, ...]):
-        super().__init__(ctx)
-        self.scales = parse_scales(option(ctx.args, "sdd_scales", None), default_scales)
-        self.loss = SDDLoss(row_loss, float(option(ctx.args, "sdd_weight", DEFAULT_COMPLEMENTARY)))
-        # plain attributes, not submodules: the heads belong to (and are trained or frozen with) the networks
-        self.heads = (check_class_map(self.method, "student", ctx.student_name, ctx.student, ctx.feat_s),
-                      check_class_map(self.method, "teacher", ctx.teacher_name, ctx.teacher, ctx.feat_t))
+    def __init__(self, method: str, ctx: BuildContext, row_loss):
+        self.method = method
+        self.scales = parse_scales(ctx.options.sdd_scales)
+        self.loss = SDDLoss(row_loss, ctx.options.sdd_weight)
+        self.heads = (check_class_map(method, "student", ctx.student_name, ctx.student, ctx.feat_s),
+                      check_class_map(method, "teacher", ctx.teacher_name, ctx.teacher, ctx.feat_t))
 
     def describe(self) -> str:
         cells = sum(m * m for m in self.scales)
         return (f"{self.method}: scales {','.join(map(str, self.scales))} ({cells} cells), "
                 f"complementary weight {self.loss.complementary:g}")
 
-    def cell_loss(self, feat_s, feat_t, targets):
-        if targets is None:
+    def __call__(self, feat_s, feat_t, batch) -> Tuple[Tensor, Dict[str, Tensor]]:
+        if batch is None or batch.targets is None:
             raise UserError(f"{self.method} needs the ground-truth labels of the batch")
         head_s, head_t = self.heads
         with torch.autocast(device_type=feat_s.logits.device.type, enabled=False):
             cells_s = head_s(scale_cells(class_map(feat_s).float(), self.scales))
             with torch.no_grad():
                 cells_t = head_t(scale_cells(class_map(feat_t).float(), self.scales))
-            return self.loss(cells_s, cells_t, targets)
+            return self.loss(cells_s, cells_t, batch.targets)
 
 
-@register("sdd_kd", gamma=0.1, alpha=0.0, beta=0.9, aliases=("sd_kd",),
+@register("sdd_kd", family="logit", gamma=0.1, alpha=0.0, beta=0.9, aliases=("sd_kd",),
           paper="Wei et al., Scale Decoupled Distillation, CVPR 2024 (SD-KD)")
-class SDDKD(SDDDistiller):
-    method = "sdd_kd"
+class SDDKD(Distiller):
+    options = SDD_OPTIONS
 
     def __init__(self, ctx: BuildContext):
+        super().__init__(ctx)
         kd = DistillKL(ctx.temperature, ctx.logit_stand)
-        pair = (ctx.teacher_name.lower(), ctx.student_name.lower())
-        super().__init__(ctx, lambda z_s, z_t, y: {"kd": kd(z_s, z_t)}, KD_PAIR_SCALES.get(pair, DEFAULT_SCALES))
-        print(self.describe() + f", KD at T {ctx.temperature!r}", flush=True)
+        self.cells = ScaleCells("sdd_kd", ctx, lambda z_s, z_t, y: {"kd": kd(z_s, z_t)})
+        print(self.cells.describe() + f", KD at T {ctx.temperature!r}", flush=True)
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None):
-        return self.cell_loss(feat_s, feat_t, targets)
+    def forward(self, feat_s, feat_t, batch=None):
+        return self.cells(feat_s, feat_t, batch)
 
 
-@register("sdd_dkd", gamma=1.0, alpha=0.0, beta=1.0, aliases=("sd_dkd",),
+@register("sdd_dkd", family="logit", gamma=1.0, alpha=0.0, beta=1.0, aliases=("sd_dkd",),
           paper="Wei et al., Scale Decoupled Distillation, CVPR 2024 (SD-DKD)")
-class SDDDKD(SDDDistiller):
-    method = "sdd_dkd"
+class SDDDKD(WarmupDistiller):
+    options = SDD_OPTIONS + DKD.options   # DKD's own declarations: one --dkd_beta, one per-pair table
 
     def __init__(self, ctx: BuildContext):
-        alpha = float(option(ctx.args, "dkd_alpha", DEFAULT_ALPHA))
-        beta = float(option(ctx.args, "dkd_beta", default_beta(ctx.teacher_name, ctx.student_name)))
-        warmup = int(option(ctx.args, "dkd_warmup", DEFAULT_WARMUP))
-        if warmup < 0:
-            raise UserError(f"--dkd_warmup must be >= 0 (got {warmup})")
-        temperature, stand = ctx.temperature, ctx.logit_stand
-
-        def dkd_rows(z_s, z_t, y):
-            tckd, nckd = dkd_terms(z_s, z_t, y, float(temperature), stand)
-            return {"tckd": alpha * tckd, "nckd": beta * nckd}
-
-        super().__init__(ctx, dkd_rows, DEFAULT_SCALES)
-        self.warmup = warmup
-        self.epoch: Optional[int] = None
-        print(self.describe() + f", DKD alpha {alpha:g} beta {beta:g} T {temperature!r}, "
+        opts = ctx.options
+        super().__init__(ctx, opts.dkd_warmup, "dkd_warmup")
+        dkd = DKDLoss(opts.dkd_alpha, opts.dkd_beta, ctx.temperature, ctx.logit_stand)
+        self.cells = ScaleCells("sdd_dkd", ctx, lambda z_s, z_t, y: dkd(z_s, z_t, y)[1])
+        print(self.cells.describe() + f", DKD alpha {dkd.alpha:g} beta {dkd.beta:g} T {dkd.T!r}, "
               f"warm-up {self.warmup} epochs", flush=True)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def warmup_factor(self) -> float:
-        if self.epoch is None or self.warmup == 0:
-            return 1.0
-        return min(self.epoch / self.warmup, 1.0)
-
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None):
+    def forward(self, feat_s, feat_t, batch=None):
         factor = self.warmup_factor()
-        loss, parts = self.cell_loss(feat_s, feat_t, targets)
+        loss, parts = self.cells(feat_s, feat_t, batch)
         return factor * loss, {k: factor * v for k, v in parts.items()}

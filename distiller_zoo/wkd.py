@@ -51,9 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distiller_zoo.base import BuildContext, Distiller, option, register
+from core.errors import UserError
+from distiller_zoo.base import BuildContext, Distiller, register
 from distiller_zoo.classifier import last_linear
-from engine.errors import UserError
+from distiller_zoo.options import Option
 
 DEFAULT_T = 8.0
 DEFAULT_REG = 0.05
@@ -64,17 +65,9 @@ DEFAULT_MEAN_WEIGHT = 4.0
 DEFAULT_EPS = 1e-5
 DEFAULT_DECAY_START = 150
 
-OPTIONS = (
-    ("wkd_T", float, DEFAULT_T, "WKD-L: temperature of the non-target distributions"),
-    ("wkd_logit_weight", float, DEFAULT_LOGIT_WEIGHT, "WKD-L: weight of the Wasserstein term"),
-    ("wkd_sinkhorn_reg", float, DEFAULT_REG, "WKD-L: entropic regularisation lambda of Sinkhorn"),
-    ("wkd_sinkhorn_iters", int, DEFAULT_ITERS, "WKD-L: Sinkhorn iterations"),
-    ("wkd_sharpen", float, DEFAULT_SHARPEN, "WKD-L: kappa in cost = 1 - exp(-kappa * d); 0 keeps d"),
-    ("wkd_cost_matrix", str, None, "WKD-L: file with a (C, C) class distance tensor d (default: "
-                                   "1 - cosine of the teacher's classifier rows)"),
-    ("wkd_mean_weight", float, DEFAULT_MEAN_WEIGHT, "WKD-F: weight r of the mean term against the std term"),
-    ("wkd_decay_start", int, DEFAULT_DECAY_START, "WKD: epoch after which both weights decay to 0 (cosine)"),
-)
+# --wkd_decay_start belongs to both methods: one declaration, so one flag serves wkd_l,wkd_f.
+DECAY_START = Option("wkd_decay_start", int, DEFAULT_DECAY_START,
+                     "epoch after which the WKD weights decay to 0 (cosine to the last epoch)")
 
 
 def sinkhorn_plan(log_a: Tensor, log_b: Tensor, cost: Tensor, reg: float, iters: int) -> Tensor:
@@ -163,12 +156,12 @@ class WKDFeatureLoss(nn.Module):
 
 
 class DecayingDistiller(Distiller):
-    """Holds the epoch for the cosine decay both WKD terms share."""
+    """Holds the epoch for the cosine decay both WKD terms share, which ends at the run's last epoch."""
 
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
-        self.decay_start = int(option(ctx.args, "wkd_decay_start", DEFAULT_DECAY_START))
-        self.epochs = int(option(ctx.args, "epochs", 240))
+        self.decay_start = ctx.options.wkd_decay_start
+        self.epochs = ctx.epochs
         self.epoch: Optional[int] = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -191,48 +184,60 @@ def load_distance(path: str, classes: int) -> Tensor:
     return d.detach().float()
 
 
-@register("wkd_l", gamma=1.0, alpha=0.0, beta=1.0,
+@register("wkd_l", family="logit", gamma=1.0, alpha=0.0, beta=1.0,
           paper="Lv et al., Wasserstein Distance Rivals Kullback-Leibler Divergence for KD, NeurIPS 2024 (WKD-L)")
 class WKDL(DecayingDistiller):
+    options = (
+        Option("wkd_T", float, DEFAULT_T, "temperature of the non-target distributions"),
+        Option("wkd_logit_weight", float, DEFAULT_LOGIT_WEIGHT, "weight of the Wasserstein term"),
+        Option("wkd_sinkhorn_reg", float, DEFAULT_REG, "entropic regularisation lambda of Sinkhorn"),
+        Option("wkd_sinkhorn_iters", int, DEFAULT_ITERS, "Sinkhorn iterations"),
+        Option("wkd_sharpen", float, DEFAULT_SHARPEN, "kappa in cost = 1 - exp(-kappa * d); 0 keeps d"),
+        Option("wkd_cost_matrix", str, None, "file with a (C, C) class distance tensor d (default: "
+                                             "1 - cosine of the teacher's classifier rows)"),
+        DECAY_START,
+    )
+
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
-        args = ctx.args
+        opts = ctx.options
         if ctx.num_classes < 3:
             raise UserError(f"wkd_l needs at least three classes (got {ctx.num_classes})")
-        path = option(args, "wkd_cost_matrix", None)
+        path = opts.wkd_cost_matrix
         distance = (load_distance(path, ctx.num_classes) if path
                     else classifier_distance(last_linear(ctx.teacher).weight))
-        kappa = float(option(args, "wkd_sharpen", DEFAULT_SHARPEN))
-        reg = float(option(args, "wkd_sinkhorn_reg", DEFAULT_REG))
-        iters = int(option(args, "wkd_sinkhorn_iters", DEFAULT_ITERS))
-        T = float(option(args, "wkd_T", DEFAULT_T))
+        kappa, reg, iters, T = opts.wkd_sharpen, opts.wkd_sinkhorn_reg, opts.wkd_sinkhorn_iters, opts.wkd_T
         if reg <= 0 or iters < 1 or T <= 0:
             raise UserError(f"wkd_l needs --wkd_sinkhorn_reg > 0, --wkd_sinkhorn_iters >= 1 and --wkd_T > 0 "
                             f"(got {reg:g}, {iters}, {T:g})")
-        self.loss = WKDLogitLoss(sharpened_cost(distance, kappa), T,
-                                 float(option(args, "wkd_logit_weight", DEFAULT_LOGIT_WEIGHT)), reg, iters)
+        self.loss = WKDLogitLoss(sharpened_cost(distance, kappa), T, opts.wkd_logit_weight, reg, iters)
         print(f"wkd_l: cost from {path or 'the teacher classifier'} (kappa {kappa:g}), T {T:g}, "
               f"WD weight {self.loss.weight:g}, Sinkhorn lambda {reg:g} x {iters}, "
               f"decay after epoch {self.decay_start}", flush=True)
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None):
-        if targets is None:
+    def forward(self, feat_s, feat_t, batch=None):
+        if batch is None or batch.targets is None:
             raise UserError("wkd_l needs the ground-truth labels of the batch")
-        return self.loss(feat_s.logits, feat_t.logits.detach(), targets, self.decay())
+        return self.loss(feat_s.logits, feat_t.logits.detach(), batch.targets, self.decay())
 
 
-@register("wkd_f", gamma=1.0, alpha=0.0, beta=0.08,
+@register("wkd_f", family="feature", gamma=1.0, alpha=0.0, beta=0.08,
           paper="Lv et al., Wasserstein Distance Rivals Kullback-Leibler Divergence for KD, NeurIPS 2024 (WKD-F)")
 class WKDF(DecayingDistiller):
+    options = (
+        Option("wkd_mean_weight", float, DEFAULT_MEAN_WEIGHT, "weight r of the mean term against the std term"),
+        DECAY_START,
+    )
+
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         c_s, c_t = ctx.feat_s.stages[-1].shape[1], ctx.feat_t.stages[-1].shape[1]
         self.connector = nn.Sequential(nn.Conv2d(c_s, c_t, 1), nn.BatchNorm2d(c_t), nn.ReLU(inplace=True))
-        self.loss = WKDFeatureLoss(float(option(ctx.args, "wkd_mean_weight", DEFAULT_MEAN_WEIGHT)))
+        self.loss = WKDFeatureLoss(ctx.options.wkd_mean_weight)
         print(f"wkd_f: last stage {c_s} -> {c_t} channels (1x1 conv + BN + ReLU), mean weight "
               f"{self.loss.mean_weight:g}, decay after epoch {self.decay_start}", flush=True)
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None):
+    def forward(self, feat_s, feat_t, batch=None):
         factor = self.decay()
         _, parts = self.loss(self.connector(feat_s.stages[-1]), feat_t.stages[-1].detach())
         parts = {k: factor * v for k, v in parts.items()}

@@ -24,15 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distiller_zoo.base import BuildContext, Distiller, option, register
+from core.errors import UserError
+from distiller_zoo.base import BuildContext, Distiller, register
+from distiller_zoo.options import Option
 from distiller_zoo.temperature import prepare_logits
-from engine.errors import UserError
 
 DEFAULT_GAMMA = 0.2
-
-OPTIONS = (
-    ("wttm_gamma", float, DEFAULT_GAMMA, "WTTM: exponent gamma of the teacher's power transform (= 1 / T)"),
-)
 
 
 class WTTMLoss(nn.Module):
@@ -50,16 +47,18 @@ class WTTMLoss(nn.Module):
             return (log_norm.squeeze(1).exp() * kl).mean()
 
 
-@register("wttm", gamma=1.0, alpha=0.0, beta=4.0,
+@register("wttm", family="logit", gamma=1.0, alpha=0.0, beta=4.0,
           paper="Zheng & Yang, Knowledge Distillation Based on Transformed Teacher Matching, ICLR 2024")
 class WTTM(Distiller):
+    options = (Option("wttm_gamma", float, DEFAULT_GAMMA, "exponent gamma of the teacher's power transform (= 1 / T)"),)
+
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
-        gamma = float(option(ctx.args, "wttm_gamma", DEFAULT_GAMMA))
+        gamma = ctx.options.wttm_gamma
         if gamma <= 0:
             raise UserError(f"--wttm_gamma must be > 0 (got {gamma:g})")
         self.loss = WTTMLoss(gamma, bool(ctx.logit_stand))
         print(f"wttm: gamma {gamma:g} (teacher temperature {1 / gamma:g}, student at 1)", flush=True)
 
-    def forward(self, feat_s, feat_t, targets, indices, contrast_idx=None):
+    def forward(self, feat_s, feat_t, batch=None):
         return self.loss(feat_s.logits, feat_t.logits.detach()), {}

@@ -1,15 +1,16 @@
 """CAT-KD: pooled CAMs against full-resolution CAMs from a 1x1 convolution (then pooled), the
-1x1 CAM equal to the logits, the MSE and its normalised variant by hand, per-pair weights,
+1x1 CAM equal to the logits, the MSE and its normalised variant by hand, per-pair -b weights,
 gradients into the student only, real networks, and the refusal of networks whose classifier
 reads another map."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+from core.errors import UserError
 from distiller_zoo.base import resolve
 from distiller_zoo.cat_kd import CATKD, CATLoss, pooled_cams
 from distiller_zoo.classifier import class_map, last_linear
-from engine.errors import UserError
+from distiller_zoo.objective import parse_objective
 from method_helpers import make_ctx, step_on_real_models
 
 
@@ -50,24 +51,23 @@ def test_loss_by_hand():
     assert CATLoss(normalize=True)(a, b).item() == pytest.approx(total / 24, rel=1e-5)
 
 
-def test_registry_and_weights(capsys):
+def test_registry_and_per_pair_weights(capsys):
     spec = resolve("CAT_KD")
-    assert (spec.gamma, spec.alpha, spec.beta) == (1.0, 0.0, 1.0) and spec.cls is CATKD
+    assert (spec.gamma, spec.alpha, spec.beta) == (1.0, 0.0, 15.0) and spec.cls is CATKD
     assert resolve("catkd") is spec
-    ctx, _ = make_ctx("resnet8", "resnet20")
-    for names, weight in ((("resnet32x4", "resnet8x4"), 15.0), (("resnet56", "resnet20"), 0.7),
-                          (("vgg13", "vgg8"), 4.5), (("wrn_40_2", "wrn_16_2"), 15.0)):
-        ctx.teacher_name, ctx.student_name = names
-        assert CATKD(ctx).weight == weight
-    ctx.args.cat_weight, ctx.args.cat_resolution = 3.0, 4
+    for pair, weight in ((("resnet32x4", "resnet8x4"), 15.0), (("resnet56", "resnet20"), 0.7),
+                         (("vgg13", "vgg8"), 4.5), (("wrn_40_2", "wrn_16_2"), 15.0)):
+        assert parse_objective("cat_kd", None, None, None, pair=pair).methods[0].weight == weight
+    assert parse_objective("cat_kd", None, None, 3.0, pair=("vgg13", "vgg8")).methods[0].weight == 3.0
+    ctx, _ = make_ctx("resnet8", "resnet20", cat_resolution=4)
     d = CATKD(ctx)
-    assert (d.weight, d.resolution) == (3.0, 4)
-    assert "cat_kd: beta 3 (--cat_weight), CAMs pooled to 4x4" in capsys.readouterr().out
+    assert d.resolution == 4
+    assert "cat_kd: CAMs pooled to 4x4" in capsys.readouterr().out
     assert list(d.parameters()) == []
 
 
 def test_forward_matches_formula_on_real_models():
-    ctx, x = make_ctx("resnet8", "resnet8x4", batch=3, cat_weight=2.0)
+    ctx, x = make_ctx("resnet8", "resnet8x4", batch=3)
     d = CATKD(ctx)
     loss, parts = step_on_real_models(d, ctx, x)
     assert parts == {}
@@ -76,7 +76,7 @@ def test_forward_matches_formula_on_real_models():
         fs, ft = ctx.student.forward_features(x), ctx.teacher.forward_features(x)
         a = F.adaptive_avg_pool2d(full_cams(F.relu(fs.preact[-1]), head_s), 2)
         b = F.adaptive_avg_pool2d(full_cams(F.relu(ft.preact[-1]), head_t), 2)
-    assert loss.item() == pytest.approx(2.0 * float(((a - b) ** 2).mean()), rel=1e-4)
+    assert loss.item() == pytest.approx(float(((a - b) ** 2).mean()), rel=1e-4)
     assert head_s.weight.grad is not None and head_s.weight.grad.abs().sum() > 0
 
 

@@ -2,15 +2,18 @@
 by hand, SD-KD and SD-DKD against per-row loops over the cells, the warm-up, options, and both
 distillers on real networks."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from distiller_zoo.base import resolve
+from core.errors import UserError
+from distiller_zoo.base import Batch, resolve
 from distiller_zoo.classifier import last_linear
-from distiller_zoo.sdd import SDDDKD, SDDKD, SDDLoss, cell_weights, scale_cells
+from distiller_zoo.dkd import DKD
 from distiller_zoo.kd import DistillKL
-from engine.errors import UserError
+from distiller_zoo.options import resolve_options
+from distiller_zoo.sdd import SDDDKD, SDDKD, SDDLoss, cell_weights, scale_cells
 from method_helpers import make_ctx, step_on_real_models
 
 
@@ -85,14 +88,14 @@ def test_sd_kd_loss_against_loop():
 
 
 def test_sd_dkd_on_real_models_against_loop():
-    ctx, x = make_ctx("resnet8", "resnet8x4", batch=3, kd_T=4)
+    ctx, x = make_ctx("resnet8", "resnet8x4", batch=3)
     d = SDDDKD(ctx)
-    assert d.scales == (1, 2, 4) and d.warmup == 20
+    assert d.cells.scales == (1, 2, 4) and d.warmup == 20
     y = torch.tensor([1, 5, 7])
     fs = ctx.student.forward_features(x)
     with torch.no_grad():
         ft = ctx.teacher.forward_features(x)
-    loss, parts = d(fs, ft, y, None)
+    loss, parts = d(fs, ft, Batch(targets=y))
     loss.backward()
     with torch.no_grad():
         cs = last_linear(ctx.student)(scale_cells(fs.stages[-1], (1, 2, 4)))
@@ -107,17 +110,20 @@ def test_sd_dkd_on_real_models_against_loop():
 def test_warmup_and_per_pair_options(capsys):
     ctx, x = make_ctx("resnet8", "resnet20")
     d = SDDDKD(ctx)
-    full, _ = d.cell_loss(ctx.feat_s, ctx.feat_t, torch.tensor([0, 1]))
+    batch = Batch(targets=torch.tensor([0, 1]))
+    full, _ = d.cells(ctx.feat_s, ctx.feat_t, batch)
     d.set_epoch(5)
     assert d.warmup_factor() == 0.25
-    loss, _ = d(ctx.feat_s, ctx.feat_t, torch.tensor([0, 1]), None)
+    loss, _ = d(ctx.feat_s, ctx.feat_t, batch)
     assert loss.item() == pytest.approx(0.25 * full.item(), rel=1e-6)
-    ctx.teacher_name, ctx.student_name = "resnet32x4", "resnet8x4"
-    assert SDDKD(ctx).scales == (1, 2)
-    assert SDDDKD(ctx).scales == (1, 2, 4)
-    ctx.args.sdd_scales, ctx.args.sdd_weight = "4,1", 3.0
+    for pair, scales, beta in ((("resnet32x4", "resnet8x4"), "1,2", 8.0), (("vgg13", "vgg8"), "1,2,4", 6.0)):
+        unset = SimpleNamespace(**{opt.name: None for opt in SDDDKD.options})
+        opts, _ = resolve_options(SDDDKD.options, unset, pair)
+        assert (opts.sdd_scales, opts.dkd_beta) == (scales, beta)
+    assert set(DKD.options) <= set(SDDDKD.options) and SDDKD.options == SDDDKD.options[:2]
+    ctx.options.sdd_scales, ctx.options.sdd_weight = "4,1", 3.0
     kd = SDDKD(ctx)
-    assert kd.scales == (1, 4) and kd.loss.complementary == 3.0
+    assert kd.cells.scales == (1, 4) and kd.cells.loss.complementary == 3.0
     assert "sdd_kd: scales 1,4 (17 cells), complementary weight 3" in capsys.readouterr().out
 
 
@@ -129,13 +135,13 @@ def test_registry_real_models_and_errors():
     feat_s = ctx.student.forward_features(x)
     with torch.no_grad():
         feat_t = ctx.teacher.forward_features(x)
-    loss, _ = d(feat_s, feat_t, torch.tensor([2, 3]), None)
+    loss, _ = d(feat_s, feat_t, Batch(targets=torch.tensor([2, 3])))
     loss.backward()
     assert torch.isfinite(loss) and list(d.parameters()) == []
     with pytest.raises(UserError, match="labels"):
         step_on_real_models(d, ctx, x)
     for scales in ("2,4", "a,b"):
-        ctx.args.sdd_scales = scales
+        ctx.options.sdd_scales = scales
         with pytest.raises(UserError, match="sdd_scales"):
             SDDKD(ctx)
     ctx, _ = make_ctx("resnet8", "ShuffleV2")

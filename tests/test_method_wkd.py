@@ -8,10 +8,10 @@ import torch
 from scipy.linalg import sqrtm
 from scipy.optimize import linprog
 
-from distiller_zoo.base import resolve
+from core.errors import UserError
+from distiller_zoo.base import Batch, resolve
 from distiller_zoo.wkd import (WKDF, WKDL, WKDFeatureLoss, WKDLogitLoss, classifier_distance, cosine_decay,
                                sharpened_cost, sinkhorn_distance, sinkhorn_plan)
-from engine.errors import UserError
 from method_helpers import make_ctx, step_on_real_models
 
 
@@ -122,13 +122,17 @@ def test_wkd_l_on_real_models_with_classifier_cost(capsys):
     fs = ctx.student.forward_features(x)
     with torch.no_grad():
         ft = ctx.teacher.forward_features(x)
-    loss, parts = d(fs, ft, torch.tensor([1, 2, 3]), None)
+    loss, parts = d(fs, ft, Batch(targets=torch.tensor([1, 2, 3])))
     loss.backward()
     assert torch.isfinite(loss) and set(parts) == {"target", "wd"}
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ctx.student.parameters())
     assert all(p.grad is None for p in ctx.teacher.parameters())
     assert list(d.parameters()) == [] and "cost" not in d.state_dict()
     d.set_epoch(195)
+    assert d.epoch_metrics() == {"decay": pytest.approx(0.5)}
+    ctx.epochs = 170  # the decay ends at the run's last epoch
+    d = WKDL(ctx)
+    d.set_epoch(160)
     assert d.epoch_metrics() == {"decay": pytest.approx(0.5)}
 
 
@@ -141,7 +145,7 @@ def test_wkd_f_on_real_models_and_together():
     fs = ctx.student.forward_features(x)
     with torch.no_grad():
         ft = ctx.teacher.forward_features(x)
-    total = l(fs, ft, torch.tensor([0, 1, 2]), None)[0] + 0.08 * f(fs, ft, None, None)[0]
+    total = l(fs, ft, Batch(targets=torch.tensor([0, 1, 2])))[0] + 0.08 * f(fs, ft)[0]
     total.backward()
     assert torch.isfinite(total)
 
@@ -155,12 +159,12 @@ def test_registry_cost_file_and_errors(tmp_path):
     assert torch.allclose(WKDL(ctx).loss.cost, d)
     torch.save(torch.rand(5, 5), tmp_path / "bad.pth")
     for path, msg in ((tmp_path / "bad.pth", r"\(10, 10\)"), (tmp_path / "none.pth", "does not exist")):
-        ctx.args.wkd_cost_matrix = str(path)
+        ctx.options.wkd_cost_matrix = str(path)
         with pytest.raises(UserError, match=msg):
             WKDL(ctx)
-    ctx.args.wkd_cost_matrix, ctx.args.wkd_sinkhorn_reg = None, 0
+    ctx.options.wkd_cost_matrix, ctx.options.wkd_sinkhorn_reg = None, 0
     with pytest.raises(UserError, match="wkd_sinkhorn_reg"):
         WKDL(ctx)
-    ctx.args.wkd_sinkhorn_reg = None
+    ctx.options.wkd_sinkhorn_reg = 0.05
     with pytest.raises(UserError, match="labels"):
         step_on_real_models(WKDL(ctx), ctx, x)

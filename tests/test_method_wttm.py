@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
+from core.errors import UserError
 from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.wttm import WTTM, WTTMLoss
-from engine.errors import UserError
 from models import Features
 from method_helpers import make_ctx, make_args, step_on_real_models
 
@@ -62,7 +62,7 @@ def test_gradients_and_registry():
     zs, zt = rand(3, 5, seed=6).requires_grad_(), rand(3, 5, seed=7).requires_grad_()
     f = logit_features(torch.zeros(2, 5))
     d = WTTM(BuildContext(None, None, f, f, make_args(), n_train=10, num_classes=5))
-    loss, parts = d(logit_features(zs), logit_features(zt), None, None)
+    loss, parts = d(logit_features(zs), logit_features(zt))
     loss.backward()
     assert zs.grad.abs().sum() > 0 and zt.grad is None and parts == {}
     assert d.loss.gamma == 0.2
