@@ -1,9 +1,11 @@
 """DOT: two momenta against a hand-computed three-step update of two parameters, the
-gradient split by step_losses, plain SGD from step(), checkpointing of both buffers."""
+gradient split by step_losses, plain SGD from step(), checkpointing of both buffers, and the
+training loop handing DOT the two shares of the loss."""
 import pytest
 import torch
 
 from engine.dot import DOT
+from engine.loop import train_epoch
 
 
 def two_params():
@@ -82,3 +84,29 @@ def test_state_dict_round_trip_and_errors():
         opt.step_with([t(1.0)], [None])
     with pytest.raises(ValueError, match="momentum"):
         DOT([p1], lr=0.1, momentum=0.95, delta=0.075)
+
+
+def test_train_epoch_steps_the_task_and_distillation_shares_apart():
+    """engine/loop.train_epoch hands DOT terms['task'] and the rest of terms['loss']."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(3))
+    ref = torch.nn.Parameter(w.detach().clone())
+    x = torch.randn(4, 3)
+
+    def terms_of(p):
+        task = (x @ p).pow(2).mean()
+        return {"task": task, "loss": task + 0.5 * p.abs().sum()}
+
+    def step_module(images, targets):
+        return terms_of(w), None
+
+    opt, expected = DOT([w], lr=0.1, weight_decay=0.01), DOT([ref], lr=0.1, weight_decay=0.01)
+    loader = [(x, torch.zeros(4, dtype=torch.long))] * 2
+    train_epoch(step_module, loader, opt, torch.amp.GradScaler("cpu", enabled=False), device=torch.device("cpu"),
+                amp_dtype=None, channels_last=False, print_freq=100, desc="dot", show_progress=False,
+                with_accuracy=False)
+    for _ in loader:
+        task_grad = torch.autograd.grad(terms_of(ref)["task"], ref)[0]
+        distill_grad = 0.5 * torch.sign(ref.detach())
+        expected.step_with([task_grad], [distill_grad])
+    assert torch.allclose(w, ref, atol=1e-6)
