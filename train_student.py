@@ -12,6 +12,7 @@ the method's published defaults. Without --path_t the best teacher of the data s
 """
 import argparse
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from
 from engine.args import HelpFormatter, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.distill_task import DistillTask
+from engine.dot import DEFAULT_DELTA
 from engine.loop import move_batch
 from engine.session import build_data, create_run_dir, restore_args, start
 from engine.teacher import build_teacher, find_best_teacher, read_teacher
@@ -69,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--init_lr", type=float, default=None,
                    help="constant lr of every init stage; default RepDistiller's: 0.01 for FT with a "
                         "ResNet/WRN student (its registry entry), else --learning_rate")
+    m.add_argument("--dot", action="store_true",
+                   help="train the main stage with DOT (Zhao et al., ICCV 2023): task and distillation momenta "
+                        "--momentum -/+ --dot_delta; any method")
+    m.add_argument("--dot_delta", type=float, default=DEFAULT_DELTA, help="DOT's momentum offset delta")
     add_method_options(parser)
     add_common_args(parser)
     parser.set_defaults(trial="1")
@@ -124,11 +130,29 @@ def resolve_run(args: argparse.Namespace) -> Plan:
         raise UserError(f"--kd_T must be a positive number, got {args.kd_T}")
     if args.kd_T_schedule != "constant" and args.kd_T_end is None:
         raise UserError(f"--kd_T_schedule {args.kd_T_schedule} needs --kd_T_end, the temperature at the last epoch")
+    check_dot(args)
     objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand,
                                 (args.model_t, args.model_s))
     args.gamma, args.alpha = objective.gamma, objective.alpha
-    args.method, args.beta_label = objective.name, objective.beta_label
+    args.method = objective.name + ("+dot" if args.dot else "")  # its own row in the tables
+    args.beta_label = objective.beta_label
     return Plan(objective, state)
+
+
+def check_dot(args) -> None:
+    """DOT differentiates the two shares of the loss itself (engine/dot.py), so fp16's loss
+    scaling and DistributedDataParallel's gradient averaging, which hook into backward(), never
+    see its gradients."""
+    if not args.dot:
+        return
+    if args.amp == "fp16":
+        raise UserError("--dot does not work with --amp fp16 (no loss scaling for DOT's gradients); "
+                        "use --amp bf16 or --amp off")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--dot runs on one process (DDP would not average DOT's gradients); run it without torchrun")
+    if not (0 <= args.momentum - args.dot_delta and args.momentum + args.dot_delta < 1):
+        raise UserError(f"--dot needs 0 <= --momentum - --dot_delta and --momentum + --dot_delta < 1 "
+                        f"(got {args.momentum:g} and {args.dot_delta:g})")
 
 
 def run_name(args) -> str:
@@ -147,7 +171,7 @@ def build_task(args, plan: Plan, ctx, train_loader, info) -> DistillTask:
         build = BuildContext(student=student, teacher=teacher, feat_s=feat_s, feat_t=feat_t, options=term.options,
                              n_train=info.n_train, num_classes=info.num_classes, student_name=args.model_s,
                              teacher_name=args.model_t, temperature=temperature, logit_stand=args.logit_stand,
-                             weight_given=term.weight_source == "given")
+                             weight_given=term.weight_source == "given", epochs=args.epochs)
         methods.append((term.spec.name, term.weight, term.spec.cls(build)))
     task = DistillTask(student, teacher, methods, args.gamma, args.alpha, plan.objective.kd_term(temperature),
                        temperature, info.num_classes, init_lr=args.init_lr, base_lr=args.learning_rate)
@@ -178,7 +202,7 @@ def sample_features(student, teacher, loader, device):
 def describe(args, plan: Plan) -> dict:
     return {"method": args.method, "teacher": args.model_t, "path_t": args.path_t, "gamma": args.gamma,
             "alpha": args.alpha, "beta": args.beta_label, "kd_T": args.kd_T, "kd_T_schedule": args.kd_T_schedule,
-            "logit_stand": args.logit_stand,
+            "logit_stand": args.logit_stand, "dot": args.dot,
             "methods": {term.spec.name: term.describe() for term in plan.objective.methods}}
 
 

@@ -33,6 +33,7 @@ class BuildContext:
     temperature: object = 4.0  # the run's shared Temperature (float() gives the current value)
     logit_stand: bool = False  # z-score logits before the temperature softmax (--logit_stand)
     weight_given: bool = False  # the method's weight came from -b or `name:w`, not from the registry
+    epochs: int = 240          # the main stage's length (--epochs; RepDistiller's 240 outside a run)
 
 
 @dataclass

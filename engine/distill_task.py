@@ -54,6 +54,7 @@ class DistillTask(Task):
         if self.strong_view:
             terms["ce_strong"] = F.cross_entropy(feat_s.logits[targets.shape[0]:].float(), targets)
             loss = loss + self.gamma * terms["ce_strong"]
+        terms["task"] = loss  # the CE share, which DOT steps apart from the distillation share
         if self.alpha:
             terms[self.kd_name] = self.kd(weak_s.logits, weak_t.logits)
             loss = loss + self.alpha * terms[self.kd_name]

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from core.distributed import all_reduce_sum, world_size
+from engine.dot import DOT
 from engine.precision import autocast
 from engine.progress import epoch_bar
 
@@ -76,8 +77,9 @@ def train_epoch(step_module, loader, optimizer, scaler, *, device, amp_dtype, ch
                 print_freq: int, desc: str, show_progress: bool, with_accuracy: bool = True, run: str = "",
                 stop=None) -> dict:
     """Optimise over one pass of `loader`. `step_module(*batch)` returns (terms, logits);
-    terms['loss'] is minimised, every term is reported. Returns means, seconds, images/s.
-    `stop` (engine.signals.StopRequest) ends the epoch between steps with Interrupted."""
+    terms['loss'] is minimised, every term is reported. Under DOT, terms['task'] (the task's
+    share of the loss) and the rest are stepped apart. `stop` (engine.signals.StopRequest) ends
+    the epoch between steps with Interrupted. Returns means, seconds, images/s."""
     meter = EpochMeter(device)
     start = time.perf_counter()
     bar = epoch_bar(len(loader), run, desc, enabled=show_progress)
@@ -86,9 +88,12 @@ def train_epoch(step_module, loader, optimizer, scaler, *, device, amp_dtype, ch
         with autocast(device, amp_dtype):
             terms, logits = step_module(images, targets, *rest)
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(terms["loss"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        if isinstance(optimizer, DOT):  # never with fp16 loss scaling: train_student.py refuses it
+            optimizer.step_losses(terms["task"], terms["loss"] - terms["task"])
+        else:
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
         meter.add(terms, logits, targets)
         bar.update(1)
         if step % print_freq == 0:

@@ -1,5 +1,8 @@
-"""SGD and RepDistiller's step schedule: lr * rate ** (number of milestones passed)."""
+"""SGD (or DOT for a --dot run's main stage) and RepDistiller's step schedule:
+lr * rate ** (number of milestones passed)."""
 import torch
+
+from engine.dot import DOT
 
 
 def build_sgd(params, args, device: torch.device) -> torch.optim.SGD:
@@ -7,6 +10,15 @@ def build_sgd(params, args, device: torch.device) -> torch.optim.SGD:
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.SGD(params, lr=args.learning_rate, momentum=args.momentum,
                            weight_decay=args.weight_decay, **fast)
+
+
+def build_optimizer(params, args, device: torch.device, main_stage: bool) -> torch.optim.Optimizer:
+    """DOT for the main stage of a --dot run (its init stages have no distillation loss to set
+    apart, so they keep SGD), else SGD."""
+    if main_stage and getattr(args, "dot", False):  # train_teacher.py has no --dot
+        return DOT(params, lr=args.learning_rate, momentum=args.momentum, delta=args.dot_delta,
+                   weight_decay=args.weight_decay)
+    return build_sgd(params, args, device)
 
 
 def lr_at(epoch: int, args) -> float:

@@ -22,7 +22,7 @@ from engine.checkpoint import save_checkpoint
 from core.distributed import average_buffers, broadcast_from_main
 from engine.loop import NonFiniteLoss, evaluate, train_epoch
 from engine.metrics_log import MAIN_STAGE, MetricsLog
-from engine.optim import build_sgd, lr_at, set_lr
+from engine.optim import build_optimizer, lr_at, set_lr
 from engine.precision import resolve_execution
 from engine.progress import run_line
 from engine.resume import load_resume_state
@@ -107,7 +107,7 @@ class Trainer:
             Stage(MAIN_STAGE, self.args.epochs, self.task, self.task.main_parameters())]
         epoch_offset = 0
         for index, stage in enumerate(stages):
-            optimizer = build_sgd(stage.params, self.args, self.ctx.device)
+            optimizer = build_optimizer(stage.params, self.args, self.ctx.device, stage.name == MAIN_STAGE)
             first = self._start_epoch(index, stages, optimizer)
             for epoch in range(first, stage.epochs + 1):
                 self._run_epoch(stage, epoch, epoch_offset + epoch, optimizer)

@@ -181,3 +181,30 @@ def test_a_schedule_without_its_end_temperature_is_refused(teachers, capsys):
         distill(teachers, STUDENT, "kd", "--kd_T_schedule", "cosine")
     assert exit_info.value.code == 2
     assert "--kd_T_end" in capsys.readouterr().err
+
+
+def test_dot_trains_the_main_stage_of_any_method(teachers):
+    results = distill(teachers, STUDENT, "kd", "--dot", "--dot_delta", "0.05")
+    assert results["method"] == "kd+dot"
+    run_dir = check_run(teachers, results, "kd")
+    logged = rows(run_dir)[-1]
+    # the task share DOT steps apart is gamma * CE (KD's published gamma 0.1)
+    assert float(logged["train_task"]) == pytest.approx(0.1 * float(logged["train_ce"]), rel=1e-5)
+    state = torch.load(run_dir / "ckpt_last.pth", weights_only=False)["optimizer"]
+    assert {"task_momentum", "distill_momentum"} <= set(state["state"][0])
+    assert state["param_groups"][0]["delta"] == 0.05
+
+
+@pytest.mark.parametrize("flags, env, message", [
+    (["--amp", "fp16"], {}, "--amp fp16"),
+    ([], {"WORLD_SIZE": "2"}, "without torchrun"),
+    (["--dot_delta", "0.2"], {}, "--dot_delta"),
+])
+def test_dot_refusals_end_with_one_line_and_status_2(teachers, capsys, monkeypatch, flags, env, message):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(SystemExit) as exit_info:
+        distill(teachers, STUDENT, "kd", "--dot", *flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
