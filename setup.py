@@ -6,7 +6,7 @@ setup(
     description="Knowledge-distillation benchmark suite: RepDistiller-compatible model zoo, "
     "twenty distillation methods, reproduction scripts and comparison tables.",
     python_requires=">=3.9",
-    packages=["models", "distiller_zoo", "crd", "dataset", "engine"],
+    packages=["models", "distiller_zoo", "crd", "dataset", "engine", "deploy"],
     py_modules=["train_teacher", "train_student", "evaluate"],
     install_requires=[
         "torch>=2.1",
@@ -20,5 +20,9 @@ setup(
         "matplotlib>=3.5",
         "tabulate>=0.8",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={
+        "test": ["pytest>=7"],
+        # export, int8 and QAT (deploy/): torch.onnx's exporter needs onnx and onnxscript
+        "deploy": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18", "torchao>=0.12"],
+    },
 )
