@@ -35,7 +35,7 @@ def export_program(model, images: torch.Tensor, path) -> torch.export.ExportedPr
 
 
 def export_onnx(model, images: torch.Tensor, path, opset: int = OPSET) -> Path:
-    """Write the eval-mode model (or a PT2E GraphModule) as one self-contained ONNX file."""
+    """Write the eval-mode model as one self-contained ONNX file."""
     with warnings.catch_warnings():  # the exporter warns about its own internals, not about the model
         warnings.simplefilter("ignore")
         torch.onnx.export(model, example_input(images), str(path), dynamo=True, opset_version=opset,
