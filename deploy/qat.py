@@ -76,7 +76,8 @@ class QATStep:
     def __init__(self, prepared, config: QATConfig, teacher=None):
         if config.alpha and teacher is None:
             raise ValueError("a KD weight (alpha) needs a teacher")
-        self.prepared, self.config, self.teacher = prepared, config, teacher
+        # the teacher stays in eval mode, as in every distillation run (README, Decisions)
+        self.prepared, self.config, self.teacher = prepared, config, teacher.eval() if teacher else None
         self.kd = DistillKL(config.kd_T)
 
     def __call__(self, images, targets, *unused):
