@@ -6,6 +6,8 @@
 Reports top-1/top-5 (%), test cross-entropy, parameters, MACs per image, median CPU latency at
 batch 1 and 64 (and CUDA latency when evaluating on a GPU), expected calibration error and mean
 prediction entropy; with --teacher also top-1 agreement with the teacher and KL(teacher || student).
+With --deploy (or --qat CKPT) a second table: fp32, int8-PTQ and int8-QAT rows with test top-1,
+size on disk and latency in PyTorch and ONNX Runtime (deploy/report.py; needs pip install '.[deploy]').
 
 MACs are torch.utils.flop_counter.FlopCounterMode's FLOPs / 2: torch counts a multiply-add as two
 FLOPs, and counts only convolutions and matrix products (not BatchNorm, activations or pooling).
@@ -22,6 +24,7 @@ checkpoints say nothing).
 import argparse
 import copy
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +33,11 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from dataset.loaders import build_loaders
+from deploy import data as deploy_data
+from deploy import extras
+from deploy.network import load_network, read_network
+from deploy.quantize import CALIBRATION_IMAGES
+from deploy.report import deployment_rows, markdown_rows
 from engine import runs
 from engine.build import check_model_name
 from engine.checkpoint import load_checkpoint
@@ -66,11 +74,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--latency_warmup", type=int, default=5, help="untimed forward passes before timing")
     parser.add_argument("--cpu_threads", type=int, default=None,
                         help="torch CPU threads while timing CPU latency (default: torch's own setting)")
+    parser.add_argument("--deploy", action="store_true",
+                        help="add the fp32 and int8-PTQ deployment rows (ONNX Runtime; needs the deploy extra)")
+    parser.add_argument("--qat", type=str, default=None,
+                        help="a QAT run's checkpoint: adds the int8-QAT row (implies --deploy)")
+    parser.add_argument("--calib_images", type=int, default=CALIBRATION_IMAGES,
+                        help="training images the int8 models are calibrated on")
     return _check_args(parser.parse_args(argv))
 
 
 def _check_args(args: argparse.Namespace) -> argparse.Namespace:
-    least = {"batch_size": 1, "latency_runs": 1, "latency_warmup": 0, "cpu_threads": 1}
+    args.deploy = args.deploy or args.qat is not None
+    least = {"batch_size": 1, "latency_runs": 1, "latency_warmup": 0, "cpu_threads": 1, "calib_images": 1}
     for flag, low in least.items():
         value = getattr(args, flag)
         if value is not None and value < low:
@@ -145,8 +160,9 @@ def count_macs(model, input_shape) -> int:
 
 
 @torch.inference_mode()
-def median_latency_ms(model, inputs: torch.Tensor, runs: int, warmup: int) -> float:
-    """Median wall time of `runs` forward passes after `warmup` untimed ones, in ms."""
+def latency_ms(model, inputs: torch.Tensor, runs: int, warmup: int) -> tuple:
+    """(median, first quartile, third quartile) of the wall times of `runs` forward passes after
+    `warmup` untimed ones, in ms."""
     sync = (lambda: torch.cuda.synchronize(inputs.device)) if inputs.is_cuda else (lambda: None)
     for _ in range(warmup):
         model(inputs)
@@ -156,8 +172,11 @@ def median_latency_ms(model, inputs: torch.Tensor, runs: int, warmup: int) -> fl
         start = time.perf_counter()
         model(inputs)
         sync()
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+        times.append(1000.0 * (time.perf_counter() - start))
+    if len(times) == 1:
+        return times[0], times[0], times[0]
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return statistics.median(times), q1, q3
 
 
 def latencies(cpu_model, cuda_model, input_shape, amp_dtype, runs: int, warmup: int) -> dict:
@@ -165,16 +184,17 @@ def latencies(cpu_model, cuda_model, input_shape, amp_dtype, runs: int, warmup: 
     out = {}
     for kind, model, dtype in (("cpu", cpu_model, None), ("cuda", cuda_model, amp_dtype)):
         for batch in LATENCY_BATCHES:
-            key = f"{kind}_latency_ms_b{batch}"
-            out[key] = None if model is None else _latency(model, batch, input_shape, dtype, runs, warmup)
+            median, q1, q3 = (None,) * 3 if model is None else _latency(model, batch, input_shape, dtype, runs, warmup)
+            out[f"{kind}_latency_ms_b{batch}"] = median
+            out[f"{kind}_latency_iqr_ms_b{batch}"] = None if median is None else [q1, q3]
     return out
 
 
-def _latency(model, batch: int, input_shape, amp_dtype, runs: int, warmup: int) -> float:
+def _latency(model, batch: int, input_shape, amp_dtype, runs: int, warmup: int) -> tuple:
     device = next(model.parameters()).device
     inputs = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
     with autocast(device, amp_dtype):
-        return median_latency_ms(model, inputs, runs, warmup)
+        return latency_ms(model, inputs, runs, warmup)
 
 
 # --- the report -------------------------------------------------------------------------------
@@ -194,8 +214,9 @@ def _latency_rows(r: dict) -> list:
         for batch in LATENCY_BATCHES:
             value = r[f"{kind}_latency_ms_b{batch}"]
             if value is not None:
-                name = f"latency, batch {batch} ({label}; ms, median of {r['latency_runs']})"
-                rows.append((name, _cell(value, ".3f")))
+                q1, q3 = r[f"{kind}_latency_iqr_ms_b{batch}"]
+                name = f"latency, batch {batch} ({label}; ms, median and interquartile range of {r['latency_runs']})"
+                rows.append((name, f"{value:.3f} ({q1:.3f}–{q3:.3f})"))
     return rows
 
 
@@ -253,6 +274,21 @@ def cost_metrics(model, device, input_shape, amp_dtype, args) -> dict:
             "latency_runs": args.latency_runs, "latency_warmup": args.latency_warmup, **timed}
 
 
+def deployment(model, report: dict, args) -> list:
+    """The fp32 / int8-PTQ / int8-QAT rows (deploy/report.py), on the CPU; PyTorch's fp32 latency
+    is the one measured above."""
+    train_loader, test_loader, info = deploy_data.loaders(args.dataset, args.data_folder)
+    qat_model = load_network(args.qat, None, info.num_classes, args.dataset)[0] if args.qat else None
+    torch_latency = {f"pytorch_{key.split('_')[0]}_b{batch}": report[key] for key in report
+                     for batch in LATENCY_BATCHES if key.endswith(f"_latency_ms_b{batch}") and report[key] is not None}
+    timing = {"threads": report["cpu_threads"], "runs": args.latency_runs, "warmup": args.latency_warmup,
+              "batches": LATENCY_BATCHES}
+    calibration = deploy_data.first_images(train_loader, args.calib_images)
+    with tempfile.TemporaryDirectory() as workdir:
+        return deployment_rows(copy.deepcopy(model).cpu(), qat_model, deploy_data.split_tensors(test_loader),
+                               calibration, workdir, timing, torch_latency)
+
+
 def write_outputs(report: dict, table: str, args) -> None:
     print(table, end="")
     if args.json:
@@ -291,6 +327,10 @@ def read_networks(args) -> dict:
     if args.teacher:
         found["state_t"], arch_t = read_teacher(args.teacher, args.model_t)
         found["arch_t"] = check_model_name(arch_t, "--model_t")
+    if args.deploy:
+        extras.require()
+    if args.qat:
+        read_network(args.qat)
     return found
 
 
@@ -313,7 +353,12 @@ def main(argv=None) -> dict:
               **prediction_metrics(logits[0], targets),
               **teacher_metrics(logits[0], logits[1] if args.teacher else None),
               **cost_metrics(model, ctx.device, shape, amp_dtype, args)}
-    write_outputs(report, markdown_table(report), args)
+    table = markdown_table(report)
+    if args.deploy:
+        report["deployment"] = deployment(model, report, args)
+        report["calibration_images"] = args.calib_images
+        table += "\n" + markdown_rows(report["deployment"], {"runs": args.latency_runs, "threads": report["cpu_threads"]})
+    write_outputs(report, table, args)
     return report
 
 

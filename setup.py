@@ -13,7 +13,7 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-PACKAGES = ("core", "models", "dataset", "crd", "distiller_zoo", "engine", "scripts")
+PACKAGES = ("core", "models", "dataset", "crd", "distiller_zoo", "engine", "deploy", "scripts")
 MODULES = ("train_teacher", "train_student", "evaluate")
 IMPORT = re.compile(r"^(\s*)(from|import) (" + "|".join(PACKAGES + MODULES) + r")\b", re.M)
 # the scripts put the checkout root on sys.path; installed, the package is importable already
@@ -69,5 +69,9 @@ setup(
         "tabulate>=0.8",
         "pyyaml>=5.4",
     ],
-    extras_require={"test": ["pytest>=7", "import-linter>=2.0"]},
+    extras_require={
+        "test": ["pytest>=7", "import-linter>=2.0"],
+        # export, int8 and QAT (deploy/): torch.onnx's exporter needs onnx and onnxscript
+        "deploy": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18", "torchao>=0.12"],
+    },
 )

@@ -16,7 +16,8 @@ FAST = ["--dataset", "digits", "--device", "cpu", "--latency_runs", "2", "--late
 REPORT_KEYS = {"checkpoint", "model", "dataset", "device", "amp", "teacher", "model_t", "n_test",
                "top1", "top5", "test_loss", "params", "macs", "input_shape", "cpu_threads",
                "latency_runs", "latency_warmup", "cpu_latency_ms_b1", "cpu_latency_ms_b64",
-               "cuda_latency_ms_b1", "cuda_latency_ms_b64", "ece", "ece_bins", "mean_entropy",
+               "cuda_latency_ms_b1", "cuda_latency_ms_b64", "cpu_latency_iqr_ms_b1", "cpu_latency_iqr_ms_b64",
+               "cuda_latency_iqr_ms_b1", "cuda_latency_iqr_ms_b64", "ece", "ece_bins", "mean_entropy",
                "agreement", "kl_teacher_student"}
 
 
@@ -130,6 +131,8 @@ def test_end_to_end_on_the_digits_teacher(digits_teacher, tmp_path, capsys):
     assert report["kl_teacher_student"] == pytest.approx(0.0, abs=1e-9)
     assert (report["model"], report["model_t"], report["n_test"]) == ("resnet8", "resnet8", 360)
     assert report["cpu_threads"] == 1 and report["cpu_latency_ms_b64"] > 0
+    q1, q3 = report["cpu_latency_iqr_ms_b64"]
+    assert q1 <= report["cpu_latency_ms_b64"] <= q3
     assert 0 <= report["ece"] <= 1 and 0 <= report["mean_entropy"] <= math.log(10) + 1e-9
     written = read_json(out_json)
     assert set(written) == REPORT_KEYS

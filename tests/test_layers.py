@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 from distiller_zoo import METHODS
 
-PACKAGES = ("core", "models", "dataset", "crd", "distiller_zoo", "engine")
+PACKAGES = ("core", "models", "dataset", "crd", "distiller_zoo", "engine", "deploy")
 METHOD_INTERFACE = {"distiller_zoo", "distiller_zoo.base", "distiller_zoo.options", "distiller_zoo.objective",
                     "distiller_zoo.temperature"}
 

@@ -7,7 +7,7 @@ import zipfile
 
 from conftest import ROOT
 
-GENERIC = {"core", "models", "dataset", "crd", "distiller_zoo", "engine", "scripts", "evaluate",
+GENERIC = {"core", "models", "dataset", "crd", "distiller_zoo", "engine", "deploy", "scripts", "evaluate",
            "train_student", "train_teacher"}
 
 

@@ -1,0 +1,176 @@
+"""Deployment on digits: export round trips (ONNX Runtime and torch.export against PyTorch) for
+one model of each family, int8 post-training quantisation of a trained student, one QAT epoch
+and its resume, evaluate.py's deployment rows, scripts/export.py and scripts/pareto.py."""
+import shutil
+import sys
+
+import pytest
+import torch
+
+import evaluate
+import train_student
+from conftest import ROOT, fast_args, read_json
+from deploy import data
+from deploy.export import check_exports, export_onnx, export_program
+from deploy.qat import QATConfig, run_qat
+from deploy.quantize import quantize_int8
+from deploy.runtime import batched_logits, ort_runner, ort_session, torch_runner
+from engine.build import build_model
+from engine.checkpoint import load_checkpoint
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import export as export_script  # noqa: E402  (scripts/export.py)
+import pareto  # noqa: E402
+
+FAMILIES = ("resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2")
+# int8 may cost a trained digits student at most this many points of test top-1
+PTQ_MARGIN = 3.0
+
+
+QAT_CONFIG = dict(learning_rate=1e-3, gamma=0.1, alpha=0.9, kd_T=1.0)
+
+
+def _digits_network(checkpoint, num_classes):
+    model = build_model("resnet8", num_classes)
+    model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def digits_split():
+    _, test_loader, info = data.loaders("digits", "./data")
+    return data.split_tensors(test_loader), info
+
+
+@pytest.fixture(scope="session")
+def digits_student(digits_teacher):
+    """A resnet8 student distilled (CE + 0.5 KD) from the digits teacher for 3 epochs at a constant
+    lr and batch 16 (about 60% test top-1, the one-epoch teacher's is about 15%): its run directory."""
+    save, teacher_dir = digits_teacher
+    results = train_student.main(fast_args(save, "--path_t", str(teacher_dir / "best.pth"), "--model_s", "resnet8",
+                                           "--distill", "kd", "-r", "1", "-a", "0.5", "--epochs", "3",
+                                           "--batch_size", "16", "--lr_decay_epochs", "100", "--trial", "deploy"))
+    return save / "students" / results["run_name"]
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_export_round_trip(arch, digits_split, tmp_path):
+    (images, _), info = digits_split
+    torch.manual_seed(0)
+    model = build_model(arch, info.num_classes).eval()
+    images = images[:16]
+    export_onnx(model, images, tmp_path / "m.onnx")
+    export_program(model, images, tmp_path / "m.pt2")
+    checks = check_exports(model, images, tmp_path / "m.onnx", tmp_path / "m.pt2")
+    for check in checks.values():
+        assert check["within_tolerance"], checks
+        assert check["top1_agreement"] == 100.0
+    assert checks["onnx"]["images"] == 16  # a batch other than the example's: the batch is dynamic
+
+
+def test_ptq_keeps_accuracy(digits_student, digits_split, tmp_path):
+    (images, targets), info = digits_split
+    model = _digits_network(digits_student / "best.pth", info.num_classes)
+    train_loader, _, _ = data.loaders("digits", "./data")
+    export_onnx(model, images, tmp_path / "m.onnx")
+    int8 = quantize_int8(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", data.first_images(train_loader, 256))
+
+    def top1(run):
+        return 100.0 * batched_logits(run, images).argmax(1).eq(targets).double().mean().item()
+
+    fp32, quantised = top1(torch_runner(model)), top1(ort_runner(ort_session(int8)))
+    assert fp32 > 40.0, "the fixture student should have learnt digits (chance is 10%)"
+    assert quantised >= fp32 - PTQ_MARGIN
+    assert int8.stat().st_size < 0.5 * (tmp_path / "m.onnx").stat().st_size  # int8 weights
+
+
+def _run_qat(student_dir, teacher_dir, run_dir, epochs):
+    train_loader, test_loader, info = data.loaders("digits", "./data")
+    return run_qat(_digits_network(student_dir / "best.pth", info.num_classes), train_loader, test_loader, run_dir,
+                   QATConfig(epochs=epochs, **QAT_CONFIG), arch="resnet8", dataset="digits",
+                   teacher=_digits_network(teacher_dir / "best.pth", info.num_classes))
+
+
+@pytest.fixture(scope="session")
+def qat_run(digits_student, digits_teacher, tmp_path_factory):
+    """One QAT epoch (KD at T = 1 from the teacher) after the digits student: its run directory."""
+    run_dir = tmp_path_factory.mktemp("qat") / "run"
+    _run_qat(digits_student, digits_teacher[1], run_dir, epochs=1)
+    return run_dir
+
+
+def test_qat_epoch_writes_a_plain_checkpoint(qat_run, digits_student):
+    results = read_json(qat_run / "results.json")
+    assert results["epochs"] == 1 and results["last_top1"] > 0 and results["qat"]["kd_T"] == 1.0
+    weights = load_checkpoint(qat_run / "best.pth")["model"]
+    before = load_checkpoint(digits_student / "best.pth")["model"]
+    assert weights.keys() == before.keys()  # an ordinary checkpoint of the float network
+    assert not torch.equal(weights["conv1.weight"], before["conv1.weight"])
+
+
+def test_qat_resumes(qat_run, digits_student, digits_teacher, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(qat_run, run_dir)
+    resumed = _run_qat(digits_student, digits_teacher[1], run_dir, epochs=2)
+    assert resumed["epochs"] == 2
+    rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 3 and "train_kd" in rows[0]  # a header and one row per epoch: epoch 1 was not rerun
+    assert load_checkpoint(run_dir / "ckpt_last.pth")["epoch"] == 2
+
+
+def test_evaluate_deployment_rows(digits_student, qat_run, tmp_path):
+    report = evaluate.main([str(digits_student / "best.pth"), "--dataset", "digits", "--qat", str(qat_run / "best.pth"),
+                            "--latency_runs", "2", "--latency_warmup", "0", "--calib_images", "128",
+                            "--json", str(tmp_path / "eval.json"), "--markdown", str(tmp_path / "eval.md")])
+    rows = {row["variant"]: row for row in report["deployment"]}
+    assert list(rows) == ["fp32", "int8-PTQ", "int8-QAT"]
+    assert rows["fp32"]["top1"] == pytest.approx(report["top1"])
+    assert rows["int8-PTQ"]["size_bytes"] < 0.5 * rows["fp32"]["size_bytes"]
+    assert set(rows["int8-QAT"]["latency_ms"]) == {"onnxruntime_cpu_b1", "onnxruntime_cpu_b64"}
+    assert set(rows["fp32"]["latency_ms"]) >= {"pytorch_cpu_b1", "pytorch_cpu_b64", "onnxruntime_cpu_b1"}
+    assert "| int8-QAT |" in (tmp_path / "eval.md").read_text()
+    assert read_json(tmp_path / "eval.json")["calibration_images"] == 128
+
+
+def test_pareto_front_flags():
+    points = [(1.0, 50.0), (2.0, 70.0), (1.5, 40.0), (3.0, 70.0), (0.5, 20.0), (2.0, 60.0)]
+    assert pareto.pareto_front(points) == [True, True, False, False, True, False]
+
+
+def test_pareto_script_draws_students_and_teacher(digits_student, tmp_path):
+    save = digits_student.parent.parent
+    points = pareto.main([str(save), "--figure", str(tmp_path / "pareto.png"), "--json", str(tmp_path / "p.json"),
+                          "--runs", "2", "--warmup", "0"])
+    assert {p["teacher"] for p in points} == {True, False}
+    assert any(p["pareto"] for p in points)
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+    assert len(read_json(tmp_path / "p.json")["points"]) == len(points)
+
+
+def test_pareto_script_without_runs(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pareto.main([str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "no run directory" in capsys.readouterr().err
+
+
+def test_export_script_writes_checked_files(digits_student, tmp_path):
+    out = tmp_path / "export"
+    report = export_script.main([str(digits_student / "best.pth"), "--dataset", "digits", "--out", str(out),
+                                 "--check_images", "64", "--int8", "--calib_images", "128"])
+    assert {p.name for p in out.iterdir()} == {"model.onnx", "model.pt2", "model.int8.onnx", "export.json"}
+    assert read_json(out / "export.json")["opset"] == 18
+    assert all(check["within_tolerance"] for check in report["checks"].values())
+    assert report["int8"]["calibration_images"] == 128
+    assert report["int8"]["top1_int8_onnxruntime"] >= report["int8"]["top1_fp32_pytorch"] - PTQ_MARGIN
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["missing.pth", "--dataset", "digits"], "does not exist"),
+    (["x.pth", "--check_images", "0"], "--check_images must be at least 1"),
+])
+def test_export_script_user_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        export_script.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
