@@ -14,11 +14,16 @@ import argparse
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 import distiller_zoo
 from core.errors import UserError, exits_cleanly
+from deploy import data as deploy_data
+from deploy import extras
+from deploy.network import load_network
+from deploy.qat import QATConfig, run_qat, write_int8
 from distiller_zoo.base import BuildContext
 from distiller_zoo.objective import Objective, parse_objective
 from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
@@ -71,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--init_lr", type=float, default=None,
                    help="constant lr of every init stage; default RepDistiller's: 0.01 for FT with a "
                         "ResNet/WRN student (its registry entry), else --learning_rate")
+    q = parser.add_argument_group("quantisation-aware training after distillation (deploy/qat.py)")
+    q.add_argument("--qat_epochs", type=int, default=None,
+                   help="instead of distilling: N epochs of int8 fake-quantised training of --init_student, "
+                        "with KD from the teacher at --kd_T (default 1) when -a > 0; writes best.pth and "
+                        "int8.onnx into its own run directory, and continues an interrupted one")
+    q.add_argument("--init_student", type=str, default=None, help="the distilled student's checkpoint QAT starts from")
+    q.add_argument("--qat_lr", type=float, default=1e-3, help="QAT's constant learning rate")
     m.add_argument("--dot", action="store_true",
                    help="train the main stage with DOT (Zhao et al., ICCV 2023): task and distillation momenta "
                         "--momentum -/+ --dot_delta; any method")
@@ -207,8 +219,37 @@ def describe(args, plan: Plan) -> dict:
 
 
 @exits_cleanly
+def quantisation_aware(args) -> dict:
+    """--qat_epochs: QAT after distillation (deploy/qat.py) in its own run directory, then the
+    deployable int8 model beside its best.pth."""
+    extras.require()
+    if args.init_student is None:
+        raise UserError("--qat_epochs needs --init_student, the distilled student's checkpoint")
+    if args.qat_epochs < 1 or not args.qat_lr > 0:
+        raise UserError(f"--qat_epochs must be >= 1 and --qat_lr > 0 (got {args.qat_epochs}, {args.qat_lr})")
+    train_loader, test_loader, info = deploy_data.loaders(args.dataset, args.data_folder)
+    student, arch = load_network(args.init_student, None, info.num_classes, args.dataset)
+    config = QATConfig(epochs=args.qat_epochs, learning_rate=args.qat_lr, momentum=args.momentum,
+                       gamma=1.0 if args.gamma is None else args.gamma, alpha=args.alpha or 0.0,
+                       kd_T=1.0 if args.kd_T is None else args.kd_T)
+    teacher = None
+    if config.alpha:
+        path_t = args.path_t or str(find_best_teacher(args.save_dir, args.dataset))
+        teacher = load_network(path_t, args.model_t, info.num_classes, args.dataset)[0]
+    name = args.run_name or f"QAT-{arch}_{args.dataset}_a{config.alpha:g}_T{config.kd_T:g}_trial{args.trial}"
+    run_dir = Path(args.save_dir) / "students" / name
+    results = run_qat(student.train(), train_loader, test_loader, run_dir, config, arch=arch, dataset=args.dataset,
+                      teacher=teacher)
+    int8 = write_int8(run_dir, student, train_loader)
+    print(f"QAT of {args.init_student}: fake-quantised best top-1 {results['best_top1']:.2f}; {run_dir / 'best.pth'}, "
+          f"{int8}")
+    return results
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.qat_epochs is not None:
+        return quantisation_aware(args)
     if isinstance(args.resume, str):  # a run directory: its stored arguments before anything else
         args = restore_args(args, "students", run_name)
     plan = resolve_run(args)

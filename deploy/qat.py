@@ -22,7 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from deploy.export import example_input
+from deploy.data import first_images
+from deploy.export import example_input, export_onnx
+from deploy.quantize import CALIBRATION_IMAGES, quantize_int8
 from distiller_zoo.kd import DistillKL
 from engine import runs
 from engine.checkpoint import load_checkpoint, save_checkpoint
@@ -140,6 +142,16 @@ def run_qat(model, train_loader, test_loader, run_dir, config: QATConfig, *, arc
               f"| best {progress['best_acc']:.2f}")
     log.close()
     return _finish(run_dir, progress, identity)
+
+
+def write_int8(run_dir, model, train_loader, calibration_images: int = CALIBRATION_IMAGES) -> Path:
+    """The run's deployable int8 model: best.pth's float weights exported to ONNX and quantised by
+    ONNX Runtime's static QDQ quantiser (deploy/quantize.py), calibrated on training images."""
+    run_dir = Path(run_dir)
+    model.load_state_dict(load_checkpoint(run_dir / runs.BEST_CKPT)["model"])
+    calibration = first_images(train_loader, calibration_images)
+    fp32 = export_onnx(model.cpu().eval(), calibration[:8], run_dir / "qat.fp32.onnx")
+    return quantize_int8(fp32, run_dir / "int8.onnx", calibration)
 
 
 def _advance(progress: dict, epoch: int, top1: float, seconds: float) -> dict:

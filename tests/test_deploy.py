@@ -12,7 +12,6 @@ import train_student
 from conftest import ROOT, fast_args, read_json
 from deploy import data
 from deploy.export import check_exports, export_onnx, export_program
-from deploy.qat import QATConfig, run_qat
 from deploy.quantize import quantize_int8
 from deploy.runtime import batched_logits, ort_runner, ort_session, torch_runner
 from engine.build import build_model
@@ -27,7 +26,6 @@ FAMILIES = ("resnet8", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV
 PTQ_MARGIN = 3.0
 
 
-QAT_CONFIG = dict(learning_rate=1e-3, gamma=0.1, alpha=0.9, kd_T=1.0)
 
 
 def _digits_network(checkpoint, num_classes):
@@ -84,19 +82,18 @@ def test_ptq_keeps_accuracy(digits_student, digits_split, tmp_path):
     assert int8.stat().st_size < 0.5 * (tmp_path / "m.onnx").stat().st_size  # int8 weights
 
 
-def _run_qat(student_dir, teacher_dir, run_dir, epochs):
-    train_loader, test_loader, info = data.loaders("digits", "./data")
-    return run_qat(_digits_network(student_dir / "best.pth", info.num_classes), train_loader, test_loader, run_dir,
-                   QATConfig(epochs=epochs, **QAT_CONFIG), arch="resnet8", dataset="digits",
-                   teacher=_digits_network(teacher_dir / "best.pth", info.num_classes))
+def _run_qat(student_dir, teacher_dir, save_dir, epochs):
+    """QAT through train_student.py (--qat_epochs from --init_student, KD at T = 1 from the teacher)."""
+    return train_student.main(["--qat_epochs", str(epochs), "--init_student", str(student_dir / "best.pth"),
+                               "--path_t", str(teacher_dir / "best.pth"), "--qat_lr", "1e-3", "-r", "0.1", "-a", "0.9",
+                               "--dataset", "digits", "--save_dir", str(save_dir), "--trial", "q"])
 
 
 @pytest.fixture(scope="session")
 def qat_run(digits_student, digits_teacher, tmp_path_factory):
-    """One QAT epoch (KD at T = 1 from the teacher) after the digits student: its run directory."""
-    run_dir = tmp_path_factory.mktemp("qat") / "run"
-    _run_qat(digits_student, digits_teacher[1], run_dir, epochs=1)
-    return run_dir
+    """One QAT epoch after the digits student: its run directory."""
+    save = tmp_path_factory.mktemp("qat")
+    return save / "students" / _run_qat(digits_student, digits_teacher[1], save, epochs=1)["run_name"]
 
 
 def test_qat_epoch_writes_a_plain_checkpoint(qat_run, digits_student):
@@ -108,10 +105,11 @@ def test_qat_epoch_writes_a_plain_checkpoint(qat_run, digits_student):
     assert not torch.equal(weights["conv1.weight"], before["conv1.weight"])
 
 
-def test_qat_resumes(qat_run, digits_student, digits_teacher, tmp_path):
-    run_dir = tmp_path / "run"
+def test_qat_writes_the_int8_model_and_resumes(qat_run, digits_student, digits_teacher, tmp_path):
+    assert (qat_run / "int8.onnx").stat().st_size < 0.5 * (qat_run / "qat.fp32.onnx").stat().st_size
+    run_dir = tmp_path / "students" / qat_run.name
     shutil.copytree(qat_run, run_dir)
-    resumed = _run_qat(digits_student, digits_teacher[1], run_dir, epochs=2)
+    resumed = _run_qat(digits_student, digits_teacher[1], tmp_path, epochs=2)
     assert resumed["epochs"] == 2
     rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
     assert len(rows) == 3 and "train_kd" in rows[0]  # a header and one row per epoch: epoch 1 was not rerun
