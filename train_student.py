@@ -20,10 +20,6 @@ import torch
 
 import distiller_zoo
 from core.errors import UserError, exits_cleanly
-from deploy import data as deploy_data
-from deploy import extras
-from deploy.network import load_network
-from deploy.qat import QATConfig, run_qat, write_int8
 from distiller_zoo.base import BuildContext
 from distiller_zoo.objective import Objective, parse_objective
 from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
@@ -222,6 +218,12 @@ def describe(args, plan: Plan) -> dict:
 def quantisation_aware(args) -> dict:
     """--qat_epochs: QAT after distillation (deploy/qat.py) in its own run directory, then the
     deployable int8 model beside its best.pth."""
+    # deploy/ needs the optional extra (onnx, onnxruntime, torchao), whose imports would cost
+    # every distillation run seconds: it is imported by the QAT runs alone
+    from deploy import data as deploy_data
+    from deploy import extras
+    from deploy.network import load_network
+    from deploy.qat import QATConfig, run_qat, write_int8
     extras.require()
     if args.init_student is None:
         raise UserError("--qat_epochs needs --init_student, the distilled student's checkpoint")

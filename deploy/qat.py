@@ -31,12 +31,6 @@ from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.loop import evaluate, train_epoch
 from engine.metrics_log import MetricsLog
 
-try:  # the optional deploy extra; deploy.extras.require() names the install command when missing
-    from torchao.quantization.pt2e import allow_exported_model_train_eval, disable_observer, enable_observer
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
-except ImportError:
-    x86 = None
 
 STAGE = "qat"
 # what ckpt_last.pth keeps of a run's progress
@@ -58,6 +52,11 @@ class QATConfig:
 
 def prepare_qat(model: torch.nn.Module, images: torch.Tensor) -> torch.fx.GraphModule:
     """The fake-quantised training graph of `model`; .train()/.eval() switch it like a module."""
+    # torchao (the optional deploy extra) is imported only by a QAT run: it costs every
+    # train_student.py start seconds otherwise
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
     quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config(is_qat=True))
     graph = torch.export.export(model.train(), example_input(images),
                                 dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
@@ -96,6 +95,7 @@ class QATStep:
 
 def evaluate_quantised(prepared, loader, device) -> dict:
     """Test metrics of the fake-quantised network with its observers frozen."""
+    from torchao.quantization.pt2e import disable_observer, enable_observer
     prepared.apply(disable_observer)
     try:
         return evaluate(prepared, loader, device=device, amp_dtype=None, channels_last=False)

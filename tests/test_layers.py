@@ -13,6 +13,9 @@ from conftest import ROOT
 from distiller_zoo import METHODS
 
 PACKAGES = ("core", "models", "dataset", "crd", "distiller_zoo", "engine", "deploy")
+# deploy/ rests on an optional extra (onnx, onnxruntime, torchao): the entry points import it
+# where a deployment step runs, so that a plain run neither needs nor pays for it
+OPTIONAL = {"deploy"}
 METHOD_INTERFACE = {"distiller_zoo", "distiller_zoo.base", "distiller_zoo.options", "distiller_zoo.objective",
                     "distiller_zoo.temperature"}
 
@@ -46,7 +49,8 @@ def test_no_project_import_inside_a_function(path):
     for function in ast.walk(tree):
         if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
             for node, module in imported_modules(function):
-                assert module.split(".")[0] not in PACKAGES, f"{path.name}:{node.lineno} imports {module} in a function"
+                top = module.split(".")[0]
+                assert top not in PACKAGES or top in OPTIONAL, f"{path.name}:{node.lineno} imports {module} in a function"
 
 
 def test_engine_names_no_method():
