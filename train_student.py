@@ -8,7 +8,9 @@
 
 Total loss: r * CE + a * KD + b * method (RepDistiller's -r/-a/-b); omitted weights take
 the method's published defaults. Without --path_t the best teacher of the data set under
---save_dir/teachers is used. Each method's options come from its own file (distiller_zoo/).
+--save_dir/teachers is used. Several teachers (--path_t a.pth,b.pth, any architectures) are
+loaded once; KD (-a) learns from their ensemble (--multi_teacher average, or camkd), the
+methods (-b) from the teacher --feature_teacher names. Each method's options come from its own file (distiller_zoo/).
 """
 import argparse
 import math
@@ -21,6 +23,7 @@ import torch
 import distiller_zoo
 from core.errors import UserError, exits_cleanly
 from distiller_zoo.base import BuildContext
+from distiller_zoo.multi_teacher import MODES, TeacherEnsemble
 from distiller_zoo.objective import Objective, parse_objective
 from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
 from engine.args import HelpFormatter, add_common_args, parse_with_config
@@ -53,8 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter, epilog=methods_help() + "\n\n" + EXAMPLES)
     m = parser.add_argument_group("distillation (RepDistiller's flags)")
     m.add_argument("--path_t", type=str, default=None,
-                   help="teacher checkpoint (ours or RepDistiller's); default: the best teacher run")
-    m.add_argument("--model_t", type=str, default=None, help="teacher architecture, if the checkpoint does not say")
+                   help="teacher checkpoint (ours or RepDistiller's), or several, comma-separated; "
+                        "default: the best teacher run")
+    m.add_argument("--model_t", type=str, default=None,
+                   help="teacher architecture (one per --path_t, comma-separated), if the checkpoint does not say")
+    m.add_argument("--multi_teacher", type=str, default="average", choices=MODES,
+                   help="with several teachers, KD's soft targets: their mean softened probabilities "
+                        "(Hinton et al.) or CA-MKD's confidence-weighted mix (Zhang et al., ICASSP 2022)")
+    m.add_argument("--feature_teacher", type=int, default=0,
+                   help="with several teachers, the one (0-based, in --path_t's order) the method (-b) uses")
     m.add_argument("--model_s", type=str, default="resnet8", help="student architecture")
     m.add_argument("--distill", type=str, default="kd",
                    help="method, its RepDistiller alias, or several with weights: crd:0.8,at:1000")
@@ -118,7 +128,37 @@ class Plan:
     """What a run is, resolved once: the objective and the teacher checkpoint, loaded."""
 
     objective: Objective
-    teacher_state: dict
+    teacher_states: list  # in --path_t's order
+
+
+def teacher_archs(args) -> list:
+    return args.model_t.split(",")
+
+
+def feature_pair(args) -> tuple:
+    """(teacher, student) names of the pair the methods see: the feature teacher's."""
+    return teacher_archs(args)[args.feature_teacher], args.model_s
+
+
+def read_teachers(args) -> list:
+    """The checkpoints of --path_t, in order; fills args.model_t with their architectures."""
+    paths = args.path_t.split(",")
+    given = args.model_t.split(",") if args.model_t else [None] * len(paths)
+    if len(given) != len(paths):
+        raise UserError(f"--model_t names {len(given)} architectures for {len(paths)} --path_t checkpoints; "
+                        "give one per checkpoint, or none")
+    if not 0 <= args.feature_teacher < len(paths):
+        raise UserError(f"--feature_teacher {args.feature_teacher} is not one of the {len(paths)} teachers "
+                        f"(0 to {len(paths) - 1})")
+    if len(paths) > 1 and args.logit_stand:
+        raise UserError("--logit_stand works with one teacher (the ensemble's soft targets are probabilities); "
+                        "drop it or give one --path_t")
+    read = [read_teacher(path, arch) for path, arch in zip(paths, given)]
+    for _, arch in read:
+        check_model_name(arch, "--model_t")
+        check_fits_dataset(arch, args.dataset, "--model_t")
+    args.model_t = ",".join(arch for _, arch in read)
+    return [state for state, _ in read]
 
 
 def resolve_run(args: argparse.Namespace) -> Plan:
@@ -128,10 +168,8 @@ def resolve_run(args: argparse.Namespace) -> Plan:
     if args.path_t is None:
         args.path_t = str(find_best_teacher(args.save_dir, args.dataset))
         print(f"no --path_t given: using the best {args.dataset} teacher, {args.path_t}")
-    state, args.model_t = read_teacher(args.path_t, args.model_t)
-    check_model_name(args.model_t, "--model_t")
+    states = read_teachers(args)
     check_fits_dataset(args.model_s, args.dataset, "--model_s")
-    check_fits_dataset(args.model_t, args.dataset, "--model_t")
     if args.kd_T is None:
         args.kd_T = LOGIT_STAND_T if args.logit_stand else 4.0
     if not math.isfinite(args.kd_T) or args.kd_T <= 0:
@@ -140,11 +178,12 @@ def resolve_run(args: argparse.Namespace) -> Plan:
         raise UserError(f"--kd_T_schedule {args.kd_T_schedule} needs --kd_T_end, the temperature at the last epoch")
     check_dot(args)
     objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand,
-                                (args.model_t, args.model_s))
+                                feature_pair(args))
     args.gamma, args.alpha = objective.gamma, objective.alpha
-    args.method = objective.name + ("+dot" if args.dot else "")  # its own row in the tables
+    ensemble = f"+{args.multi_teacher}" if len(states) > 1 and args.alpha else ""
+    args.method = objective.name + ensemble + ("+dot" if args.dot else "")  # its own row in the tables
     args.beta_label = objective.beta_label
-    return Plan(objective, state)
+    return Plan(objective, states)
 
 
 def check_dot(args) -> None:
@@ -164,13 +203,15 @@ def check_dot(args) -> None:
 
 
 def run_name(args) -> str:
-    return (f"S-{args.model_s}_T-{args.model_t}_{args.dataset}_{args.method}"
+    return (f"S-{args.model_s}_T-{args.model_t.replace(',', '+')}_{args.dataset}_{args.method}"
             f"_r{args.gamma:g}_a{args.alpha:g}_b{args.beta_label}_trial{args.trial}")
 
 
 def build_task(args, plan: Plan, ctx, train_loader, info) -> DistillTask:
-    teacher = build_teacher(plan.teacher_state, args.model_t, info.num_classes, args.path_t,
-                            args.dataset).to(ctx.device)
+    teachers = [build_teacher(state, arch, info.num_classes, path, args.dataset).to(ctx.device)
+                for state, arch, path in zip(plan.teacher_states, teacher_archs(args), args.path_t.split(","))]
+    teacher = teachers.pop(args.feature_teacher)
+    teacher_name = feature_pair(args)[0]
     student = build_model(args.model_s, info.num_classes).to(ctx.device)
     feat_s, feat_t = sample_features(student, teacher, train_loader, ctx.device)
     temperature = temperature_from_args(args)
@@ -178,18 +219,19 @@ def build_task(args, plan: Plan, ctx, train_loader, info) -> DistillTask:
     for term in plan.objective.methods:
         build = BuildContext(student=student, teacher=teacher, feat_s=feat_s, feat_t=feat_t, options=term.options,
                              n_train=info.n_train, num_classes=info.num_classes, student_name=args.model_s,
-                             teacher_name=args.model_t, temperature=temperature, logit_stand=args.logit_stand,
+                             teacher_name=teacher_name, temperature=temperature, logit_stand=args.logit_stand,
                              weight_given=term.weight_source == "given", epochs=args.epochs)
         methods.append((term.spec.name, term.weight, term.spec.cls(build)))
     task = DistillTask(student, teacher, methods, args.gamma, args.alpha, plan.objective.kd_term(temperature),
-                       temperature, info.num_classes, init_lr=args.init_lr, base_lr=args.learning_rate)
+                       temperature, info.num_classes, init_lr=args.init_lr, base_lr=args.learning_rate,
+                       kd_teachers=teachers, combine=TeacherEnsemble(temperature, args.multi_teacher))
     return task.to(ctx.device)
 
 
 def build_run(args, plan: Plan, ctx):
     """(train_loader, test_loader, info, task) of a resolved run: the methods' options, the
     loaders their data needs ask for, the networks and connectors."""
-    plan.objective.resolve_options(args, (args.model_t, args.model_s))
+    plan.objective.resolve_options(args, feature_pair(args))
     train_loader, test_loader, info = build_data(args, ctx, plan.objective.needs)
     return train_loader, test_loader, info, build_task(args, plan, ctx, train_loader, info)
 
@@ -210,7 +252,8 @@ def sample_features(student, teacher, loader, device):
 def describe(args, plan: Plan) -> dict:
     return {"method": args.method, "teacher": args.model_t, "path_t": args.path_t, "gamma": args.gamma,
             "alpha": args.alpha, "beta": args.beta_label, "kd_T": args.kd_T, "kd_T_schedule": args.kd_T_schedule,
-            "logit_stand": args.logit_stand, "dot": args.dot,
+            "logit_stand": args.logit_stand, "dot": args.dot, "multi_teacher": args.multi_teacher,
+            "feature_teacher": args.feature_teacher,
             "methods": {term.spec.name: term.describe() for term in plan.objective.methods}}
 
 

@@ -7,8 +7,12 @@ separately (its BatchNorm sees one view per pass, as in MLKD's official trainer)
 teacher on both at once. Cross-entropy covers both views, `CE(weak) + CE(strong)` logged as
 'ce' and 'ce_strong' (MLKD's official loss); KD (-a) and every distiller without the flag see
 the weak half only; a strong-view distiller receives the Features of all 2B rows. The logits
-returned for the accuracy are the weak half's, one row per sample."""
-from typing import Dict, List, Optional, Tuple
+returned for the accuracy are the weak half's, one row per sample.
+
+Several teachers: `teacher` feeds the methods; `kd_teachers` (the others, frozen) join it in
+the KD term only, through `combine(list of teacher logits, targets) -> target logits`, which
+must not depend on the teachers' order (distiller_zoo/multi_teacher.py)."""
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,10 +28,13 @@ from models.features import Features
 class DistillTask(Task):
     def __init__(self, student: nn.Module, teacher: nn.Module, methods: List[Tuple[str, float, Distiller]],
                  gamma: float, alpha: float, kd_term: Tuple[str, nn.Module], temperature: Temperature,
-                 num_classes: int, init_lr: Optional[float] = None, base_lr: float = 0.05):
+                 num_classes: int, init_lr: Optional[float] = None, base_lr: float = 0.05,
+                 kd_teachers: Sequence[nn.Module] = (), combine: Optional[nn.Module] = None):
         super().__init__(student, num_classes)
         self.teacher = teacher.eval()
-        for p in self.teacher.parameters():
+        self.kd_teachers = nn.ModuleList(t.eval() for t in kd_teachers)
+        self.combine = combine
+        for p in [*self.teacher.parameters(), *self.kd_teachers.parameters()]:
             p.requires_grad_(False)
         self.distillers = nn.ModuleDict({name: d for name, _, d in methods})
         self.weights: Dict[str, float] = {name: w for name, w, _ in methods}
@@ -56,7 +63,7 @@ class DistillTask(Task):
             loss = loss + self.gamma * terms["ce_strong"]
         terms["task"] = loss  # the CE share, which DOT steps apart from the distillation share
         if self.alpha:
-            terms[self.kd_name] = self.kd(weak_s.logits, weak_t.logits)
+            terms[self.kd_name] = self.kd(weak_s.logits, self._kd_target(images[:targets.shape[0]], weak_t, targets))
             loss = loss + self.alpha * terms[self.kd_name]
         for name, distiller in self.distillers.items():
             if not self.weights[name]:
@@ -70,6 +77,14 @@ class DistillTask(Task):
             loss = loss + self.weights[name] * value
         terms["loss"] = loss
         return terms, weak_s.logits
+
+    def _kd_target(self, images, weak_t: Features, targets):
+        """The KD term's teacher logits: the teacher's, or the combination of all teachers'."""
+        if not self.kd_teachers:
+            return weak_t.logits
+        with torch.no_grad():
+            others = [t(images) for t in self.kd_teachers]
+        return self.combine([weak_t.logits, *others], targets)
 
     def _two_view_features(self, images, n: int):
         """(student 2B, teacher 2B, student weak B, teacher weak B) Features of a two-view batch."""
@@ -110,6 +125,8 @@ class DistillTask(Task):
     def compile_networks(self) -> None:
         compile_features(self.model)
         compile_features(self.teacher)
+        for t in self.kd_teachers:
+            t.forward = torch.compile(t.forward)
 
     def set_epoch(self, epoch: int) -> None:
         self.temperature.set_epoch(epoch)
@@ -117,10 +134,11 @@ class DistillTask(Task):
             distiller.set_epoch(epoch)
 
     def frozen_networks(self) -> list:
-        return [self.teacher]
+        return [self.teacher, *self.kd_teachers]
 
     def keep_frozen_in_eval(self) -> None:
         self.teacher.eval()
+        self.kd_teachers.eval()
 
     def epoch_metrics(self) -> dict:
         metrics = {f"{name}_{k}": v for name, d in self.distillers.items() for k, v in d.epoch_metrics().items()}

@@ -12,6 +12,9 @@ ARGS_FILE = "args.json"
 RESULTS_FILE = "results.json"
 LAST_CKPT = "ckpt_last.pth"
 BEST_CKPT = "best.pth"
+# the command that trains the runs under save/<kind>/ (what a stopped run's resume line names)
+ENTRY_POINTS = {"teachers": "train_teacher.py", "students": "train_student.py", "mutual": "train_mutual.py",
+                "self": "train_self.py"}
 
 
 def locate_run_dir(args, kind: str, default_name: str) -> Path:

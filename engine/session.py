@@ -20,7 +20,7 @@ EXECUTION_FLAGS = ("device", "num_workers", "print_freq", "data_folder", "downlo
 SPEED_FLAGS = ("amp", "channels_last", "compile", "threads")
 # what a run cannot be resumed without; a flag added to the code after a run started takes its default
 REQUIRED = ("dataset", "epochs", "batch_size", "learning_rate", "lr_decay_epochs", "seed", "trial")
-TRAINED = {"teachers": "model", "students": "model_s"}
+TRAINED = {"teachers": "model", "students": "model_s", "mutual": "models", "self": "model"}
 
 
 def restore_args(args: argparse.Namespace, kind: str, default_name) -> argparse.Namespace:

@@ -25,6 +25,11 @@ class Task(nn.Module):
         """torch.compile the networks' forward passes in place (state_dict keys unchanged)."""
         compile_features(self.model)
 
+    def side_networks(self) -> dict:
+        """Networks trained besides `model` that are evaluated and saved on their own
+        ({name: (architecture, network)}; see engine/trainer.py). None by default."""
+        return {}
+
     def frozen_networks(self) -> list:
         """Networks that run forward only (a teacher): the speed probe times them too."""
         return []

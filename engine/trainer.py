@@ -5,6 +5,10 @@ A *task* is an nn.Module whose forward(images, targets, indices, ...) returns
 (loss terms, logits); terms['loss'] is what is minimised. It owns the trained
 network as `task.model` and may declare init stages (e.g. FT's paraphraser)
 that run before the main training. The trainer knows no method by name.
+
+A task may also train *side networks* besides `task.model` (the peers of mutual learning):
+each is evaluated every epoch (metrics `test_top1_<name>`, ...) and keeps its own best
+checkpoint, `<run>/<name>/best.pth`, in the format of `best.pth`.
 """
 import inspect
 import shlex
@@ -62,6 +66,8 @@ class Trainer:
             task.compile_networks()
         self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
         self.best_acc, self.best_epoch, self.elapsed = 0.0, 0, 0.0
+        self.side = task.side_networks()  # name -> (architecture, network)
+        self.side_best = {name: 0.0 for name in self.side}
         self.position = {"stage": None, "epoch": 0, "rows": 0}
         self._ddp = {}
         self.saved = None  # (stage, epoch) of the checkpoint on disk
@@ -75,6 +81,7 @@ class Trainer:
         self.task.load_extra_state(state.get("extra", {}))
         self.best_acc, self.best_epoch = state["best_acc"], state.get("best_epoch", 0)
         self.elapsed = state.get("elapsed", 0.0)
+        self.side_best.update(state.get("side_best", {}))
         self.position = {"stage": state["stage"], "epoch": state["epoch"], "rows": state["rows"]}
         self.saved = (state["stage"], state["epoch"])
         if self.ctx.is_main:
@@ -129,11 +136,12 @@ class Trainer:
                               show_progress=self.ctx.is_main, with_accuracy=stage.evaluate, run=self.run_dir.name,
                               stop=self.stop)
         average_buffers(self.task.model)
+        for _, network in self.side.values():
+            average_buffers(network)
+        improved_side = []
         if stage.evaluate:
-            # in full precision whatever the training precision, so the accuracy recorded is the
-            # one evaluate.py (and RepDistiller) measure on the saved weights
-            metrics.update(evaluate(self.task.model, self.test_loader, device=self.ctx.device,
-                                    amp_dtype=None, channels_last=self.channels_last))
+            metrics.update(self._evaluate(self.task.model))
+            improved_side = self._evaluate_side(metrics)
         metrics["lr"] = lr
         metrics.update(self.task.epoch_metrics())
         self.elapsed += metrics["epoch_time"]
@@ -145,8 +153,27 @@ class Trainer:
             self.log.log_epoch(stage.name, epoch, metrics)
             run_line(self.run_dir.name, summary_line(desc, metrics, self.best_acc if stage.name == MAIN_STAGE else None))
             self._save(stage, epoch, optimizer, improved)
+            self._save_side(epoch, improved_side if stage.name == MAIN_STAGE else [])
         if self.stop.requested(self.ctx.device if self.ctx.distributed else None):
             raise self.stop.interrupted(f"during {desc}, after its checkpoint")
+
+    def _evaluate(self, network: nn.Module) -> dict:
+        # in full precision whatever the training precision, so the accuracy recorded is the
+        # one evaluate.py (and RepDistiller) measure on the saved weights
+        return evaluate(network, self.test_loader, device=self.ctx.device, amp_dtype=None,
+                        channels_last=self.channels_last)
+
+    def _evaluate_side(self, metrics: dict) -> list:
+        """Adds each side network's test figures to `metrics`; returns the names whose top-1
+        improved on their best. A side network that is task.model reuses its figures."""
+        improved = []
+        for name, (_, network) in self.side.items():
+            scores = metrics if network is self.task.model else self._evaluate(network)
+            metrics.update({f"{key}_{name}": scores[key] for key in ("test_top1", "test_top5", "test_loss")})
+            if scores["test_top1"] > self.side_best[name]:
+                self.side_best[name] = scores["test_top1"]
+                improved.append(name)
+        return improved
 
     def _wrap(self, module: nn.Module) -> nn.Module:
         """The stage's module, under DistributedDataParallel when running under torchrun; one
@@ -177,7 +204,7 @@ class Trainer:
         return f"{self.run_dir / runs.LAST_CKPT} keeps {stage} epoch {epoch}, later steps are redone"
 
     def _resume_command(self) -> str:
-        entry = "train_teacher.py" if self.run_dir.parent.name == "teachers" else "train_student.py"
+        entry = runs.ENTRY_POINTS.get(self.run_dir.parent.name, "train_student.py")
         launcher = f"torchrun --nproc_per_node {self.ctx.world_size}" if self.ctx.distributed else "python"
         return f"{launcher} {entry} --resume {shlex.quote(str(self.run_dir))}"
 
@@ -189,7 +216,8 @@ class Trainer:
         state = {"model": self.task.model.state_dict(), "epoch": epoch, "stage": stage.name,
                  "best_acc": self.best_acc, "best_epoch": self.best_epoch, "optimizer": optimizer.state_dict(),
                  "extra": self.task.extra_state(), "rows": self.log.rows, "elapsed": self.elapsed,
-                 "seed": self.args.seed, "world_size": self.ctx.world_size, **self._identity()}
+                 "seed": self.args.seed, "world_size": self.ctx.world_size, "side_best": self.side_best,
+                 **self._identity()}
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         save_checkpoint(state, self.run_dir / runs.LAST_CKPT)
@@ -202,6 +230,14 @@ class Trainer:
             save_checkpoint({**state, "accuracy": self.last_metrics["test_top1"]},
                             self.run_dir / f"ckpt_epoch_{epoch}.pth")
 
+    def _save_side(self, epoch: int, improved: list) -> None:
+        for name in improved:
+            arch, network = self.side[name]
+            (self.run_dir / name).mkdir(exist_ok=True)
+            save_checkpoint({"model": network.state_dict(), "epoch": epoch, "best_acc": self.side_best[name],
+                             "arch": arch, "num_classes": self.task.num_classes, "dataset": self.args.dataset},
+                            self.run_dir / name / runs.BEST_CKPT)
+
     def _finish(self) -> dict:
         last = getattr(self, "last_metrics", None) or self.log.last_evaluation()
         results = {
@@ -213,6 +249,7 @@ class Trainer:
             "params": sum(p.numel() for p in self.task.model.parameters()),
             "wall_time_s": round(self.elapsed, 2), "code_version": runs.code_version(),
             "world_size": self.ctx.world_size, "effective_batch": self.ctx.world_size * self.args.batch_size,
+            **{f"best_top1_{name}": best for name, best in self.side_best.items()},
             **self.describe,
         }
         if self.ctx.is_main:
