@@ -14,7 +14,7 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 PACKAGES = ("core", "models", "dataset", "crd", "distiller_zoo", "engine", "deploy", "scripts")
-MODULES = ("train_teacher", "train_student", "evaluate")
+MODULES = ("train_teacher", "train_student", "train_mutual", "train_self", "evaluate")
 IMPORT = re.compile(r"^(\s*)(from|import) (" + "|".join(PACKAGES + MODULES) + r")\b", re.M)
 # the scripts put the checkout root on sys.path; installed, the package is importable already
 CHECKOUT_PATH = re.compile(r"^sys\.path\.insert\(0, .*\)\n", re.M)
@@ -53,6 +53,8 @@ setup(
     entry_points={"console_scripts": [
         "distillbench-train-teacher = distillbench.train_teacher:main",
         "distillbench-train-student = distillbench.train_student:main",
+        "distillbench-train-mutual = distillbench.train_mutual:main",
+        "distillbench-train-self = distillbench.train_self:main",
         "distillbench-evaluate = distillbench.evaluate:main",
         "distillbench-table = distillbench.scripts.make_table:main",
     ]},

@@ -38,8 +38,7 @@ from core.errors import UserError, exits_cleanly
 from distiller_zoo.kd import DistillKL
 from engine.args import HelpFormatter, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name
-from engine.loop import move_batch
-from engine.session import build_data, create_run_dir, restore_args, start
+from engine.session import build_data, create_run_dir, restore_args, sample_features, start
 from engine.task import Task
 from engine.trainer import Trainer
 
@@ -144,17 +143,6 @@ def run_name(args) -> str:
     return f"BYOT-{args.model}_{args.dataset}_trial{args.trial}"
 
 
-@torch.no_grad()
-def sample_features(model, loader, device):
-    """The model's Features of one training batch, in eval mode (no BatchNorm statistic moves)."""
-    loader.set_epoch(0)
-    images, *_ = move_batch(next(iter(loader)), device, False)
-    model.eval()
-    feat = model.forward_features(images)
-    model.train()
-    return feat
-
-
 @exits_cleanly
 def main(argv=None) -> dict:
     args = parse_args(argv)
@@ -164,7 +152,7 @@ def main(argv=None) -> dict:
     args, ctx, run_dir = start(args, "self", lambda a: a.model, run_name)
     train_loader, test_loader, info = build_data(args, ctx)
     model = build_model(args.model, info.num_classes).to(ctx.device)
-    task = SelfDistillTask(model, sample_features(model, train_loader, ctx.device), info.num_classes,
+    task = SelfDistillTask(model, sample_features([model], train_loader, ctx.device)[0], info.num_classes,
                            args.loss_coefficient, args.kd_T, args.feature_loss_coefficient).to(ctx.device)
     create_run_dir(args, ctx, run_dir)
     trainer = Trainer(args, ctx, run_dir, task, args.model, train_loader, test_loader,

@@ -18,7 +18,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 import distiller_zoo
 from core.errors import UserError, exits_cleanly
@@ -30,8 +29,7 @@ from engine.args import HelpFormatter, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.distill_task import DistillTask
 from engine.dot import DEFAULT_DELTA
-from engine.loop import move_batch
-from engine.session import build_data, create_run_dir, restore_args, start
+from engine.session import build_data, create_run_dir, restore_args, sample_features, start
 from engine.teacher import build_teacher, find_best_teacher, read_teacher
 from engine.trainer import Trainer
 
@@ -213,7 +211,7 @@ def build_task(args, plan: Plan, ctx, train_loader, info) -> DistillTask:
     teacher = teachers.pop(args.feature_teacher)
     teacher_name = feature_pair(args)[0]
     student = build_model(args.model_s, info.num_classes).to(ctx.device)
-    feat_s, feat_t = sample_features(student, teacher, train_loader, ctx.device)
+    feat_s, feat_t = sample_features([student, teacher], train_loader, ctx.device)
     temperature = temperature_from_args(args)
     methods = []
     for term in plan.objective.methods:
@@ -236,19 +234,6 @@ def build_run(args, plan: Plan, ctx):
     return train_loader, test_loader, info, build_task(args, plan, ctx, train_loader, info)
 
 
-@torch.no_grad()
-def sample_features(student, teacher, loader, device):
-    """Features of one training batch, in eval mode so no BatchNorm statistic moves (the weak
-    views only, when the batch also carries strong ones)."""
-    loader.set_epoch(0)
-    images, targets, *_ = move_batch(next(iter(loader)), device, False)
-    images = images[:targets.shape[0]]
-    student.eval()
-    feats = student.forward_features(images), teacher.forward_features(images)
-    student.train()
-    return feats
-
-
 def describe(args, plan: Plan) -> dict:
     return {"method": args.method, "teacher": args.model_t, "path_t": args.path_t, "gamma": args.gamma,
             "alpha": args.alpha, "beta": args.beta_label, "kd_T": args.kd_T, "kd_T_schedule": args.kd_T_schedule,
@@ -257,7 +242,6 @@ def describe(args, plan: Plan) -> dict:
             "methods": {term.spec.name: term.describe() for term in plan.objective.methods}}
 
 
-@exits_cleanly
 def quantisation_aware(args) -> dict:
     """--qat_epochs: QAT after distillation (deploy/qat.py) in its own run directory, then the
     deployable int8 model beside its best.pth."""
@@ -291,6 +275,7 @@ def quantisation_aware(args) -> dict:
     return results
 
 
+@exits_cleanly
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.qat_epochs is not None:

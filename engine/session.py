@@ -4,9 +4,12 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
 from dataset.loaders import build_loaders
 from distiller_zoo.options import DataNeeds
 from engine import runs
+from engine.loop import move_batch
 from engine.args import finalize_common_args
 from engine.lock import lock_run_dir
 from core.distributed import barrier, setup
@@ -89,3 +92,19 @@ def build_data(args, ctx, needs: DataNeeds = DataNeeds()):
                          device=ctx.device, num_workers=args.num_workers, seed=args.seed,
                          download=args.download, contrast=needs.contrast, rank=ctx.rank,
                          world_size=ctx.world_size, channels_last=False, strong_view=needs.strong_view)
+
+
+@torch.no_grad()
+def sample_features(networks, loader, device) -> list:
+    """Each network's Features of the first training batch (its weak views, when the batch also
+    carries strong ones), taken in eval mode so that no BatchNorm statistic moves: what the
+    methods build their connectors from."""
+    loader.set_epoch(0)
+    images, targets, *_ = move_batch(next(iter(loader)), device, False)
+    images = images[:targets.shape[0]]
+    feats = []
+    for network in networks:
+        was_training = network.training
+        feats.append(network.eval().forward_features(images))
+        network.train(was_training)
+    return feats

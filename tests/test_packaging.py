@@ -8,7 +8,7 @@ import zipfile
 from conftest import ROOT
 
 GENERIC = {"core", "models", "dataset", "crd", "distiller_zoo", "engine", "deploy", "scripts", "evaluate",
-           "train_student", "train_teacher"}
+           "train_student", "train_teacher", "train_mutual", "train_self"}
 
 
 def build_wheel(folder):
@@ -27,8 +27,8 @@ def test_the_wheel_installs_one_namespace_that_works_alone(tmp_path):
     tops = {name.split("/")[0].removesuffix(".py") for name in names}
     assert not tops & GENERIC and "distillbench" in tops
     assert "distillbench/scripts/published_cifar100.csv" in names
-    for command in ("distillbench-train-teacher", "distillbench-train-student", "distillbench-evaluate",
-                    "distillbench-table"):
+    for command in ("distillbench-train-teacher", "distillbench-train-student", "distillbench-train-mutual",
+                    "distillbench-train-self", "distillbench-evaluate", "distillbench-table"):
         assert command in entry_points
     probe = ("import sys\n"
              "import distillbench.train_student as ts\n"
