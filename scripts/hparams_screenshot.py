@@ -39,11 +39,15 @@ def start_tensorboard(logdir: str, port: int) -> subprocess.Popen:
 
 
 def choose_columns(page) -> None:
-    """Tick the comparison's hyper-parameters in the left panel, untick the rest."""
-    for box in page.locator("paper-checkbox.hparam-checkbox").all():
-        checked = box.get_attribute("aria-checked") == "true"
-        if (box.inner_text().strip() in SHOWN) != checked:
+    """Tick the comparison's hyper-parameters in the left panel, untick the rest (each click
+    re-renders the panel, so each box is looked up again by its label)."""
+    labels = [box.inner_text().strip() for box in page.locator("paper-checkbox.hparam-checkbox").all()]
+    for label in labels:
+        box = page.locator("paper-checkbox.hparam-checkbox", has_text=label).filter(
+            has=page.get_by_text(label, exact=True)).first
+        if (label in SHOWN) != (box.get_attribute("aria-checked") == "true"):
             box.click()
+            page.wait_for_timeout(300)
 
 
 def screenshot(url: str, out: Path, browser_path: str) -> None:

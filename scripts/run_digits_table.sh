@@ -51,7 +51,7 @@ if [ "$DRY_RUN" = 0 ]; then
   "$PY" scripts/make_table.py "$SAVE" --out "$SAVE/table.md" --figure "$SAVE/table.png"
   cat "$SAVE/table.md"
   echo
-  echo "table:       $SAVE/table.md (also $SAVE/table.csv)"
+  echo "table:       $SAVE/table.md"
   echo "figure:      $SAVE/table.png and $SAVE/table.pdf"
   echo "TensorBoard: $SAVE (every run's scalars; the HParams tab compares them)"
   echo "             tensorboard --logdir $SAVE"
