@@ -6,6 +6,7 @@ import torch.nn as nn
 import torchvision
 
 from models import FeatureModel, imagenet_model_dict, model_dict
+from model_helpers import randomise_bn
 
 TORCHVISION = ["resnet18", "resnet34", "resnet50", "mobilenet_v2", "shufflenet_v2_x1_0"]
 POST_ACTIVATION = {"imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50", "imagenet_mobilenet_v1"}
@@ -15,24 +16,13 @@ def _input():
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
-def _randomise_bn(model: nn.Module) -> None:
-    """Random affine parameters and running statistics, so eval mode is no identity."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(0.5 + torch.rand(c, generator=g))
-                m.bias.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
 
 
 @pytest.mark.parametrize("tv_name", TORCHVISION)
 def test_torchvision_weights_load_strictly_and_give_torchvision_logits(tv_name):
     torch.manual_seed(0)
     reference = torchvision.models.get_model(tv_name, weights=None)
-    _randomise_bn(reference)
+    randomise_bn(reference)
     ours = model_dict[f"imagenet_{tv_name}"]()
     ours.load_state_dict(reference.state_dict(), strict=True)
     reference.eval(), ours.eval()
@@ -71,7 +61,7 @@ def name(request):
 def model(name):
     torch.manual_seed(0)
     m = imagenet_model_dict[name](num_classes=10)
-    _randomise_bn(m)
+    randomise_bn(m)
     return m.eval()
 
 

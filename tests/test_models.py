@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from models import MODELS as REGISTRY
 from models import FeatureModel, Features, model_dict
+from model_helpers import randomise_bn
 
 HERE = Path(__file__).resolve().parent
 REF_PATH = HERE / "data" / "repdistiller_models.json"
@@ -44,16 +45,6 @@ def _input() -> torch.Tensor:
     return torch.randn(*REF["input_shape"], generator=g)
 
 
-def _randomise_bn(model: nn.Module) -> None:
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                c = m.num_features
-                m.weight.copy_(0.5 + torch.rand(c, generator=g))
-                m.bias.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
 
 
 @pytest.fixture(scope="module", params=NAMES)
@@ -65,7 +56,7 @@ def name(request):
 def model(name):
     torch.manual_seed(0)
     m = model_dict[name]()  # default num_classes is 100
-    _randomise_bn(m)
+    randomise_bn(m)
     return m.eval()
 
 
