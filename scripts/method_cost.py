@@ -16,16 +16,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import distiller_zoo  # noqa: E402
+import train_student  # noqa: E402
 from distiller_zoo.base import BuildContext  # noqa: E402
+from distiller_zoo.objective import parse_objective  # noqa: E402
+from distiller_zoo.options import pair_key  # noqa: E402
 from distiller_zoo.temperature import Temperature  # noqa: E402
 from engine.build import build_model  # noqa: E402
 from engine.distill_task import DistillTask  # noqa: E402
-from train_student import parse_args as student_defaults  # noqa: E402
 
 
 def build(method: str, teacher_name: str, student_name: str, images, n_train: int, num_classes: int):
-    args = student_defaults(["--distill", method, "--model_s", student_name])
-    spec = distiller_zoo.resolve(method)
+    """The DistillTask train_student.py would build for `method` (its published weights and
+    option defaults, per-pair values included), on random networks; and its parsed flags."""
+    args = train_student.parse_args(["--distill", method, "--model_s", student_name])
+    pair = (teacher_name, student_name)
+    objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand, pair)
+    objective.resolve_options(args, pair_key(*pair))
     teacher = build_model(teacher_name, num_classes).eval()
     student = build_model(student_name, num_classes)
     with torch.no_grad():
@@ -33,10 +39,14 @@ def build(method: str, teacher_name: str, student_name: str, images, n_train: in
         feat_s, feat_t = student.forward_features(images), teacher.forward_features(images)
         student.train()
     temperature = Temperature(4.0)
-    ctx = BuildContext(student, teacher, feat_s, feat_t, args, n_train, num_classes, student_name, teacher_name,
-                       temperature)
-    methods = [(spec.name, spec.beta or 1.0, spec.cls(ctx))] if spec.cls else []
-    return DistillTask(student, teacher, methods, spec.gamma, spec.alpha or 0.9, temperature, num_classes), args
+    methods = []
+    for term in objective.methods:
+        ctx = BuildContext(student, teacher, feat_s, feat_t, term.options, n_train, num_classes, student_name,
+                           teacher_name, temperature)
+        methods.append((term.spec.name, term.weight, term.spec.cls(ctx)))
+    task = DistillTask(student, teacher, methods, objective.gamma, objective.alpha, objective.kd_term(temperature),
+                       temperature, num_classes)
+    return task, args
 
 
 def time_step(task, images, targets, indices, contrast, steps: int) -> float:
@@ -74,16 +84,18 @@ def main(argv=None):
     indices = torch.randint(0, n_train, (opts.batch,))
     print(f"{opts.teacher} -> {opts.student}, batch {opts.batch}, {torch.get_num_threads()} threads, "
           f"ms per training step (forward, backward, SGD), mean of {opts.steps}")
-    base = None
+    base, rows = None, []
     for method in opts.methods.split(","):
         task, args = build(method, opts.teacher, opts.student, images, n_train, num_classes)
-        contrast = torch.randint(0, n_train, (opts.batch, args.nce_k + 1))
+        contrast = torch.randint(0, n_train, (opts.batch, (args.nce_k or 0) + 1))
         # a strong-view method (MLKD) takes 2B images, weak then strong; the augmentation itself
         # is the loader's cost and is not timed here
         batch = torch.cat([images, torch.randn_like(images)]) if task.strong_view else images
         ms = time_step(task, batch, targets, indices, contrast, opts.steps)
         base = ms if base is None else base
         print(f"{method:8s} {ms:8.1f} ms   x{ms / base:.2f} of {opts.methods.split(',')[0]}", flush=True)
+        rows.append((method, ms))
+    return rows
 
 
 if __name__ == "__main__":
