@@ -33,15 +33,24 @@ def load_runs(folders) -> pd.DataFrame:
             if r is None:
                 continue
             records.append({"dataset": r.get("dataset"), "model": r.get("model"), "teacher": r.get("teacher"),
-                            "method": r.get("method", "teacher"), "trial": r.get("trial"),
-                            "best": r.get("best_top1"), "last": r.get("last_top1"), "run": str(path.parent)})
-    return pd.DataFrame.from_records(records, columns=["dataset", "model", "teacher", "method", "trial",
+                            "method": r.get("method", "teacher"), "beta": str(r.get("beta", "")),
+                            "trial": r.get("trial"), "best": r.get("best_top1"), "last": r.get("last_top1"),
+                            "run": str(path.parent)})
+    return pd.DataFrame.from_records(records, columns=["dataset", "model", "teacher", "method", "beta", "trial",
                                                       "best", "last", "run"])
+
+
+def label_weights(students: pd.DataFrame) -> pd.DataFrame:
+    """A method run at several -b weights on one data set gets a row per weight ('cat_kd (b 1.5)'),
+    so that runs at different weights never share a cell."""
+    several = students.groupby(["dataset", "method"])["beta"].transform("nunique") > 1
+    labelled = students["method"] + " (b " + students["beta"] + ")"
+    return students.assign(method=students["method"].where(~several, labelled))
 
 
 def summarise(runs: pd.DataFrame, metric: str) -> pd.DataFrame:
     """One row per (dataset, pair, method): mean, std, n of `metric`, plus published and diff."""
-    students = runs[~runs["method"].isin(FROM_LABELS)]
+    students = label_weights(runs[~runs["method"].isin(FROM_LABELS)])
     trained = runs[runs["method"].isin(FROM_LABELS)]
     rows = []
     for (dataset, teacher, student), group in students.groupby(["dataset", "teacher", "model"], sort=False):
@@ -128,7 +137,7 @@ FAMILY_COLOURS = {"logit": "tab:blue", "feature": "tab:orange", "relation": "tab
 def method_family(method: str) -> str:
     """The registry's family of a method label (`crd+kd` is combined, `kd+ls` a logit method)."""
     from distiller_zoo import ALIASES, METHODS
-    names = [n for n in method.split("+") if n != "ls"]
+    names = [n for n in method.split(" (b ")[0].split("+") if n != "ls"]
     families = {METHODS[ALIASES[n]].family for n in names if n in ALIASES}
     return families.pop() if len(families) == 1 else "combined"
 

@@ -87,3 +87,14 @@ def test_missing_folder_is_one_line_and_status_2(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_table.py"), str(tmp_path / "none")],
                           capture_output=True, text=True)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_runs_of_one_method_at_two_weights_get_a_row_each(grid):
+    for trial, (beta, acc) in enumerate([("15", 10.0), ("1.5", 95.0), ("1.5", 96.0)]):
+        write_run(grid, f"students/cat{trial}", dataset="cifar100", model="resnet8x4", teacher="resnet32x4",
+                  method="cat_kd", beta=beta, trial=str(trial), best_top1=acc, last_top1=acc)
+    summary = make_table.summarise(make_table.load_runs([grid]), "last")
+    assert row(summary, "resnet32x4", "resnet8x4", "cat_kd (b 15)")["mean"] == 10.0
+    assert row(summary, "resnet32x4", "resnet8x4", "cat_kd (b 1.5)")["mean"] == pytest.approx(95.5)
+    assert row(summary, "resnet32x4", "resnet8x4", "kd")["n"] == 3  # one weight: the plain label
+    assert make_table.method_family("cat_kd (b 1.5)") == "feature"
