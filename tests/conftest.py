@@ -4,6 +4,8 @@ from pathlib import Path
 
 import pytest
 
+import engine.trainer
+
 import train_teacher
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,6 +27,21 @@ def digits_teacher(tmp_path_factory):
 
 class Crash(Exception):
     """A simulated crash inside a run (not a signal, which the trainer turns into a clean stop)."""
+
+
+def crash_after_checkpoint(main, argv, monkeypatch, epoch: int) -> None:
+    """Run `main(argv)` until it has written `epoch`'s ckpt_last.pth, then crash it there."""
+    real_save = engine.trainer.save_checkpoint
+
+    def save_then_crash(state, path):
+        real_save(state, path)
+        if str(path).endswith("ckpt_last.pth") and state["epoch"] == epoch:
+            raise Crash
+
+    monkeypatch.setattr(engine.trainer, "save_checkpoint", save_then_crash)
+    with pytest.raises(Crash):
+        main(argv)
+    monkeypatch.setattr(engine.trainer, "save_checkpoint", real_save)
 
 
 def read_json(path):

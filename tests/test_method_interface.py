@@ -10,9 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import engine.trainer
 import train_student
-from conftest import ROOT, Crash, fast_args, read_json
+from conftest import ROOT, crash_after_checkpoint, fast_args, read_json
 from distiller_zoo import ALIASES, METHODS
 from distiller_zoo.options import DataNeeds, Option, resolve_options
 
@@ -93,17 +92,7 @@ def test_resume_by_run_directory_alone(digits_teacher, tmp_path, monkeypatch):
     flags = ["--path_t", str(teacher_dir / "best.pth"), "--distill", "crd", "--nce_k", "64", "--epochs", "2",
              "--deterministic", "--amp", "off", "--no-channels_last"]
     whole = train_student.main(fast_args(tmp_path / "whole", *flags))
-    real_save = engine.trainer.save_checkpoint
-
-    def save_then_interrupt(state, path):
-        real_save(state, path)
-        if str(path).endswith("ckpt_last.pth") and state["epoch"] == 1:
-            raise Crash
-
-    monkeypatch.setattr(engine.trainer, "save_checkpoint", save_then_interrupt)
-    with pytest.raises(Crash):
-        train_student.main(fast_args(tmp_path / "cut", *flags))
-    monkeypatch.setattr(engine.trainer, "save_checkpoint", real_save)
+    crash_after_checkpoint(train_student.main, fast_args(tmp_path / "cut", *flags), monkeypatch, epoch=1)
     run = tmp_path / "cut" / "students" / whole["run_name"]
     resumed = train_student.main(["--resume", str(run)])
     assert resumed["last_top1"] == whole["last_top1"]

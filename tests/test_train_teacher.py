@@ -9,7 +9,7 @@ import torch
 import engine.atomic
 import engine.trainer
 import train_teacher
-from conftest import ROOT, Crash, fast_args, read_json
+from conftest import ROOT, Crash, crash_after_checkpoint, fast_args, read_json
 from core.errors import UserError
 from engine.checkpoint import save_checkpoint
 
@@ -61,17 +61,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
     train_teacher.main(fast_args(full_dir, *flags))
 
     cut_dir = tmp_path / "cut"
-    real_save = engine.trainer.save_checkpoint
-
-    def save_then_interrupt(state, path):
-        real_save(state, path)
-        if str(path).endswith("ckpt_last.pth") and state["epoch"] == 2:
-            raise Crash
-
-    monkeypatch.setattr(engine.trainer, "save_checkpoint", save_then_interrupt)
-    with pytest.raises(Crash):
-        train_teacher.main(fast_args(cut_dir, *flags))
-    monkeypatch.setattr(engine.trainer, "save_checkpoint", real_save)
+    crash_after_checkpoint(train_teacher.main, fast_args(cut_dir, *flags), monkeypatch, epoch=2)
     train_teacher.main(fast_args(cut_dir, *flags, "--resume"))
 
     name = "teachers/resnet8_digits_trial0"
@@ -163,17 +153,7 @@ def test_command_line_error_has_no_traceback(tmp_path):
 
 def test_auto_resume_skips_a_finished_run_and_resumes_an_interrupted_one(tmp_path, monkeypatch, capsys):
     flags = fast_args(tmp_path, "--model", "resnet8", "--epochs", "2", "--batch_size", "256", "--auto_resume")
-    real_save = engine.trainer.save_checkpoint
-
-    def interrupt_after_first_epoch(state, path):
-        real_save(state, path)
-        if state["epoch"] == 1:
-            raise Crash
-
-    monkeypatch.setattr(engine.trainer, "save_checkpoint", interrupt_after_first_epoch)
-    with pytest.raises(Crash):
-        train_teacher.main(flags)
-    monkeypatch.setattr(engine.trainer, "save_checkpoint", real_save)
+    crash_after_checkpoint(train_teacher.main, flags, monkeypatch, epoch=1)
     results = train_teacher.main(flags)
     run_dir = tmp_path / "teachers" / "resnet8_digits_trial0"
     assert results["epochs"] == 2 and [r["epoch"] for r in _rows(run_dir)] == ["1", "2"]
