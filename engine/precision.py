@@ -81,26 +81,28 @@ def resolve_execution(amp_flag: str, channels_last_flag, device: torch.device, t
         return Execution(dtype, channels_last, "CUDA defaults" if amp == "auto" else "as asked")
     if amp != "auto" and channels_last_flag is not None:
         return Execution(amp, bool(channels_last_flag), "as asked")
-    dtypes = [amp] if amp != "auto" else ([None, torch.bfloat16] if native_bf16() else [None])
+    native = native_bf16()
+    dtypes = [amp] if amp != "auto" else ([None, torch.bfloat16] if native else [None])
     layouts = [bool(channels_last_flag)] if channels_last_flag is not None else [False, True]
-    return probe_cpu(trained, frozen, batch_shape(), dtypes, layouts, amp_note=_amp_note(amp))
+    note = "" if amp != "auto" or native else \
+        f"fp32: no native bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()})"
+    return probe_cpu(trained, frozen, batch_shape(), dtypes, layouts, amp_note=note)
 
 
-def _amp_note(amp) -> str:
-    if amp != "auto":
-        return ""
-    return "" if native_bf16() else f"fp32: no native bf16 on this CPU ({torch.backends.cpu.get_cpu_capability()})"
-
-
-def cpu_flags() -> set:
+def cpuinfo_field(*keys: str):
+    """The value of the first /proc/cpuinfo line starting with one of `keys` (None off Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(keys):
+                    return line.split(":", 1)[1].strip()
     except OSError:
-        pass
-    return set()
+        return None
+    return None
+
+
+def cpu_flags() -> set:
+    return set((cpuinfo_field("flags", "Features") or "").split())
 
 
 def native_bf16() -> bool:
@@ -114,14 +116,7 @@ def native_bf16() -> bool:
 
 
 def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
+    return cpuinfo_field("model name") or platform.processor() or platform.machine() or "cpu"
 
 
 def _cache_path() -> Path:
