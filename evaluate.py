@@ -23,9 +23,7 @@ checkpoints say nothing).
 """
 import argparse
 import copy
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -38,6 +36,7 @@ from deploy import extras
 from deploy.network import load_network, read_network
 from deploy.quantize import CALIBRATION_IMAGES
 from deploy.report import deployment_rows, markdown_rows
+from deploy.runtime import latency_stats
 from engine import runs
 from engine.build import check_model_name
 from engine.checkpoint import load_checkpoint
@@ -159,26 +158,6 @@ def count_macs(model, input_shape) -> int:
     return counter.get_total_flops() // 2
 
 
-@torch.inference_mode()
-def latency_ms(model, inputs: torch.Tensor, runs: int, warmup: int) -> tuple:
-    """(median, first quartile, third quartile) of the wall times of `runs` forward passes after
-    `warmup` untimed ones, in ms."""
-    sync = (lambda: torch.cuda.synchronize(inputs.device)) if inputs.is_cuda else (lambda: None)
-    for _ in range(warmup):
-        model(inputs)
-    sync()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model(inputs)
-        sync()
-        times.append(1000.0 * (time.perf_counter() - start))
-    if len(times) == 1:
-        return times[0], times[0], times[0]
-    q1, _, q3 = statistics.quantiles(times, n=4)
-    return statistics.median(times), q1, q3
-
-
 def latencies(cpu_model, cuda_model, input_shape, amp_dtype, runs: int, warmup: int) -> dict:
     """CPU latency (float32) at batch 1 and 64, and CUDA latency (under --amp) given a GPU model."""
     out = {}
@@ -193,8 +172,9 @@ def latencies(cpu_model, cuda_model, input_shape, amp_dtype, runs: int, warmup: 
 def _latency(model, batch: int, input_shape, amp_dtype, runs: int, warmup: int) -> tuple:
     device = next(model.parameters()).device
     inputs = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
-    with autocast(device, amp_dtype):
-        return latency_ms(model, inputs, runs, warmup)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    with autocast(device, amp_dtype), torch.inference_mode():
+        return latency_stats(model, inputs, runs, warmup, sync)
 
 
 # --- the report -------------------------------------------------------------------------------

@@ -40,16 +40,26 @@ def batched_logits(run, images: torch.Tensor, batch_size: int = 256) -> torch.Te
     return torch.cat([run(chunk) for chunk in images.split(batch_size)])
 
 
-def median_ms(run, inputs, runs: int, warmup: int) -> float:
-    """Median wall time of `runs` calls of run(inputs) after `warmup` untimed calls, in ms."""
+def latency_stats(run, inputs, runs: int, warmup: int, sync=lambda: None) -> tuple:
+    """(median, first quartile, third quartile) of the wall times of `runs` calls of run(inputs)
+    after `warmup` untimed calls, in ms; `sync` waits for an asynchronous device (CUDA)."""
     for _ in range(warmup):
         run(inputs)
+    sync()
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         run(inputs)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
+        sync()
+        times.append(1000.0 * (time.perf_counter() - start))
+    if len(times) == 1:
+        return times[0], times[0], times[0]
+    q1, _, q3 = statistics.quantiles(times, n=4)
+    return statistics.median(times), q1, q3
+
+
+def median_ms(run, inputs, runs: int, warmup: int) -> float:
+    return latency_stats(run, inputs, runs, warmup)[0]
 
 
 def random_batch(batch: int, input_shape) -> torch.Tensor:
