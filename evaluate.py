@@ -38,13 +38,11 @@ from deploy.quantize import CALIBRATION_IMAGES
 from deploy.report import deployment_rows, markdown_rows
 from deploy.runtime import latency_stats
 from engine import runs
-from engine.build import check_model_name
-from engine.checkpoint import load_checkpoint
 from core.distributed import setup
 from core.errors import UserError, exits_cleanly
 from engine.loop import move_batch, topk_correct
 from engine.precision import autocast, resolve_amp
-from engine.teacher import build_teacher, read_teacher, teacher_arch
+from engine.teacher import build_teacher
 
 ECE_BINS = 15
 LATENCY_BATCHES = (1, 64)
@@ -301,12 +299,11 @@ def resolve_dataset(args, path: Path, state: dict) -> str:
 def read_networks(args) -> dict:
     """Both checkpoints read, their architectures named and the data set settled, before any data loads."""
     path = Path(args.checkpoint)
-    state = load_checkpoint(path)
+    state, arch = read_network(path, args.model)
     args.dataset = resolve_dataset(args, path, state)
-    found = {"path": path, "state": state, "arch": check_model_name(teacher_arch(path, state, args.model), "--model")}
+    found = {"path": path, "state": state, "arch": arch}
     if args.teacher:
-        found["state_t"], arch_t = read_teacher(args.teacher, args.model_t)
-        found["arch_t"] = check_model_name(arch_t, "--model_t")
+        found["state_t"], found["arch_t"] = read_network(args.teacher, args.model_t, "--model_t")
     if args.deploy:
         extras.require()
     if args.qat:

@@ -5,10 +5,10 @@ from engine.build import check_model_name
 from engine.teacher import build_teacher, read_teacher
 
 
-def read_network(path, model=None):
+def read_network(path, model=None, flag: str = "--model"):
     """(checkpoint, architecture) read and checked before any data loads."""
     state, arch = read_teacher(path, model)
-    return state, check_model_name(arch, "--model")
+    return state, check_model_name(arch, flag)
 
 
 def load_network(path, model, num_classes: int, dataset: str):
