@@ -72,7 +72,9 @@ setup(
         "pyyaml>=5.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "import-linter>=2.0"],
+        "test": ["pytest>=7", "import-linter>=2.0", "submitit>=1.5"],
+        # the table scripts' --launcher slurm / submitit-local (scripts/slurm.py)
+        "slurm": ["submitit>=1.5"],
         # export, int8 and QAT (deploy/): torch.onnx's exporter needs onnx and onnxscript
         "deploy": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18", "torchao>=0.12"],
     },

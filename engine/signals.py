@@ -1,6 +1,8 @@
-"""SIGTERM (a scheduler's notice before preemption or a time limit), SIGUSR1 (Slurm's
---signal notice) and SIGINT (Ctrl-C) during training: the first finishes the current step
-and stops the run cleanly; a second one exits at once.
+"""SIGTERM (a scheduler's notice before preemption or a time limit), SIGUSR1 and SIGUSR2
+(Slurm's --signal notices; USR2 is submitit's) and SIGINT (Ctrl-C) during training: the first
+finishes the current step and stops the run cleanly; the same signal a second time exits at
+once. A different signal does not: a scheduler may send several notices of one stop (Slurm
+signals every process of a job, and the submitit launcher also forwards its own notice).
 
 A stop keeps the state of the last completed epoch, which is already on disk
 (ckpt_last.pth is written at the end of every epoch): resuming from it replays the
@@ -17,7 +19,7 @@ import torch
 
 from core.distributed import all_reduce_sum
 
-CAUGHT = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+CAUGHT = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopRequest:
@@ -28,10 +30,13 @@ class StopRequest:
 
     def handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name
-        if self.signal is not None:
+        if self.signal == name:
             print(f"\n{name} again: exiting now; the last completed epoch's checkpoint stays", file=sys.stderr,
                   flush=True)
             os._exit(128 + signum)
+        if self.signal is not None:
+            print(f"\n{name}: already stopping after the current step ({self.signal})", file=sys.stderr, flush=True)
+            return
         self.signal = name
         print(f"\n{name}: finishing the current step, then stopping (send it again to exit at once)",
               file=sys.stderr, flush=True)
@@ -59,7 +64,7 @@ class Interrupted(Exception):
 
 @contextmanager
 def stop_on_signals():
-    """A StopRequest fed by SIGTERM, SIGUSR1 and SIGINT for the duration (handlers can only
+    """A StopRequest fed by the CAUGHT signals for the duration (handlers can only
     be installed from the main thread; elsewhere the signals keep their default action)."""
     request = StopRequest()
     if threading.current_thread() is not threading.main_thread():

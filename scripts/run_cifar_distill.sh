@@ -46,3 +46,4 @@ for pair in $CROSS; do
     cell "${pair%%:*}" "${pair##*:}" "$method"
   done
 done
+finish_runs   # under a submitit launcher: submit the queued runs

@@ -37,3 +37,4 @@ resnet32x4:ShuffleV2 wrn_40_2:ShuffleV1"
 for pair in $WTTM_PAIRS; do
   distill "${pair%%:*}" "${pair##*:}" wttm
 done
+finish_runs   # under a submitit launcher: submit the queued runs

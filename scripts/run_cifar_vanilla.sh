@@ -18,3 +18,4 @@ for model in $STUDENTS; do
     run train_teacher.py --model "$model" --trial "$trial" "${common[@]}"
   done
 done
+finish_runs   # under a submitit launcher: submit the queued runs

@@ -26,13 +26,19 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
-def parse_line(line: str):
-    """(environment, entry point file name, argv) of one command line."""
+def split_line(line: str):
+    """(environment assignments, words) of one `[VAR=value ...] program ARGS` line."""
     words = shlex.split(line)
     env = {}
     while words and "=" in words[0] and not words[0].startswith("-"):
         key, _, value = words.pop(0).partition("=")
         env[key] = value
+    return env, words
+
+
+def parse_line(line: str):
+    """(environment, entry point file name, argv) of one command line."""
+    env, words = split_line(line)
     if len(words) < 2 or not words[1].endswith(".py"):
         raise ValueError(f"not a 'python <entry point> ARGS' command: {line}")
     return env, os.path.basename(words[1]), words[2:]

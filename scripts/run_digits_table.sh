@@ -49,8 +49,8 @@ for method in $METHODS; do
   case "$method" in fsp|kdsvd) ;; *) distill vgg8 resnet8 "$method" "${flags[@]}" ;; esac
 done
 
-if [ "$DRY_RUN" = 0 ]; then
-  finish_runs --jobs "$JOBS"
+[ "$DRY_RUN" = 1 ] || finish_runs --jobs "$JOBS"
+if runs_ended_here; then
   echo "digits table: $(( $(date +%s) - start )) s"
   "$PY" scripts/make_table.py "$SAVE" --out "$SAVE/table.md" --figure "$SAVE/table.png"
   cat "$SAVE/table.md"

@@ -23,8 +23,15 @@ MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 GPU=${GPU:-$(seq -s, 0 $(( GPUS - 1 )))}
 source scripts/lib.sh
-LAUNCH=("$PY" -m torch.distributed.run --nproc_per_node "$GPUS" --nnodes "$NODES" --node_rank "$NODE_RANK"
-        --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+if [ "$LAUNCHER" = shell ]; then
+  LAUNCH=("$PY" -m torch.distributed.run --nproc_per_node "$GPUS" --nnodes "$NODES" --node_rank "$NODE_RANK"
+          --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
+else
+  # one job per torchrun group: NODES nodes of GPUS GPUs; each node's rank and the master come
+  # from the job (scripts/slurm.py)
+  LAUNCH=("$PY" -m torch.distributed.run --nproc_per_node "$GPUS" --nnodes "$NODES")
+  GPUS_PER_JOB=$GPUS NODES_PER_JOB=$NODES CPUS_PER_JOB=${CPUS_PER_JOB:-$(( 8 * GPUS ))}
+fi
 common+=(--dataset imagenet)
 
 # student, torchvision teacher
@@ -43,6 +50,7 @@ for pair in $PAIRS; do
   done
 done
 
-if [ "$DRY_RUN" = 0 ]; then
+finish_runs   # under a submitit launcher: submit the queued runs
+if runs_ended_here; then
   "$PY" scripts/make_table.py "$SAVE" --out "$SAVE/imagenet_table.md"
 fi

@@ -19,6 +19,7 @@ import train_student
 import train_teacher
 from conftest import ROOT, fast_args, read_json
 from core.errors import UserError
+from engine.signals import StopRequest
 from engine.teacher import build_teacher, find_best_teacher
 
 RUN = "teachers/resnet8_digits_trial0"
@@ -175,3 +176,34 @@ def test_sigint_stops_after_the_step_and_prints_the_resume_command(tmp_path):
     assert err.strip().splitlines()[-1].startswith("stopped: SIGINT")
     assert f"go on with: python train_teacher.py --resume {tmp_path / RUN}" in err
     assert "keeps main epoch" in err
+
+
+class ExitedAtOnce(Exception):
+    pass
+
+
+@pytest.fixture()
+def stop_request(monkeypatch):
+    def exit_at_once(code):
+        raise ExitedAtOnce(code)
+    monkeypatch.setattr(os, "_exit", exit_at_once)
+    return StopRequest()
+
+
+def test_the_same_signal_again_exits_at_once(stop_request, capsys):
+    stop_request.handle(signal.SIGINT, None)
+    with pytest.raises(ExitedAtOnce) as exited:
+        stop_request.handle(signal.SIGINT, None)
+    assert exited.value.args == (128 + signal.SIGINT,)
+    assert "SIGINT again: exiting now" in capsys.readouterr().err
+
+
+def test_another_signal_of_the_same_stop_does_not(stop_request, capsys):
+    """A scheduler's several notices (Slurm's USR2 to every process, the launcher's SIGTERM)
+    keep the clean stop after the current step."""
+    stop_request.handle(signal.SIGUSR2, None)
+    stop_request.handle(signal.SIGTERM, None)
+    assert stop_request.requested() and stop_request.signal == "SIGUSR2"
+    assert "SIGTERM: already stopping after the current step (SIGUSR2)" in capsys.readouterr().err
+    with pytest.raises(ExitedAtOnce):
+        stop_request.handle(signal.SIGUSR2, None)

@@ -1,0 +1,274 @@
+"""Run a table script's runs as Slurm jobs through submitit: one job per run (one per torchrun
+group for ImageNet), requeued on preemption or time-out, each run resuming from its checkpoint.
+
+    PARTITION=gpu TIME_LIMIT=1440 bash scripts/run_cifar_distill.sh --launcher slurm
+    python scripts/slurm.py status --folder save/slurm
+
+The table scripts (scripts/lib.sh) pipe their command lines to `slurm.py submit`; `status`
+summarises a sweep's finished, running and failed runs. Each job runs its command (which
+carries --auto_resume) as a child process. Slurm's notice (USR2, `--signal=USR2@<delay>`:
+before the time limit, and on preemption where the cluster sends it) reaches every process of
+the job: the run stops after its current step (engine/signals.py), and submitit calls
+`TrainingJob.checkpoint`, which also sends the run SIGTERM (submitit's local executor signals
+the job's own process only), waits for it to stop and requeues the job. The requeued job runs
+the same command, which resumes the run from its last completed epoch.
+
+`--launcher submitit-local` runs the same jobs through submitit's local executor on this
+machine (--jobs at a time, each batch waited for): the same requeue path, without a cluster.
+"""
+import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from core.errors import UserError, exits_cleanly  # noqa: E402  (after the path insert)
+from scripts.run_commands import split_line  # noqa: E402
+
+SWEEP_FILE = "sweep.jsonl"
+POLL_S = 0.5
+# the job's notice comes this long before the time limit; a run stops within one step of it
+SIGNAL_DELAY_S = 120
+# how long the job waits for its run to stop after a notice before killing it (the last
+# completed epoch is on disk either way)
+STOP_GRACE_S = 90
+# time-outs are expected (a 240-epoch run may span several time limits), so allow many
+MAX_TIMEOUTS = 50
+ACTIVE = {"RUNNING", "PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
+          "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "UNKNOWN"}
+LABEL_FLAGS = ("--model", "--model_s", "--models", "--distill", "-b", "--trial")
+
+
+class RunFailed(Exception):
+    """The run's command ended with a non-zero status outside a requeue."""
+
+
+class TrainingJob:
+    """One run as a checkpointable submitit job: its command, environment and directory."""
+
+    def __init__(self, command: list, env: dict, cwd: str):
+        self.command, self.env, self.cwd = command, env, cwd
+        self.child = None
+
+    def __call__(self) -> int:
+        self.child = subprocess.Popen(with_rendezvous(self.command), cwd=self.cwd, env={**os.environ, **self.env})
+        # polling rather than wait(): checkpoint() may wait on the child from a signal handler
+        while (status := self.child.poll()) is None:
+            time.sleep(POLL_S)
+        if status != 0:
+            raise RunFailed(f"exit status {status}: {shlex.join(self.command)}")
+        return status
+
+    def checkpoint(self):
+        """Called by submitit on the scheduler's notice: stop the run after its current step,
+        then requeue the same command."""
+        import submitit
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signal.SIGTERM)
+            try:
+                self.child.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                self.child.kill()
+                self.child.wait()
+        return submitit.helpers.DelayedSubmission(TrainingJob(self.command, self.env, self.cwd))
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "child": None}
+
+
+def with_rendezvous(command: list) -> list:
+    """A torchrun command inside a job gets the job's rendezvous: standalone on one node; on
+    several, the node's rank and the first node as master (a port derived from the job id,
+    so two jobs sharing a node do not collide)."""
+    launcher = next((k for k, word in enumerate(command) if word in ("torch.distributed.run", "torchrun")
+                     or word.endswith("/torchrun")), None)
+    if launcher is None:
+        return command
+    import submitit
+    job = submitit.JobEnvironment()
+    if job.num_nodes == 1:
+        extra = ["--standalone"]
+    else:
+        port = 20000 + int("".join(ch for ch in job.job_id if ch.isdigit()) or 0) % 20000
+        extra = ["--node_rank", str(job.node), "--master_addr", job.hostnames[0], "--master_port", str(port)]
+    return command[:launcher + 1] + extra + command[launcher + 1:]
+
+
+def label(argv: list) -> str:
+    """A short name for a run: its entry point and the flags that tell runs of a table apart."""
+    entry = next((Path(w).stem for w in argv if w.endswith(".py")), argv[0])
+    picked = [f"{flag} {argv[k + 1]}" for k, flag in enumerate(argv[:-1]) if flag in LABEL_FLAGS]
+    teacher = [Path(argv[k + 1]).parent.name for k, flag in enumerate(argv[:-1]) if flag == "--path_t"]
+    return " ".join([entry, *(f"--path_t {t}" for t in teacher if t), *picked])
+
+
+def make_executor(args):
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("the Slurm launcher needs submitit: pip install 'distillbench[slurm]' "
+                        "(or pip install submitit)") from None
+    if __name__ != "__main__":
+        import cloudpickle
+        # the jobs unpickle TrainingJob without scripts/ on their module path
+        cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    cluster = "slurm" if args.launcher == "slurm" else "local"
+    if cluster == "slurm" and not all(shutil.which(tool) for tool in ("sbatch", "srun")):
+        raise UserError("--launcher slurm needs Slurm's sbatch and srun on PATH (run it on a login node); "
+                        "--launcher submitit-local runs the same jobs on this machine")
+    executor = submitit.AutoExecutor(folder=args.folder, cluster=cluster,
+                                     slurm_max_num_timeout=MAX_TIMEOUTS)
+    slurm = {"slurm_signal_delay_s": SIGNAL_DELAY_S, "slurm_partition": args.partition or None}
+    if args.after and cluster == "slurm":
+        slurm["slurm_additional_parameters"] = {"dependency": "afterok:" + ":".join(args.after.split(","))}
+    executor.update_parameters(name=args.name, timeout_min=args.time_limit, nodes=args.nodes, tasks_per_node=1,
+                               gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
+                               mem_gb=args.mem_gb, **slurm)
+    return executor
+
+
+def training_job(line: str) -> TrainingJob:
+    env, argv = split_line(line)
+    if not argv:
+        raise UserError(f"not a command line: {line!r}")
+    return TrainingJob(argv, env, str(ROOT))
+
+
+def record(folder: Path, cluster: str, line: str, job) -> None:
+    """Add a submitted job to the sweep's record (what `status` reads)."""
+    entry = {"job": job.job_id, "cluster": cluster, "label": label(split_line(line)[1]), "command": line,
+             "submitted": time.time()}
+    with open(folder / SWEEP_FILE, "a") as sweep:
+        sweep.write(json.dumps(entry) + "\n")
+
+
+def submit_all(executor, folder: Path, lines: list) -> list:
+    """Every line as a task of one Slurm job array (Slurm queues them)."""
+    with executor.batch():
+        jobs = [executor.submit(training_job(line)) for line in lines]
+    for line, job in zip(lines, jobs):
+        record(folder, "slurm", line, job)
+    return jobs
+
+
+def run_here(executor, folder: Path, lines: list, at_once: int) -> None:
+    """The local executor: at most `at_once` jobs at a time, until every one has ended."""
+    waiting, running = list(lines), []
+    while waiting or running:
+        running = [job for job in running if not job.done()]
+        while waiting and len(running) < at_once:
+            line = waiting.pop(0)
+            running.append(executor.submit(training_job(line)))
+            record(folder, "local", line, running[-1])
+        time.sleep(POLL_S)
+
+
+# ----- status -----
+
+def latest_records(folder: Path) -> list:
+    """The sweep's jobs, the newest submission of each command only."""
+    path = Path(folder) / SWEEP_FILE
+    if not path.is_file():
+        raise UserError(f"no sweep in {folder} ({SWEEP_FILE} is missing); the table scripts write it with "
+                        "--launcher slurm or submitit-local")
+    latest = {}
+    for number, text in enumerate(path.read_text().splitlines(), 1):
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            print(f"warning: skipping line {number} of {path}: not JSON", file=sys.stderr)
+            continue
+        latest[record["command"]] = record
+    return list(latest.values())
+
+
+def job_state(folder: Path, record: dict) -> tuple:
+    """('finished' | 'running' | 'failed', detail) of one recorded job."""
+    from submitit.core.utils import JobPaths, pickle_load
+    paths = JobPaths(folder, record["job"])
+    result = paths.result_pickle
+    if result.is_file() and result.stat().st_mtime >= record["submitted"]:
+        outcome, value = pickle_load(result)
+        if outcome == "success":
+            return "finished", ""
+        return "failed", f"{value.strip().splitlines()[-1]} (log: {paths.stderr})"
+    if record["cluster"] == "slurm":
+        import submitit
+        state = submitit.SlurmJob(folder, record["job"]).state
+        if state.split()[0] in ACTIVE:
+            return "running", state.lower()
+        return "failed", f"Slurm state {state} (log: {paths.stderr})"
+    if Path(f"/proc/{record['job']}").exists():
+        return "running", "local"
+    return "failed", f"ended without a result (log: {paths.stderr})"
+
+
+def summarize(folder: Path, out=None) -> dict:
+    """Print each run's state and the totals (to `out`, standard output by default); the counts
+    by state."""
+    out = out or sys.stdout
+    counts = {"finished": 0, "running": 0, "failed": 0}
+    for record in latest_records(folder):
+        state, detail = job_state(folder, record)
+        counts[state] += 1
+        print(f"{state:9} {record['job']:>12}  {record['label']}" + (f"  [{detail}]" if detail else ""), file=out)
+    print(", ".join(f"{n} {state}" for state, n in counts.items())
+          + (" (run the table script again: finished runs are skipped, the others resume)"
+             if counts["failed"] else ""), file=out)
+    return counts
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Submit a table's runs to Slurm through submitit, or summarise a sweep.")
+    commands = parser.add_subparsers(dest="action", required=True)
+    submit = commands.add_parser("submit", help="submit the command lines read from stdin, one job each")
+    submit.add_argument("--launcher", choices=("slurm", "submitit-local"), default="slurm")
+    submit.add_argument("--folder", default="save/slurm", help="submitit's logs and the sweep's record")
+    submit.add_argument("--after", default="", help="job ids (comma-separated) these jobs wait for (afterok)")
+    submit.add_argument("--partition", default="")
+    submit.add_argument("--time_limit", type=int, default=1440, help="minutes per job (requeued past it)")
+    submit.add_argument("--gpus_per_node", type=int, default=1)
+    submit.add_argument("--nodes", type=int, default=1, help="nodes per job (a torchrun group)")
+    submit.add_argument("--cpus_per_task", type=int, default=8)
+    submit.add_argument("--mem_gb", type=float, default=None)
+    submit.add_argument("--name", default="distillbench")
+    submit.add_argument("--jobs", type=int, default=1, help="submitit-local: jobs at a time")
+    status = commands.add_parser("status", help="finished, running and failed runs of a sweep")
+    status.add_argument("--folder", default="save/slurm")
+    args = parser.parse_args(argv)
+    for name in ("time_limit", "nodes", "jobs"):
+        if getattr(args, name, 1) < 1:
+            parser.error(f"--{name} must be at least 1")
+    return args
+
+
+@exits_cleanly
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.action == "status":
+        return 1 if summarize(Path(args.folder))["failed"] else 0
+    executor = make_executor(args)
+    lines = [line.strip() for line in sys.stdin if line.strip() and not line.startswith("#")]
+    folder = Path(args.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if args.launcher == "slurm":
+        jobs = submit_all(executor, folder, lines)
+        # a job array's own id stands for all its tasks (what a later batch's afterok names)
+        arrays = ",".join(dict.fromkeys(job.job_id.split("_")[0] for job in jobs))
+        print(f"submitted {len(jobs)} runs as Slurm job(s) {arrays}; their state: "
+              f"python scripts/slurm.py status --folder {folder}", file=sys.stderr)
+        print(arrays)
+        return 0
+    run_here(executor, folder, lines, args.jobs)
+    return 1 if summarize(folder, out=sys.stderr)["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

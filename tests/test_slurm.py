@@ -1,0 +1,186 @@
+"""The submitit launcher (scripts/slurm.py, the table scripts' --launcher): a sweep run through
+submitit's local executor in which one job gets the scheduler's notice mid-run is requeued and
+ends with every run complete and equal to an uninterrupted run; the Slurm submission (a fake
+sbatch records it) carries the partition, GPUs, time limit, notice and the phases' dependency;
+`status` sorts the runs into finished, running and failed; the rendezvous of torchrun groups."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+pytest.importorskip("submitit")
+sys.path.insert(0, str(ROOT / "scripts"))
+import chaos  # noqa: E402
+import slurm  # noqa: E402
+from submitit.core.utils import JobPaths, cloudpickle_dump  # noqa: E402
+
+EPOCHS = 4
+TEACHER = [sys.executable, "train_teacher.py", "--model", "resnet8", "--dataset", "digits", "--epochs", str(EPOCHS),
+           "--batch_size", "128", "--deterministic", "--amp", "off", "--no-channels_last", "--threads", "1",
+           "--print_freq", "1", "--auto_resume"]
+
+
+def command(save: Path, trial: int) -> str:
+    return " ".join([*TEACHER, "--save_dir", str(save), "--trial", str(trial)])
+
+
+def processes_of(pid: int) -> list:
+    """Every descendant of a process (a job's processes under submitit's local controller)."""
+    found = []
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        for child in (thread / "children").read_text().split():
+            found += [int(child), *processes_of(int(child))]
+    return found
+
+
+def wait_until(condition, limit_s: float) -> None:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_preempted_job_is_requeued_and_its_run_ends_exactly(tmp_path):
+    folder = tmp_path / "sweep"
+    folder.mkdir()
+    args = slurm.parse_args(["submit", "--launcher", "submitit-local", "--folder", str(folder),
+                             "--gpus_per_node", "0", "--cpus_per_task", "1"])
+    executor = slurm.make_executor(args)
+    lines = [command(tmp_path / "preempted", 1), command(tmp_path / "reference", 1), command(tmp_path / "preempted", 2)]
+    jobs = []
+    for line in lines:
+        jobs.append(executor.submit(slurm.training_job(line)))
+        slurm.record(folder, "local", line, jobs[-1])
+    run = tmp_path / "preempted" / "teachers" / "resnet8_digits_trial1"
+    wait_until(lambda: (run / "ckpt_last.pth").exists(), 120)
+    # the notice reaches every process of the job, as Slurm delivers it
+    for pid in processes_of(jobs[0]._process.pid):
+        os.kill(pid, signal.SIGUSR2)
+    wait_until(lambda: all(job.done() for job in jobs), 240)
+
+    assert slurm.summarize(folder) == {"finished": 3, "running": 0, "failed": 0}
+    log, err = jobs[0].paths.stdout.read_text(), jobs[0].paths.stderr.read_text()
+    assert "Requeued job" in log and "resuming" in log, log
+    assert "stopped: SIGUSR2" in err and "Traceback" not in err, err
+    reference = tmp_path / "reference" / "teachers" / "resnet8_digits_trial1"
+    assert chaos.differences(reference, run) == []
+    assert len(chaos.metrics(run)) == EPOCHS
+
+
+FAKE_SBATCH = """#!/bin/bash
+n=$(( $(cat "$FAKE_SLURM/count" 2>/dev/null || echo 1000) + 1 ))
+echo $n > "$FAKE_SLURM/count"
+cp "$1" "$FAKE_SLURM/sbatch_$n.sh"
+echo "Submitted batch job $n"
+"""
+FAKE_SACCT = """#!/bin/bash
+printf 'JobID|State|NodeList\\n1001_0|RUNNING|n1\\n1001_1|RUNNING|n1\\n1002_0|PENDING|\\n'
+printf '1002_1|PENDING|\\n1002_2|FAILED|n2\\n'
+"""
+
+
+@pytest.fixture()
+def fake_slurm(tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("sacct", FAKE_SACCT), ("srun", "#!/bin/bash\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_SLURM": str(tmp_path)}
+
+
+def test_the_digits_table_on_slurm_submits_two_dependent_phases(tmp_path, fake_slurm):
+    env = {**fake_slurm, "SAVE": str(tmp_path / "save"), "METHODS": "kd", "TRIALS": "1", "PY": sys.executable,
+           "PARTITION": "gpu", "TIME_LIMIT": "240", "GPUS_PER_JOB": "1", "CPUS_PER_JOB": "6"}
+    done = subprocess.run(["bash", "scripts/run_digits_table.sh", "--launcher", "slurm"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "digits table" not in done.stdout  # no table before the jobs have run
+    teachers, students = (tmp_path / "sbatch_1001.sh").read_text(), (tmp_path / "sbatch_1002.sh").read_text()
+    for script in (teachers, students):
+        for directive in ("--partition=gpu", "--time=240", "--gpus-per-node=1", "--cpus-per-task=6",
+                          "--signal=USR2@120", "--ntasks-per-node=1"):
+            assert f"#SBATCH {directive}" in script
+    assert "#SBATCH --array=0-1" in teachers and "dependency" not in teachers
+    assert "#SBATCH --array=0-2" in students and "#SBATCH --dependency=afterok:1001" in students
+    assert "submitted 3 runs as Slurm job(s) 1002" in done.stderr
+
+    status = subprocess.run(["bash", "scripts/run_digits_table.sh", "--status"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert status.returncode == 1
+    lines = status.stdout.splitlines()
+    assert lines[-1].startswith("0 finished, 4 running, 1 failed")
+    failed = [line for line in lines if line.startswith("failed")]
+    assert len(failed) == 1 and "1002_2" in failed[0] and "Slurm state FAILED" in failed[0]
+    assert "train_student --path_t vgg8_digits_trial0 --model_s resnet8 --distill kd --trial 1" in failed[0]
+
+
+def test_status_sorts_runs_by_their_job_results(tmp_path, capsys):
+    outcomes = {"11": ("success", 0), "12": ("error", "Traceback ...\nslurm.RunFailed: exit status 2: python x.py")}
+    for job, outcome in outcomes.items():
+        cloudpickle_dump(outcome, JobPaths(tmp_path, job).result_pickle)
+    records = [("11", "finished"), ("12", "failed"), (str(os.getpid()), "running"), ("999999999", "gone")]
+    with open(tmp_path / slurm.SWEEP_FILE, "w") as sweep:
+        for job, name in records:
+            sweep.write(json.dumps({"job": job, "cluster": "local", "label": name, "command": name,
+                                    "submitted": time.time() - 60}) + "\n")
+        sweep.write("{not json\n")
+    assert slurm.summarize(tmp_path) == {"finished": 1, "running": 1, "failed": 2}
+    out = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("failed") and "exit status 2: python x.py" in line for line in out)
+    assert any(line.startswith("failed") and "ended without a result" in line for line in out)
+
+
+def test_a_result_older_than_the_submission_is_not_the_jobs(tmp_path):
+    cloudpickle_dump(("success", 0), JobPaths(tmp_path, "999999999").result_pickle)
+    record = {"job": "999999999", "cluster": "local", "label": "x", "command": "x", "submitted": time.time() + 60}
+    assert slurm.job_state(tmp_path, record)[0] == "failed"
+
+
+def test_without_sbatch_or_a_sweep_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(SystemExit) as stop:
+        slurm.main(["submit", "--launcher", "slurm", "--folder", str(tmp_path)])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: --launcher slurm needs Slurm's sbatch and srun on PATH (run it on a "
+                                               "login node); --launcher submitit-local runs the same jobs on this machine")
+    with pytest.raises(SystemExit) as stop:
+        slurm.main(["status", "--folder", str(tmp_path / "none")])
+    assert stop.value.code == 2 and "no sweep in" in capsys.readouterr().err
+
+
+def test_an_unknown_launcher_is_one_line():
+    done = subprocess.run(["bash", "scripts/run_cifar_distill.sh", "--launcher", "lsf"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr == "error: --launcher 'lsf' is not one of shell, slurm, submitit-local\n"
+
+
+def test_a_torchrun_group_gets_the_jobs_rendezvous(monkeypatch):
+    torchrun = ["python", "-m", "torch.distributed.run", "--nproc_per_node", "8", "--nnodes", "2",
+                "train_student.py", "--trial", "1"]
+    assert slurm.with_rendezvous(["python", "train_student.py"]) == ["python", "train_student.py"]
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    for key, value in {"SLURM_JOB_ID": "77", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    assert slurm.with_rendezvous(torchrun)[:4] == ["python", "-m", "torch.distributed.run", "--standalone"]
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    monkeypatch.setenv("SLURM_NODEID", "1")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[3-4]")
+    assert slurm.with_rendezvous(torchrun) == [
+        "python", "-m", "torch.distributed.run", "--node_rank", "1", "--master_addr", "gpu3", "--master_port",
+        "20077", "--nproc_per_node", "8", "--nnodes", "2", "train_student.py", "--trial", "1"]
+
+
+def test_labels_name_what_tells_runs_apart():
+    argv = ["python", "train_student.py", "--path_t", "save/teachers/resnet56_cifar100_trial0/ckpt_last.pth",
+            "--model_s", "resnet20", "--distill", "crd", "-a", "0", "-b", "0.8", "--trial", "2"]
+    assert slurm.label(argv) == ("train_student --path_t resnet56_cifar100_trial0 --model_s resnet20 --distill crd "
+                                 "-b 0.8 --trial 2")
