@@ -21,6 +21,10 @@ or a student run's 'model_s'), else RepDistiller's folder-name rule. The data se
 else the checkpoint's 'dataset', else the run's args.json, else CIFAR-100 (RepDistiller's
 checkpoints say nothing).
 """
+from core.errors import UserError, exit_quietly_on_ctrl_c, exits_cleanly
+
+exit_quietly_on_ctrl_c()  # before the imports below, which take seconds
+
 import argparse
 import copy
 import tempfile
@@ -39,7 +43,6 @@ from deploy.report import deployment_rows, markdown_rows
 from deploy.runtime import latency_stats
 from engine import runs
 from core.distributed import setup
-from core.errors import UserError, exits_cleanly
 from engine.loop import move_batch, topk_correct
 from engine.precision import autocast, resolve_amp
 from engine.teacher import build_teacher

@@ -20,12 +20,15 @@ best.pth, test_top1 and results.json's best_top1 are peer 0's.
     python train_mutual.py --models resnet32,resnet32
     python train_mutual.py --models resnet8,resnet14 --dataset digits --epochs 2
 """
+from core.errors import UserError, exit_quietly_on_ctrl_c, exits_cleanly
+
+exit_quietly_on_ctrl_c()  # before the imports below, which take seconds
+
 import argparse
 
 import torch.nn.functional as F
 from torch import nn
 
-from core.errors import UserError, exits_cleanly
 from distiller_zoo.kd import DistillKL
 from engine.args import HelpFormatter, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name, default_lr

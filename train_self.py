@@ -27,6 +27,10 @@ state_dict alone (it loads with strict=True, evaluate.py reads it, train_student
     python train_self.py --model resnet32x4
     python train_self.py --model resnet8 --dataset digits --epochs 2
 """
+from core.errors import UserError, exit_quietly_on_ctrl_c, exits_cleanly
+
+exit_quietly_on_ctrl_c()  # before the imports below, which take seconds
+
 import argparse
 import math
 
@@ -34,7 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.errors import UserError, exits_cleanly
 from distiller_zoo.kd import DistillKL
 from engine.args import HelpFormatter, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name

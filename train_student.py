@@ -12,6 +12,10 @@ the method's published defaults. Without --path_t the best teacher of the data s
 loaded once; KD (-a) learns from their ensemble (--multi_teacher average, or camkd), the
 methods (-b) from the teacher --feature_teacher names. Each method's options come from its own file (distiller_zoo/).
 """
+from core.errors import UserError, exit_quietly_on_ctrl_c, exits_cleanly
+
+exit_quietly_on_ctrl_c()  # before the imports below, which take seconds
+
 import argparse
 import math
 import os
@@ -20,7 +24,6 @@ from pathlib import Path
 
 
 import distiller_zoo
-from core.errors import UserError, exits_cleanly
 from distiller_zoo.base import BuildContext
 from distiller_zoo.multi_teacher import MODES, TeacherEnsemble
 from distiller_zoo.objective import Objective, parse_objective

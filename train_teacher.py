@@ -4,9 +4,12 @@ of the published tables.
     python train_teacher.py --model resnet32x4
     python train_teacher.py --model resnet8 --dataset digits --epochs 2
 """
+from core.errors import exit_quietly_on_ctrl_c, exits_cleanly
+
+exit_quietly_on_ctrl_c()  # before the imports below, which take seconds
+
 import argparse
 
-from core.errors import exits_cleanly
 from engine.args import HelpFormatter, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.session import build_data, create_run_dir, start

@@ -2,6 +2,7 @@
 import functools
 import signal
 import sys
+import threading
 
 
 class UserError(Exception):
@@ -29,12 +30,27 @@ def on_exit(callback) -> None:
     _cleanups.append(callback)
 
 
+def exit_quietly_on_ctrl_c() -> None:
+    """Make a Ctrl-C end the process with one line and status 130 until main starts. An entry
+    point calls this before its other imports, which take seconds (torch), so that a Ctrl-C
+    during them does not print Python's traceback of an import."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+
+def _interrupted_while_starting(signum, frame):
+    print("interrupted (Ctrl-C) while starting; nothing was written", file=sys.stderr)
+    sys.exit(EXIT_SIGINT)
+
+
 def exits_cleanly(main):
     """Run `main`, turning a UserError into one line on stderr and exit status 2, a RunStopped
     into its line and status, and Ctrl-C outside training into one line and status 130."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
+        if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             return main(*args, **kwargs)
         except UserError as err:

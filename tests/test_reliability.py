@@ -207,3 +207,20 @@ def test_another_signal_of_the_same_stop_does_not(stop_request, capsys):
     assert "SIGTERM: already stopping after the current step (SIGUSR2)" in capsys.readouterr().err
     with pytest.raises(ExitedAtOnce):
         stop_request.handle(signal.SIGUSR2, None)
+
+
+@pytest.mark.parametrize("entry", ["train_teacher.py", "train_student.py", "evaluate.py"])
+def test_ctrl_c_while_the_entry_point_imports_is_one_line(entry):
+    """torch's import takes seconds; a Ctrl-C in them ends with one line, not a traceback. The
+    interpreter reports each import as it finishes (-X importtime): the signal goes once an
+    import after core.errors's (the first) has finished, so after the handler was installed."""
+    child = subprocess.Popen([sys.executable, "-X", "importtime", entry, "--help"], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    reported = iter(child.stderr)
+    next(line for line in reported if line.rstrip().endswith("| core.errors"))
+    next(reported)
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=60)
+    said = [line for line in err.splitlines() if not line.startswith("import time:")]
+    assert child.returncode == 128 + signal.SIGINT
+    assert said == ["interrupted (Ctrl-C) while starting; nothing was written"]
