@@ -9,10 +9,18 @@ SIGINT and cycle through three moments: before the first checkpoint (while one i
 on disk), during a checkpoint write (the child slows its writes down, so the temporary file
 is there to be caught), and at a random time. Exit status 0 when the run survived every
 kill exactly, 1 otherwise; the last line says how many kills it survived.
+
+    python scripts/chaos.py --preemptions 5 -- train_student.py --path_t T.pth --distill crd ...
+
+runs the entry point as a submitit job instead (scripts/slurm.py, submitit's local executor)
+and preempts it N times at random moments, as Slurm does: its notice (SIGUSR2) to every
+process of the job, then the requeue; the local executor restarts a job at most 5 times.
 """
 import argparse
 import csv
+import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,10 +28,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from scripts import slurm  # noqa: E402  (after the path insert)
+
 SIGNALS = (signal.SIGKILL, signal.SIGTERM, signal.SIGINT)
 MOMENTS = ("first epoch", "checkpoint write", "random")
 TIMING = ("epoch_time", "images_per_s")
 SLOW_WRITE_S = 0.3
+# submitit's local controller starts a job at most 6 times
+MAX_PREEMPTIONS = 5
 
 
 def child(entry: str, argv: list) -> None:
@@ -129,6 +142,73 @@ def survive(entry: str, argv: list, save: Path, kills: int, seed: int) -> int:
     return delivered
 
 
+def processes_of(pid: int) -> list:
+    """Every descendant of a process (a job's processes under submitit's local controller)."""
+    found = []
+    for thread in Path(f"/proc/{pid}/task").iterdir():
+        for child in (thread / "children").read_text().split():
+            found += [int(child), *processes_of(int(child))]
+    return found
+
+
+def notify(job) -> None:
+    """Slurm's notice of a preemption: SIGUSR2 to every process of the job."""
+    for pid in processes_of(job._process.pid):
+        try:
+            os.kill(pid, signal.SIGUSR2)
+        except ProcessLookupError:
+            pass
+
+
+def log_count(job, text: str) -> int:
+    log = job.paths.stdout
+    return log.read_text().count(text) if log.exists() else 0
+
+
+def wait_for_job(job, condition, limit_s: float) -> bool:
+    deadline = time.monotonic() + limit_s
+    while not job.done() and time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def local_executor(folder: Path):
+    """scripts/slurm.py's executor for --launcher submitit-local, on the CPU."""
+    return slurm.make_executor(slurm.parse_args(["submit", "--launcher", "submitit-local", "--folder", str(folder),
+                                                 "--gpus_per_node", "0", "--cpus_per_task", "1"]))
+
+
+def survive_preemptions(entry: str, argv: list, save: Path, preemptions: int, seed: int) -> int:
+    """Run the reference, then the run as a submitit job preempted `preemptions` times (each
+    once the requeued job has started, at a random moment); the number of notices delivered."""
+    rng = random.Random(seed)
+    began = time.monotonic()
+    finish(entry, argv, save / "reference")
+    duration_s = time.monotonic() - began
+    line = shlex.join([sys.executable, entry, *argv, "--save_dir", str(save / "chaos"), "--auto_resume"])
+    job = local_executor(save / "jobs").submit(slurm.training_job(line))
+    delivered = 0
+    for k in range(preemptions):
+        # submitit's handler is installed as the job starts; the notice comes after it
+        wait_for_job(job, lambda: log_count(job, "Starting with") > k, duration_s)
+        time.sleep(rng.uniform(0.2, duration_s / 2))
+        if job.done():
+            break
+        notify(job)
+        delivered += 1
+        wait_for_job(job, lambda: log_count(job, "Requeued job") > k, 2 * duration_s)
+    wait_for_job(job, lambda: False, 4 * duration_s)
+    outcome = slurm.job_state(save / "jobs", {"job": job.job_id, "cluster": "local", "submitted": 0})
+    if outcome[0] != "finished":
+        raise SystemExit(f"chaos: the job did not finish: {outcome}")
+    problems = differences(run_dir_of(save / "reference"), run_dir_of(save / "chaos"))
+    if problems:
+        raise SystemExit("chaos: " + "; ".join(problems))
+    return delivered
+
+
 def main(argv=None) -> int:
     raw = sys.argv[1:] if argv is None else argv
     if raw[:1] == ["--child"]:
@@ -136,11 +216,21 @@ def main(argv=None) -> int:
         return 0
     parser = argparse.ArgumentParser(description="Kill a run at random moments and check it resumes exactly.")
     parser.add_argument("--kills", type=int, default=10)
+    parser.add_argument("--preemptions", type=int, default=0,
+                        help=f"instead of kills: run it as a submitit job and preempt it (at most {MAX_PREEMPTIONS})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save_dir", type=Path, default=Path("save/chaos"))
     parser.add_argument("entry", choices=("train_teacher.py", "train_student.py"))
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the entry point's flags (no --save_dir)")
     args = parser.parse_args(raw)
+    if not 0 <= args.preemptions <= MAX_PREEMPTIONS:
+        parser.error(f"--preemptions must be between 0 and {MAX_PREEMPTIONS} (submitit's local executor "
+                     "restarts a job at most that often)")
+    if args.preemptions:
+        delivered = survive_preemptions(args.entry, args.args, args.save_dir, args.preemptions, args.seed)
+        print(f"chaos: survived {delivered} preemptions of {args.preemptions} tries, requeued each time, "
+              "ended exactly as the uninterrupted run")
+        return 0
     delivered = survive(args.entry, args.args, args.save_dir, args.kills, args.seed)
     print(f"chaos: survived {delivered} kills of {args.kills} tries, ended exactly as the uninterrupted run")
     return 0

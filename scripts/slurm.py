@@ -63,7 +63,7 @@ class TrainingJob:
         while (status := self.child.poll()) is None:
             time.sleep(POLL_S)
         if status != 0:
-            raise RunFailed(f"exit status {status}: {shlex.join(self.command)}")
+            raise RunFailed(f"{ended_how(status)}: {shlex.join(self.command)}")
         return status
 
     def checkpoint(self):
@@ -81,6 +81,16 @@ class TrainingJob:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "child": None}
+
+
+def ended_how(status: int) -> str:
+    """A child's exit status in words: a stop on a signal (the run's own, status 128 + signal,
+    or the kernel's, a negative status) is told apart from a failure."""
+    number = -status if status < 0 else status - 128
+    if number in signal.Signals._value2member_map_:
+        name = signal.Signals(number).name
+        return f"killed by {name}" if status < 0 else f"stopped by {name} (not the scheduler's notice to this job)"
+    return f"exit status {status}"
 
 
 def with_rendezvous(command: list) -> list:
@@ -190,24 +200,25 @@ def latest_records(folder: Path) -> list:
 
 
 def job_state(folder: Path, record: dict) -> tuple:
-    """('finished' | 'running' | 'failed', detail) of one recorded job."""
+    """('finished' | 'running' | 'failed', detail) of one recorded job: running while the
+    scheduler (or this machine) still has it, then what its result says."""
     from submitit.core.utils import JobPaths, pickle_load
     paths = JobPaths(folder, record["job"])
-    result = paths.result_pickle
-    if result.is_file() and result.stat().st_mtime >= record["submitted"]:
-        outcome, value = pickle_load(result)
-        if outcome == "success":
-            return "finished", ""
-        return "failed", f"{value.strip().splitlines()[-1]} (log: {paths.stderr})"
     if record["cluster"] == "slurm":
         import submitit
-        state = submitit.SlurmJob(folder, record["job"]).state
-        if state.split()[0] in ACTIVE:
-            return "running", state.lower()
-        return "failed", f"Slurm state {state} (log: {paths.stderr})"
-    if Path(f"/proc/{record['job']}").exists():
+        scheduler = submitit.SlurmJob(folder, record["job"]).state
+        if scheduler.split()[0] in ACTIVE:
+            return "running", scheduler.lower()
+    elif Path(f"/proc/{record['job']}").exists():
         return "running", "local"
-    return "failed", f"ended without a result (log: {paths.stderr})"
+    result = paths.result_pickle
+    if not (result.is_file() and result.stat().st_mtime >= record["submitted"]):
+        ended = f"Slurm state {scheduler}" if record["cluster"] == "slurm" else "ended without a result"
+        return "failed", f"{ended} (log: {paths.stderr})"
+    outcome, value = pickle_load(result)
+    if outcome == "success":
+        return "finished", ""
+    return "failed", f"{value.strip().splitlines()[-1]} (log: {paths.stderr})"
 
 
 def summarize(folder: Path, out=None) -> dict:
@@ -259,7 +270,12 @@ def main(argv=None) -> int:
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     if args.launcher == "slurm":
-        jobs = submit_all(executor, folder, lines)
+        from submitit.core.utils import FailedJobError
+        try:
+            jobs = submit_all(executor, folder, lines)
+        except FailedJobError as refused:
+            said = str(refused).strip().splitlines() or ["no message"]
+            raise UserError(f"sbatch refused the jobs, nothing was submitted: {said[-1]}") from None
         # a job array's own id stands for all its tasks (what a later batch's afterok names)
         arrays = ",".join(dict.fromkeys(job.job_id.split("_")[0] for job in jobs))
         print(f"submitted {len(jobs)} runs as Slurm job(s) {arrays}; their state: "

@@ -5,7 +5,6 @@ sbatch records it) carries the partition, GPUs, time limit, notice and the phase
 `status` sorts the runs into finished, running and failed; the rendezvous of torchrun groups."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,9 +15,7 @@ import pytest
 from conftest import ROOT
 
 pytest.importorskip("submitit")
-sys.path.insert(0, str(ROOT / "scripts"))
-import chaos  # noqa: E402
-import slurm  # noqa: E402
+from scripts import chaos, slurm  # noqa: E402
 from submitit.core.utils import JobPaths, cloudpickle_dump  # noqa: E402
 
 EPOCHS = 4
@@ -31,15 +28,6 @@ def command(save: Path, trial: int) -> str:
     return " ".join([*TEACHER, "--save_dir", str(save), "--trial", str(trial)])
 
 
-def processes_of(pid: int) -> list:
-    """Every descendant of a process (a job's processes under submitit's local controller)."""
-    found = []
-    for thread in Path(f"/proc/{pid}/task").iterdir():
-        for child in (thread / "children").read_text().split():
-            found += [int(child), *processes_of(int(child))]
-    return found
-
-
 def wait_until(condition, limit_s: float) -> None:
     deadline = time.monotonic() + limit_s
     while not condition():
@@ -50,9 +38,7 @@ def wait_until(condition, limit_s: float) -> None:
 def test_a_preempted_job_is_requeued_and_its_run_ends_exactly(tmp_path):
     folder = tmp_path / "sweep"
     folder.mkdir()
-    args = slurm.parse_args(["submit", "--launcher", "submitit-local", "--folder", str(folder),
-                             "--gpus_per_node", "0", "--cpus_per_task", "1"])
-    executor = slurm.make_executor(args)
+    executor = chaos.local_executor(folder)
     lines = [command(tmp_path / "preempted", 1), command(tmp_path / "reference", 1), command(tmp_path / "preempted", 2)]
     jobs = []
     for line in lines:
@@ -60,9 +46,7 @@ def test_a_preempted_job_is_requeued_and_its_run_ends_exactly(tmp_path):
         slurm.record(folder, "local", line, jobs[-1])
     run = tmp_path / "preempted" / "teachers" / "resnet8_digits_trial1"
     wait_until(lambda: (run / "ckpt_last.pth").exists(), 120)
-    # the notice reaches every process of the job, as Slurm delivers it
-    for pid in processes_of(jobs[0]._process.pid):
-        os.kill(pid, signal.SIGUSR2)
+    chaos.notify(jobs[0])
     wait_until(lambda: all(job.done() for job in jobs), 240)
 
     assert slurm.summarize(folder) == {"finished": 3, "running": 0, "failed": 0}
@@ -75,6 +59,10 @@ def test_a_preempted_job_is_requeued_and_its_run_ends_exactly(tmp_path):
 
 
 FAKE_SBATCH = """#!/bin/bash
+if grep -q -- "--partition=nope" "$1"; then
+  echo "sbatch: error: invalid partition specified: nope" >&2
+  exit 1
+fi
 n=$(( $(cat "$FAKE_SLURM/count" 2>/dev/null || echo 1000) + 1 ))
 echo $n > "$FAKE_SLURM/count"
 cp "$1" "$FAKE_SLURM/sbatch_$n.sh"
@@ -120,6 +108,15 @@ def test_the_digits_table_on_slurm_submits_two_dependent_phases(tmp_path, fake_s
     failed = [line for line in lines if line.startswith("failed")]
     assert len(failed) == 1 and "1002_2" in failed[0] and "Slurm state FAILED" in failed[0]
     assert "train_student --path_t vgg8_digits_trial0 --model_s resnet8 --distill kd --trial 1" in failed[0]
+
+
+def test_a_refused_submission_is_one_line(tmp_path, fake_slurm):
+    env = {**fake_slurm, "SAVE": str(tmp_path / "save"), "PY": sys.executable, "PARTITION": "nope"}
+    done = subprocess.run(["bash", "scripts/run_cifar_vanilla.sh", "--launcher", "slurm"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == ("error: sbatch refused the jobs, nothing was submitted: "
+                                                    "sbatch: error: invalid partition specified: nope")
 
 
 def test_status_sorts_runs_by_their_job_results(tmp_path, capsys):
@@ -184,3 +181,9 @@ def test_labels_name_what_tells_runs_apart():
             "--model_s", "resnet20", "--distill", "crd", "-a", "0", "-b", "0.8", "--trial", "2"]
     assert slurm.label(argv) == ("train_student --path_t resnet56_cifar100_trial0 --model_s resnet20 --distill crd "
                                  "-b 0.8 --trial 2")
+
+
+def test_how_a_run_ended_is_told_apart():
+    assert slurm.ended_how(2) == "exit status 2"
+    assert slurm.ended_how(-9) == "killed by SIGKILL"
+    assert slurm.ended_how(128 + 15) == "stopped by SIGTERM (not the scheduler's notice to this job)"
