@@ -58,7 +58,8 @@ class TrainingJob:
         self.child = None
 
     def __call__(self) -> int:
-        self.child = subprocess.Popen(with_rendezvous(self.command), cwd=self.cwd, env={**os.environ, **self.env})
+        self.child = subprocess.Popen(with_rendezvous(self.command), cwd=self.cwd, env={**os.environ, **self.env},
+                                      preexec_fn=ignore_the_notice)
         # polling rather than wait(): checkpoint() may wait on the child from a signal handler
         while (status := self.child.poll()) is None:
             time.sleep(POLL_S)
@@ -81,6 +82,14 @@ class TrainingJob:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "child": None}
+
+
+def ignore_the_notice() -> None:
+    """In the run's process, before it starts: Slurm's notice (USR2) reaches every process of
+    the job. The training loop handles it (engine/signals.py); before that, and in a torchrun
+    agent, which does not handle it and would die of it, leaving its workers to be killed
+    mid-step, it is ignored (an ignored signal stays ignored in the programs a process starts)."""
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 def ended_how(status: int) -> str:

@@ -187,3 +187,9 @@ def test_how_a_run_ended_is_told_apart():
     assert slurm.ended_how(2) == "exit status 2"
     assert slurm.ended_how(-9) == "killed by SIGKILL"
     assert slurm.ended_how(128 + 15) == "stopped by SIGTERM (not the scheduler's notice to this job)"
+
+
+def test_the_run_ignores_the_notice_until_its_training_loop_handles_it(capfd):
+    probe = "import signal; print(signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN)"
+    assert slurm.TrainingJob([sys.executable, "-c", probe], {}, str(ROOT))() == 0
+    assert capfd.readouterr().out.strip() == "True"
