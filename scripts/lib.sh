@@ -8,7 +8,9 @@
 #   --status             the sweep's finished, running and failed runs (scripts/slurm.py status)
 #   PY (python), SAVE (save), EPOCHS (240), TRIALS (3), GPU (0), DATA (./data) from the environment;
 #   for slurm: PARTITION, TIME_LIMIT (minutes per job, 1440), GPUS_PER_JOB (1), CPUS_PER_JOB (8),
-#   MEM_GB, and any SBATCH_* variable sbatch reads itself (SBATCH_ACCOUNT, SBATCH_QOS, ...)
+#   MEM_GB, AFTER (job ids the script's first phase waits for, e.g. the teachers'), SWEEP
+#   ($SAVE/slurm: submitit's logs and the sweep's record), and any SBATCH_* variable sbatch
+#   reads itself (SBATCH_ACCOUNT, SBATCH_QOS, ...)
 # Every command runs with --auto_resume: a finished run is skipped and an interrupted one
 # resumed, so an interrupted table script (or a requeued job) continues where it stopped.
 PY=${PY:-python}
@@ -72,7 +74,7 @@ finish_runs() {
       AFTER=$(printf '%s\n' "${QUEUE[@]}" | "$PY" scripts/slurm.py submit --launcher "$LAUNCHER" \
         --folder "$SWEEP" --after "$AFTER" --partition "${PARTITION:-}" --time_limit "${TIME_LIMIT:-1440}" \
         --gpus_per_node "${GPUS_PER_JOB:-1}" --nodes "${NODES_PER_JOB:-1}" --cpus_per_task "${CPUS_PER_JOB:-8}" \
-        ${MEM_GB:+--mem_gb "$MEM_GB"} "$@")
+        ${MEM_GB:+--mem_gb "$MEM_GB"} --jobs "${JOBS:-1}" "$@")
     fi
   fi
   QUEUE=()
