@@ -144,9 +144,13 @@ def make_executor(args):
                         "--launcher submitit-local runs the same jobs on this machine")
     executor = submitit.AutoExecutor(folder=args.folder, cluster=cluster,
                                      slurm_max_num_timeout=MAX_TIMEOUTS)
-    slurm = {"slurm_signal_delay_s": SIGNAL_DELAY_S, "slurm_partition": args.partition or None}
-    if args.after and cluster == "slurm":
-        slurm["slurm_additional_parameters"] = {"dependency": "afterok:" + ":".join(args.after.split(","))}
+    # requeue: a job that Slurm itself requeues (a node failure, a preemption in REQUEUE mode)
+    # also resumes its run
+    sbatch = {"requeue": True}
+    if args.after:
+        sbatch["dependency"] = "afterok:" + ":".join(args.after.split(","))
+    slurm = {"slurm_signal_delay_s": SIGNAL_DELAY_S, "slurm_partition": args.partition or None,
+             "slurm_additional_parameters": sbatch}
     executor.update_parameters(name=args.name, timeout_min=args.time_limit, nodes=args.nodes, tasks_per_node=1,
                                gpus_per_node=args.gpus_per_node, cpus_per_task=args.cpus_per_task,
                                mem_gb=args.mem_gb, **slurm)

@@ -94,7 +94,7 @@ def test_the_digits_table_on_slurm_submits_two_dependent_phases(tmp_path, fake_s
     teachers, students = (tmp_path / "sbatch_1001.sh").read_text(), (tmp_path / "sbatch_1002.sh").read_text()
     for script in (teachers, students):
         for directive in ("--partition=gpu", "--time=240", "--gpus-per-node=1", "--cpus-per-task=6",
-                          "--signal=USR2@120", "--ntasks-per-node=1"):
+                          "--signal=USR2@120", "--ntasks-per-node=1", "--requeue"):
             assert f"#SBATCH {directive}" in script
     assert "#SBATCH --array=0-1" in teachers and "dependency" not in teachers
     assert "#SBATCH --array=0-2" in students and "#SBATCH --dependency=afterok:1001" in students
