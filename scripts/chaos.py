@@ -13,8 +13,9 @@ kill exactly, 1 otherwise; the last line says how many kills it survived.
     python scripts/chaos.py --preemptions 5 -- train_student.py --path_t T.pth --distill crd ...
 
 runs the entry point as a submitit job instead (scripts/slurm.py, submitit's local executor)
-and preempts it N times at random moments, as Slurm does: its notice (SIGUSR2) to every
-process of the job, then the requeue; the local executor restarts a job at most 5 times.
+and preempts it N times, as Slurm does: its notice (SIGUSR2) to every process of the job, then
+the requeue; alternately once the run has trained an epoch since its start and while it starts
+(its imports, its data). The local executor restarts a job at most 5 times.
 """
 import argparse
 import csv
@@ -37,6 +38,7 @@ TIMING = ("epoch_time", "images_per_s")
 SLOW_WRITE_S = 0.3
 # submitit's local controller starts a job at most 6 times
 MAX_PREEMPTIONS = 5
+PREEMPTION_MOMENTS = ("training", "starting")
 
 
 def child(entry: str, argv: list) -> None:
@@ -174,6 +176,13 @@ def wait_for_job(job, condition, limit_s: float) -> bool:
     return False
 
 
+def epochs_done(save: Path) -> int:
+    run_dir = run_dir_of(save)
+    if run_dir is None or not (run_dir / "metrics.csv").exists():
+        return 0
+    return max(0, len((run_dir / "metrics.csv").read_text().splitlines()) - 1)
+
+
 def local_executor(folder: Path):
     """scripts/slurm.py's executor for --launcher submitit-local, on the CPU."""
     return slurm.make_executor(slurm.parse_args(["submit", "--launcher", "submitit-local", "--folder", str(folder),
@@ -181,8 +190,8 @@ def local_executor(folder: Path):
 
 
 def survive_preemptions(entry: str, argv: list, save: Path, preemptions: int, seed: int) -> int:
-    """Run the reference, then the run as a submitit job preempted `preemptions` times (each
-    once the requeued job has started, at a random moment); the number of notices delivered."""
+    """Run the reference, then the run as a submitit job preempted `preemptions` times,
+    alternately in training and while it starts; the number of notices delivered."""
     rng = random.Random(seed)
     began = time.monotonic()
     finish(entry, argv, save / "reference")
@@ -191,9 +200,15 @@ def survive_preemptions(entry: str, argv: list, save: Path, preemptions: int, se
     job = local_executor(save / "jobs").submit(slurm.training_job(line))
     delivered = 0
     for k in range(preemptions):
-        # submitit's handler is installed as the job starts; the notice comes after it
+        # submitit's handler is installed as the job starts; the notice comes after it, either
+        # while the run starts (imports, data) or once it has trained an epoch in this start
         wait_for_job(job, lambda: log_count(job, "Starting with") > k, duration_s)
-        time.sleep(rng.uniform(0.2, duration_s / 2))
+        if PREEMPTION_MOMENTS[k % len(PREEMPTION_MOMENTS)] == "training":
+            trained = epochs_done(save / "chaos")
+            wait_for_job(job, lambda: epochs_done(save / "chaos") > trained, duration_s)
+            time.sleep(rng.uniform(0, 0.5))
+        else:
+            time.sleep(rng.uniform(0.2, 1.0))
         if job.done():
             break
         notify(job)

@@ -212,26 +212,44 @@ def latest_records(folder: Path) -> list:
     return list(latest.values())
 
 
-def job_state(folder: Path, record: dict) -> tuple:
-    """('finished' | 'running' | 'failed', detail) of one recorded job: running while the
-    scheduler (or this machine) still has it, then what its result says."""
+def slurm_states(job_ids: list) -> dict:
+    """Slurm's state of each job, from one sacct call."""
+    from submitit.slurm.slurm import SlurmInfoWatcher
+    watcher = SlurmInfoWatcher()
+    for job in job_ids:
+        watcher.register_job(job)
+    watcher.update()
+    return {job: watcher.get_state(job, mode="cache") for job in job_ids}
+
+
+def job_state(folder: Path, record: dict, scheduler: str = "UNKNOWN") -> tuple:
+    """('finished' | 'running' | 'failed', detail) of one recorded job: finished once its result
+    says so; else running while the scheduler (its state for a Slurm job) or this machine still
+    has it (a job that failed may have been requeued); else failed."""
     from submitit.core.utils import JobPaths, pickle_load
     paths = JobPaths(folder, record["job"])
-    if record["cluster"] == "slurm":
-        import submitit
-        scheduler = submitit.SlurmJob(folder, record["job"]).state
-        if scheduler.split()[0] in ACTIVE:
-            return "running", scheduler.lower()
-    elif Path(f"/proc/{record['job']}").exists():
-        return "running", "local"
     result = paths.result_pickle
-    if not (result.is_file() and result.stat().st_mtime >= record["submitted"]):
-        ended = f"Slurm state {scheduler}" if record["cluster"] == "slurm" else "ended without a result"
-        return "failed", f"{ended} (log: {paths.stderr})"
-    outcome, value = pickle_load(result)
+    outcome, value = "none", ""
+    if result.is_file() and result.stat().st_mtime >= record["submitted"]:
+        outcome, value = pickle_load(result)
     if outcome == "success":
         return "finished", ""
-    return "failed", f"{value.strip().splitlines()[-1]} (log: {paths.stderr})"
+    if record["cluster"] == "slurm" and scheduler.split()[0] in ACTIVE:
+        return "running", scheduler.lower()
+    if record["cluster"] == "local" and Path(f"/proc/{record['job']}").exists():
+        return "running", "local"
+    if outcome == "error":
+        return "failed", f"{value.strip().splitlines()[-1]} (log: {paths.stderr})"
+    ended = f"Slurm state {scheduler}" if record["cluster"] == "slurm" else "ended without a result"
+    return "failed", f"{ended} (log: {paths.stderr})"
+
+
+def sweep_states(folder: Path) -> list:
+    """(record, state, detail) of the newest job of each command of the sweep."""
+    records = latest_records(folder)
+    on_slurm = [record["job"] for record in records if record["cluster"] == "slurm"]
+    scheduler = slurm_states(on_slurm) if on_slurm else {}
+    return [(record, *job_state(folder, record, scheduler.get(record["job"], "UNKNOWN"))) for record in records]
 
 
 def summarize(folder: Path, out=None) -> dict:
@@ -239,14 +257,28 @@ def summarize(folder: Path, out=None) -> dict:
     by state."""
     out = out or sys.stdout
     counts = {"finished": 0, "running": 0, "failed": 0}
-    for record in latest_records(folder):
-        state, detail = job_state(folder, record)
+    for record, state, detail in sweep_states(folder):
         counts[state] += 1
         print(f"{state:9} {record['job']:>12}  {record['label']}" + (f"  [{detail}]" if detail else ""), file=out)
     print(", ".join(f"{n} {state}" for state, n in counts.items())
           + (" (run the table script again: finished runs are skipped, the others resume)"
              if counts["failed"] else ""), file=out)
     return counts
+
+
+def still_to_run(folder: Path, lines: list) -> tuple:
+    """(the lines to submit, the jobs still running that a later phase must wait for): a
+    command whose last job finished is not submitted again, nor one whose job is still queued
+    or running (two jobs on one run directory would fight for its lock)."""
+    if not (folder / SWEEP_FILE).is_file():
+        return lines, []
+    known = {record["command"]: (record, state) for record, state, _ in sweep_states(folder)}
+    settled = [line for line in lines if line in known and known[line][1] != "failed"]
+    if settled:
+        print(f"{len(settled)} of {len(lines)} runs already finished or queued in {folder}: not submitted again",
+              file=sys.stderr)
+    running = [known[line][0]["job"] for line in settled if known[line][1] == "running"]
+    return [line for line in lines if line not in settled], running
 
 
 def parse_args(argv):
@@ -273,27 +305,37 @@ def parse_args(argv):
     return args
 
 
+def submit_to_slurm(executor, folder: Path, lines: list) -> list:
+    """Submit the lines as one job array; the array's id (it stands for all its tasks in a
+    later phase's afterok), or none when there is nothing to submit."""
+    if not lines:
+        return []
+    from submitit.core.utils import FailedJobError
+    try:
+        jobs = submit_all(executor, folder, lines)
+    except FailedJobError as refused:
+        said = str(refused).strip().splitlines() or ["no message"]
+        raise UserError(f"sbatch refused the jobs, nothing was submitted: {said[-1]}") from None
+    arrays = list(dict.fromkeys(job.job_id.split("_")[0] for job in jobs))
+    print(f"submitted {len(jobs)} runs as Slurm job(s) {','.join(arrays)}; their state: "
+          f"python scripts/slurm.py status --folder {folder}", file=sys.stderr)
+    return arrays
+
+
 @exits_cleanly
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.action == "status":
         return 1 if summarize(Path(args.folder))["failed"] else 0
     executor = make_executor(args)
-    lines = [line.strip() for line in sys.stdin if line.strip() and not line.startswith("#")]
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
+    lines, running = still_to_run(folder, [line.strip() for line in sys.stdin
+                                           if line.strip() and not line.startswith("#")])
     if args.launcher == "slurm":
-        from submitit.core.utils import FailedJobError
-        try:
-            jobs = submit_all(executor, folder, lines)
-        except FailedJobError as refused:
-            said = str(refused).strip().splitlines() or ["no message"]
-            raise UserError(f"sbatch refused the jobs, nothing was submitted: {said[-1]}") from None
-        # a job array's own id stands for all its tasks (what a later batch's afterok names)
-        arrays = ",".join(dict.fromkeys(job.job_id.split("_")[0] for job in jobs))
-        print(f"submitted {len(jobs)} runs as Slurm job(s) {arrays}; their state: "
-              f"python scripts/slurm.py status --folder {folder}", file=sys.stderr)
-        print(arrays)
+        arrays = submit_to_slurm(executor, folder, lines)
+        # what a later phase waits for: these jobs and the earlier ones still running
+        print(",".join(arrays + running))
         return 0
     run_here(executor, folder, lines, args.jobs)
     return 1 if summarize(folder, out=sys.stderr)["failed"] else 0

@@ -109,6 +109,17 @@ def test_the_digits_table_on_slurm_submits_two_dependent_phases(tmp_path, fake_s
     assert len(failed) == 1 and "1002_2" in failed[0] and "Slurm state FAILED" in failed[0]
     assert "train_student --path_t vgg8_digits_trial0 --model_s resnet8 --distill kd --trial 1" in failed[0]
 
+    # again: only the failed run is submitted, and it waits for the teachers still running
+    again = subprocess.run(["bash", "scripts/run_digits_table.sh", "--launcher", "slurm"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert "2 of 2 runs already finished or queued" in again.stderr
+    assert "2 of 3 runs already finished or queued" in again.stderr
+    assert not (tmp_path / "sbatch_1004.sh").exists()
+    resubmitted = (tmp_path / "sbatch_1003.sh").read_text()
+    assert "#SBATCH --dependency=afterok:1001_0:1001_1" in resubmitted and "--array" not in resubmitted
+    assert "--distill kd --trial 1" in (tmp_path / "save" / "slurm" / slurm.SWEEP_FILE).read_text().splitlines()[-1]
+
 
 def test_a_refused_submission_is_one_line(tmp_path, fake_slurm):
     env = {**fake_slurm, "SAVE": str(tmp_path / "save"), "PY": sys.executable, "PARTITION": "nope"}
