@@ -34,6 +34,9 @@ from scripts.run_commands import split_line  # noqa: E402
 
 SWEEP_FILE = "sweep.jsonl"
 POLL_S = 0.5
+# the scheduler's notice: submitit's signal (USR2 unless SUBMITIT_PREEMPT_SIGNAL names another),
+# which it asks Slurm for with --signal
+NOTICE = "SIG" + os.environ.get("SUBMITIT_PREEMPT_SIGNAL", "USR2")
 # the job's notice comes this long before the time limit; a run stops within one step of it
 SIGNAL_DELAY_S = 120
 # how long the job waits for its run to stop after a notice before killing it (the last
@@ -85,11 +88,11 @@ class TrainingJob:
 
 
 def ignore_the_notice() -> None:
-    """In the run's process, before it starts: Slurm's notice (USR2) reaches every process of
+    """In the run's process, before it starts: Slurm's notice (NOTICE) reaches every process of
     the job. The training loop handles it (engine/signals.py); before that, and in a torchrun
     agent, which does not handle it and would die of it, leaving its workers to be killed
     mid-step, it is ignored (an ignored signal stays ignored in the programs a process starts)."""
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    signal.signal(getattr(signal, NOTICE), signal.SIG_IGN)
 
 
 def ended_how(status: int) -> str:
@@ -138,6 +141,8 @@ def make_executor(args):
         import cloudpickle
         # the jobs unpickle TrainingJob without scripts/ on their module path
         cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    if not hasattr(signal, NOTICE):
+        raise UserError(f"SUBMITIT_PREEMPT_SIGNAL names no signal ({NOTICE}); leave it unset for USR2")
     cluster = "slurm" if args.launcher == "slurm" else "local"
     if cluster == "slurm" and not all(shutil.which(tool) for tool in ("sbatch", "srun")):
         raise UserError("--launcher slurm needs Slurm's sbatch and srun on PATH (run it on a login node); "
