@@ -2,8 +2,8 @@
 # The offline benchmark on the embedded digits data: one teacher per pair, the vanilla student,
 # then every registered method on a same-architecture pair (resnet20 -> resnet8) and a
 # cross-architecture pair (vgg8 -> resnet8: four stages of 64..512 channels against three of
-# 16..64), TRIALS seeds each, and the table (mean +- std, last epoch). About 20 minutes on 2
-# CPU cores with 21 methods (2026-11-23); all runs share one Python process. FSP and KDSVD need equal channel counts, so
+# 16..64), TRIALS seeds each, and the table (mean +- std, last epoch). About 23 minutes on 2
+# CPU cores with 27 methods (2026-12-02); all runs share one Python process. FSP and KDSVD need equal channel counts, so
 # they run on the same-architecture pair only.
 #   bash scripts/run_digits_table.sh [--dry-run]
 #   EPOCHS=6 TEACHER_EPOCHS=10 TRIALS=3 JOBS=2 SAVE=save/digits_table METHODS="..." PY=python
