@@ -46,6 +46,7 @@ STOP_GRACE_S = 90
 MAX_TIMEOUTS = 50
 ACTIVE = {"RUNNING", "PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
           "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "UNKNOWN"}
+RECORD_KEYS = ("job", "cluster", "label", "command", "submitted")
 LABEL_FLAGS = ("--model", "--model_s", "--models", "--distill", "-b", "--trial")
 
 
@@ -210,10 +211,9 @@ def latest_records(folder: Path) -> list:
     for number, text in enumerate(path.read_text().splitlines(), 1):
         try:
             record = json.loads(text)
-        except json.JSONDecodeError:
-            print(f"warning: skipping line {number} of {path}: not JSON", file=sys.stderr)
-            continue
-        latest[record["command"]] = record
+            latest[record["command"]] = {key: record[key] for key in RECORD_KEYS}
+        except (json.JSONDecodeError, TypeError, KeyError):
+            print(f"warning: skipping line {number} of {path}: not a job record", file=sys.stderr)
     return list(latest.values())
 
 
@@ -236,7 +236,10 @@ def job_state(folder: Path, record: dict, scheduler: str = "UNKNOWN") -> tuple:
     result = paths.result_pickle
     outcome, value = "none", ""
     if result.is_file() and result.stat().st_mtime >= record["submitted"]:
-        outcome, value = pickle_load(result)
+        try:
+            outcome, value = pickle_load(result)
+        except Exception:  # a truncated or foreign file: whatever unpickling raises
+            outcome, value = "error", f"unreadable result file {result}"
     if outcome == "success":
         return "finished", ""
     if record["cluster"] == "slurm" and scheduler.split()[0] in ACTIVE:

@@ -140,7 +140,11 @@ def test_status_sorts_runs_by_their_job_results(tmp_path, capsys):
             sweep.write(json.dumps({"job": job, "cluster": "local", "label": name, "command": name,
                                     "submitted": time.time() - 60}) + "\n")
         sweep.write("{not json\n")
+        sweep.write('{"job": "13"}\n')
     assert slurm.summarize(tmp_path) == {"finished": 1, "running": 1, "failed": 2}
+    assert capsys.readouterr().err.count("not a job record") == 2
+    JobPaths(tmp_path, "11").result_pickle.write_bytes(b"garbage")
+    assert slurm.summarize(tmp_path) == {"finished": 0, "running": 1, "failed": 3}
     out = capsys.readouterr().out.splitlines()
     assert any(line.startswith("failed") and "exit status 2: python x.py" in line for line in out)
     assert any(line.startswith("failed") and "ended without a result" in line for line in out)
