@@ -3,6 +3,7 @@ submitit's local executor in which one job gets the scheduler's notice mid-run i
 ends with every run complete and equal to an uninterrupted run; the Slurm submission (a fake
 sbatch records it) carries the partition, GPUs, time limit, notice and the phases' dependency;
 `status` sorts the runs into finished, running and failed; the rendezvous of torchrun groups."""
+import io
 import json
 import os
 import subprocess
@@ -208,3 +209,16 @@ def test_the_run_ignores_the_notice_until_its_training_loop_handles_it(capfd):
     probe = "import signal; print(signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN)"
     assert slurm.TrainingJob([sys.executable, "-c", probe], {}, str(ROOT))() == 0
     assert capfd.readouterr().out.strip() == "True"
+
+
+def test_submitit_local_runs_the_lines_a_few_at_a_time_and_reports_them(tmp_path, monkeypatch, capsys):
+    ok = f"{sys.executable} -c 'print(42)'"
+    failing = f"{sys.executable} -c 'import sys; sys.exit(3)'"
+    monkeypatch.setattr(sys, "stdin", io.StringIO(f"{ok}\n# a comment\n{failing}\n"))
+    assert slurm.main(["submit", "--launcher", "submitit-local", "--folder", str(tmp_path), "--gpus_per_node", "0",
+                       "--jobs", "1"]) == 1
+    err = capsys.readouterr().err
+    assert "1 finished, 0 running, 1 failed" in err
+    assert f"exit status 3: {failing}".replace("'", "") in err.replace("'", "")
+    records = [json.loads(line) for line in (tmp_path / slurm.SWEEP_FILE).read_text().splitlines()]
+    assert [r["command"] for r in records] == [ok, failing]
