@@ -163,11 +163,12 @@ def make_executor(args):
     return executor
 
 
-def training_job(line: str) -> TrainingJob:
+def training_job(line: str, defaults: dict = None) -> TrainingJob:
+    """The job of one command line; `defaults`: environment the line's own assignments override."""
     env, argv = split_line(line)
     if not argv:
         raise UserError(f"not a command line: {line!r}")
-    return TrainingJob(argv, env, str(ROOT))
+    return TrainingJob(argv, {**(defaults or {}), **env}, str(ROOT))
 
 
 def record(folder: Path, cluster: str, line: str, job) -> None:
@@ -188,13 +189,15 @@ def submit_all(executor, folder: Path, lines: list) -> list:
 
 
 def run_here(executor, folder: Path, lines: list, at_once: int) -> None:
-    """The local executor: at most `at_once` jobs at a time, until every one has ended."""
+    """The local executor: at most `at_once` jobs at a time, until every one has ended, the
+    cores shared among them (as scripts/run_commands.py shares them)."""
+    threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or at_once) // at_once))}
     waiting, running = list(lines), []
     while waiting or running:
         running = [job for job in running if not job.done()]
         while waiting and len(running) < at_once:
             line = waiting.pop(0)
-            running.append(executor.submit(training_job(line)))
+            running.append(executor.submit(training_job(line, threads)))
             record(folder, "local", line, running[-1])
         time.sleep(POLL_S)
 

@@ -6,6 +6,7 @@ sbatch records it) carries the partition, GPUs, time limit, notice and the phase
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -212,7 +213,8 @@ def test_the_run_ignores_the_notice_until_its_training_loop_handles_it(capfd):
 
 
 def test_submitit_local_runs_the_lines_a_few_at_a_time_and_reports_them(tmp_path, monkeypatch, capsys):
-    ok = f"{sys.executable} -c 'print(42)'"
+    code = f"import os; assert os.environ['OMP_NUM_THREADS'] == '{os.cpu_count()}'"  # one job at a time
+    ok = f"{sys.executable} -c {shlex.quote(code)}"
     failing = f"{sys.executable} -c 'import sys; sys.exit(3)'"
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{ok}\n# a comment\n{failing}\n"))
     assert slurm.main(["submit", "--launcher", "submitit-local", "--folder", str(tmp_path), "--gpus_per_node", "0",
