@@ -99,11 +99,11 @@ def ignore_the_notice() -> None:
 def ended_how(status: int) -> str:
     """A child's exit status in words: a stop on a signal (the run's own, status 128 + signal,
     or the kernel's, a negative status) is told apart from a failure."""
-    number = -status if status < 0 else status - 128
-    if number in signal.Signals._value2member_map_:
-        name = signal.Signals(number).name
-        return f"killed by {name}" if status < 0 else f"stopped by {name} (not the scheduler's notice to this job)"
-    return f"exit status {status}"
+    try:
+        name = signal.Signals(-status if status < 0 else status - 128).name
+    except ValueError:
+        return f"exit status {status}"
+    return f"killed by {name}" if status < 0 else f"stopped by {name} (not the scheduler's notice to this job)"
 
 
 def with_rendezvous(command: list) -> list:
