@@ -69,10 +69,10 @@ def run_dir_of(save: Path):
     return found[0].parent if found else None
 
 
-def wait_for(process, condition, limit_s: float) -> bool:
-    """Poll `condition` every 10 ms while the process runs; whether it came true in time."""
+def wait_for(running, condition, limit_s: float) -> bool:
+    """Poll `condition` every 10 ms while `running()`; whether it came true in time."""
     deadline = time.monotonic() + limit_s
-    while process.poll() is None and time.monotonic() < deadline:
+    while running() and time.monotonic() < deadline:
         if condition():
             return True
         time.sleep(0.01)
@@ -85,15 +85,18 @@ def strike(process, save: Path, moment: str, rng: random.Random, duration_s: flo
         run_dir = run_dir_of(save)
         return run_dir is not None and any(run_dir.glob(pattern))
 
+    def running():
+        return process.poll() is None
+
     if moment == "first epoch" and not run_file("ckpt_last.pth"):
-        wait_for(process, lambda: run_file("args.json"), duration_s)
+        wait_for(running, lambda: run_file("args.json"), duration_s)
         time.sleep(rng.uniform(0, 1.0))
         if run_file("ckpt_last.pth"):
             return False
     elif moment == "checkpoint write":
-        wait_for(process, lambda: run_file("*.tmp"), duration_s)
+        wait_for(running, lambda: run_file("*.tmp"), duration_s)
     else:  # timed from the run's start: SIGINT during the interpreter's imports is Python's, not the run's
-        wait_for(process, lambda: run_file("args.json"), duration_s)
+        wait_for(running, lambda: run_file("args.json"), duration_s)
         time.sleep(rng.uniform(0, duration_s / 2))
     if process.poll() is not None:
         return False
@@ -167,15 +170,6 @@ def log_count(job, text: str) -> int:
     return log.read_text().count(text) if log.exists() else 0
 
 
-def wait_for_job(job, condition, limit_s: float) -> bool:
-    deadline = time.monotonic() + limit_s
-    while not job.done() and time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def epochs_done(save: Path) -> int:
     run_dir = run_dir_of(save)
     if run_dir is None or not (run_dir / "metrics.csv").exists():
@@ -198,14 +192,17 @@ def survive_preemptions(entry: str, argv: list, save: Path, preemptions: int, se
     duration_s = time.monotonic() - began
     line = shlex.join([sys.executable, entry, *argv, "--save_dir", str(save / "chaos"), "--auto_resume"])
     job = local_executor(save / "jobs").submit(slurm.training_job(line))
+
+    def running():
+        return not job.done()
     delivered = 0
     for k in range(preemptions):
         # submitit's handler is installed as the job starts; the notice comes after it, either
         # while the run starts (imports, data) or once it has trained an epoch in this start
-        wait_for_job(job, lambda: log_count(job, "Starting with") > k, duration_s)
+        wait_for(running, lambda: log_count(job, "Starting with") > k, duration_s)
         if PREEMPTION_MOMENTS[k % len(PREEMPTION_MOMENTS)] == "training":
             trained = epochs_done(save / "chaos")
-            wait_for_job(job, lambda: epochs_done(save / "chaos") > trained, duration_s)
+            wait_for(running, lambda: epochs_done(save / "chaos") > trained, duration_s)
             time.sleep(rng.uniform(0, 0.5))
         else:
             time.sleep(rng.uniform(0.2, 1.0))
@@ -213,8 +210,8 @@ def survive_preemptions(entry: str, argv: list, save: Path, preemptions: int, se
             break
         notify(job)
         delivered += 1
-        wait_for_job(job, lambda: log_count(job, "Requeued job") > k, 2 * duration_s)
-    wait_for_job(job, lambda: False, 4 * duration_s)
+        wait_for(running, lambda: log_count(job, "Requeued job") > k, 2 * duration_s)
+    wait_for(running, lambda: False, 4 * duration_s)
     outcome = slurm.job_state(save / "jobs", {"job": job.job_id, "cluster": "local", "submitted": 0})
     if outcome[0] != "finished":
         raise SystemExit(f"chaos: the job did not finish: {outcome}")

@@ -30,13 +30,6 @@ def command(save: Path, trial: int) -> str:
     return " ".join([*TEACHER, "--save_dir", str(save), "--trial", str(trial)])
 
 
-def wait_until(condition, limit_s: float) -> None:
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
-
-
 def test_a_preempted_job_is_requeued_and_its_run_ends_exactly(tmp_path):
     folder = tmp_path / "sweep"
     folder.mkdir()
@@ -47,9 +40,9 @@ def test_a_preempted_job_is_requeued_and_its_run_ends_exactly(tmp_path):
         jobs.append(executor.submit(slurm.training_job(line)))
         slurm.record(folder, "local", line, jobs[-1])
     run = tmp_path / "preempted" / "teachers" / "resnet8_digits_trial1"
-    wait_until(lambda: (run / "ckpt_last.pth").exists(), 120)
+    assert chaos.wait_for(lambda: True, lambda: (run / "ckpt_last.pth").exists(), 120)
     chaos.notify(jobs[0])
-    wait_until(lambda: all(job.done() for job in jobs), 240)
+    assert chaos.wait_for(lambda: True, lambda: all(job.done() for job in jobs), 240)
 
     assert slurm.summarize(folder) == {"finished": 3, "running": 0, "failed": 0}
     log, err = jobs[0].paths.stdout.read_text(), jobs[0].paths.stderr.read_text()
