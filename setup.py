@@ -3,10 +3,12 @@
 The checkout keeps the project's folders as top-level packages (`python train_student.py` from
 the checkout root). An installed copy must not claim generic names such as `models`, `dataset`
 or `evaluate` (Hugging Face's package), so the build places every package under `distillbench`
-and rewrites the absolute imports between them (`from engine.x import y` becomes `from
-distillbench.engine.x import y`) in the copies it installs; the checkout's files are untouched.
+and rewrites the absolute imports between them in the copies it installs; the checkout's files
+are untouched. The rewrite works on the syntax tree, not on text: only real import statements
+change (never a docstring or a comment that looks like one), every rewritten file is compiled,
+and the build fails if one does not compile or still imports a project module by its bare name.
 """
-import re
+import ast
 import shutil
 from pathlib import Path
 
@@ -15,17 +17,76 @@ from setuptools.command.build_py import build_py
 
 PACKAGES = ("core", "models", "dataset", "crd", "distiller_zoo", "engine", "deploy", "scripts")
 MODULES = ("train_teacher", "train_student", "train_mutual", "train_self", "evaluate")
-IMPORT = re.compile(r"^(\s*)(from|import) (" + "|".join(PACKAGES + MODULES) + r")\b", re.M)
-# the scripts put the checkout root on sys.path; installed, the package is importable already
-CHECKOUT_PATH = re.compile(r"^sys\.path\.insert\(0, .*\)\n", re.M)
+OURS = frozenset(PACKAGES + MODULES)
+ROOT_PACKAGE = "distillbench"
 
 
-def namespaced(source: str) -> str:
-    """`import X` -> `from distillbench import X`; `from X... import` -> `from distillbench.X... import`."""
-    def rewrite(match):
-        indent, keyword, name = match.groups()
-        return f"{indent}from distillbench import {name}" if keyword == "import" else f"{indent}from distillbench.{name}"
-    return IMPORT.sub(rewrite, CHECKOUT_PATH.sub("", source))
+def _ours(dotted: str) -> bool:
+    return dotted.split(".")[0] in OURS
+
+
+def _import_alias(alias: ast.alias) -> str:
+    """One name of an `import` statement, as it must read inside the installed package."""
+    name, bound = alias.name, alias.asname
+    if not _ours(name):
+        return f"import {name}" + (f" as {bound}" if bound else "")
+    if bound:
+        return f"import {ROOT_PACKAGE}.{name} as {bound}"
+    top = name.split(".")[0]
+    # `import engine.checkpoint` binds `engine` and loads its submodule: do both under the new name
+    loads = f"import {ROOT_PACKAGE}.{name}; " if "." in name else ""
+    return f"{loads}from {ROOT_PACKAGE} import {top}"
+
+
+def _is_checkout_path_insert(node: ast.AST) -> bool:
+    """`sys.path.insert(...)`: the scripts put the checkout root on sys.path; installed, the
+    package is importable already."""
+    call = node.value if isinstance(node, ast.Expr) else None
+    return (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == "insert"
+            and ast.unparse(call.func.value) == "sys.path")
+
+
+def _replacement(node: ast.AST, segment: str):
+    if isinstance(node, ast.Import) and any(_ours(a.name) for a in node.names):
+        return "; ".join(_import_alias(a) for a in node.names)
+    if isinstance(node, ast.ImportFrom) and node.level == 0 and _ours(node.module):
+        keyword, rest = segment.split(None, 1)
+        return f"{keyword} {ROOT_PACKAGE}.{rest}"
+    if _is_checkout_path_insert(node):
+        return "pass"
+    return None
+
+
+def namespaced(source: str, filename: str = "<source>") -> str:
+    """The module's source with every project import moved under `distillbench`."""
+    data = source.encode()
+    line_starts = [0]
+    for line in data.splitlines(keepends=True):
+        line_starts.append(line_starts[-1] + len(line))
+    edits = []
+    for node in ast.walk(ast.parse(source, filename)):
+        if not isinstance(node, (ast.Import, ast.ImportFrom, ast.Expr)):
+            continue
+        # ast's column offsets count UTF-8 bytes
+        start = line_starts[node.lineno - 1] + node.col_offset
+        end = line_starts[node.end_lineno - 1] + node.end_col_offset
+        new = _replacement(node, data[start:end].decode())
+        if new is not None:
+            edits.append((start, end, new.encode()))
+    for start, end, new in sorted(edits, reverse=True):
+        data = data[:start] + new + data[end:]
+    result = data.decode()
+    _check_namespaced(result, filename)
+    return result
+
+
+def _check_namespaced(source: str, filename: str) -> None:
+    compile(source, filename, "exec")
+    for node in ast.walk(ast.parse(source, filename)):
+        bare = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                else [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+        if any(_ours(name) for name in bare):
+            raise RuntimeError(f"{filename}:{node.lineno}: still imports a project module by its bare name")
 
 
 class BuildNamespaced(build_py):
@@ -33,11 +94,11 @@ class BuildNamespaced(build_py):
 
     def run(self):
         super().run()
-        package = Path(self.build_lib) / "distillbench"
+        package = Path(self.build_lib) / ROOT_PACKAGE
         for module in MODULES:
             shutil.copyfile(f"{module}.py", package / f"{module}.py")
         for path in package.rglob("*.py"):
-            path.write_text(namespaced(path.read_text()))
+            path.write_text(namespaced(path.read_text(), str(path)))
 
 
 setup(
@@ -51,11 +112,11 @@ setup(
     package_data={"distillbench.scripts": ["*.csv", "*.sh"]},
     cmdclass={"build_py": BuildNamespaced},
     entry_points={"console_scripts": [
-        "distillbench-train-teacher = distillbench.train_teacher:main",
-        "distillbench-train-student = distillbench.train_student:main",
-        "distillbench-train-mutual = distillbench.train_mutual:main",
-        "distillbench-train-self = distillbench.train_self:main",
-        "distillbench-evaluate = distillbench.evaluate:main",
+        "distillbench-train-teacher = distillbench.train_teacher:main.command",
+        "distillbench-train-student = distillbench.train_student:main.command",
+        "distillbench-train-mutual = distillbench.train_mutual:main.command",
+        "distillbench-train-self = distillbench.train_self:main.command",
+        "distillbench-evaluate = distillbench.evaluate:main.command",
         "distillbench-table = distillbench.scripts.make_table:main",
     ]},
     install_requires=[

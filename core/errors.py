@@ -45,7 +45,11 @@ def _interrupted_while_starting(signum, frame):
 
 def exits_cleanly(main):
     """Run `main`, turning a UserError into one line on stderr and exit status 2, a RunStopped
-    into its line and status, and Ctrl-C outside training into one line and status 130."""
+    into its line and status, and Ctrl-C outside training into one line and status 130.
+
+    `main` returns its results to library callers; `main.command` is the console command, which
+    must return an exit status (a console script calls `sys.exit` on what it gets, and a dict
+    there would be printed and read as status 1)."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -66,4 +70,9 @@ def exits_cleanly(main):
             while _cleanups:
                 _cleanups.pop()()
 
+    def command() -> int:
+        wrapper()
+        return 0
+
+    wrapper.command = command
     return wrapper
