@@ -11,11 +11,17 @@ import os
 import sys
 from pathlib import Path
 
+from tensorboard.plugins.hparams import plugin_data_pb2
+from torch.utils.tensorboard import summary
+
 from core.errors import UserError
 from engine.atomic import appending, write_atomic
 
 METRICS_FILE = "metrics.csv"
 MAIN_STAGE = "main"
+# TensorBoard's HParams view sorts its columns by (differs across runs first, name) and ticks
+# only the first five; these are the ones a comparison of runs is about.
+LEADING_HPARAMS = ("student", "teacher", "method", "alpha", "beta")
 
 
 class MetricsLog:
@@ -108,13 +114,28 @@ class MetricsLog:
         if not self.enabled:
             return
         clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+        metrics = {f"hparam/{k}": v for k, v in final_metrics.items()}
+        experiment, session_start, session_end = summary.hparams(clean, metrics)
+        _lead_with(experiment, LEADING_HPARAMS)
         writer = self._writer(MAIN_STAGE)
-        writer.add_hparams(clean, {f"hparam/{k}": v for k, v in final_metrics.items()}, run_name=".")
+        for record in (experiment, session_start, session_end):
+            writer.file_writer.add_summary(record)
+        for name, value in metrics.items():
+            writer.add_scalar(name, value)
         writer.flush()
 
     def close(self) -> None:
         for writer in self.writers.values():
             writer.close()
+
+
+def _lead_with(experiment, names) -> None:
+    """Mark `names` as the columns that differ between runs, so TensorBoard shows them first."""
+    value = experiment.value[0]
+    data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in names
+    value.metadata.plugin_data.content = data.SerializeToString()
 
 
 def _tb_tag(key: str) -> str:

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.plugins.hparams import backend_context, plugin_data_pb2
 
 import evaluate
 import train_student
@@ -132,14 +132,19 @@ def test_parallel_runs_log_named_lines_without_carriage_returns(tmp_path):
         assert [line.split(" | ")[0].split()[-1] for line in named] == ["1/2", "2/2"]
 
 
-def session_hparams(run_dir) -> dict:
+def hparams_record(run_dir, field: str):
     events = EventAccumulator(str(run_dir))
     events.Reload()
     for content in events.PluginTagToContent("hparams").values():
         data = plugin_data_pb2.HParamsPluginData.FromString(content)
-        if data.HasField("session_start_info"):
-            return {k: getattr(v, v.WhichOneof("kind")) for k, v in data.session_start_info.hparams.items()}
-    raise AssertionError(f"no HParams in {run_dir}")
+        if data.HasField(field):
+            return getattr(data, field)
+    raise AssertionError(f"no HParams {field} in {run_dir}")
+
+
+def session_hparams(run_dir) -> dict:
+    start = hparams_record(run_dir, "session_start_info")
+    return {k: getattr(v, v.WhichOneof("kind")) for k, v in start.hparams.items()}
 
 
 def test_hparams_compare_runs_on_different_pairs(digits_teacher):
@@ -156,6 +161,10 @@ def test_hparams_compare_runs_on_different_pairs(digits_teacher):
     assert (at["teacher"], at["student"], at["method"], at["alpha"], at["beta"], at["gamma"]) == \
         ("resnet8", "resnet14", "at", 0.0, "1000", 1.0)
     assert (teacher["method"], teacher["teacher"], teacher["student"]) == ("vanilla", "none", "resnet8")
+    # TensorBoard's own column order (it ticks the first five): the pair, the method, its weights
+    experiment = hparams_record(teacher_dir, "experiment")
+    backend_context._sort_and_reduce_to_hparams_limit(experiment, 5)
+    assert [info.name for info in experiment.hparam_infos] == ["alpha", "beta", "method", "student", "teacher"]
 
 
 # --- --help and first mistakes ----------------------------------------------------------------
