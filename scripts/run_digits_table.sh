@@ -45,6 +45,9 @@ for method in $METHODS; do
   # 100 the term is about 10x larger at the same weight, and at its published 15 the students
   # stayed at chance; 1.5 keeps the share the weight was tuned for.
   [ "$method" = cat_kd ] && flags+=(-b 1.5)
+  # DKD's and ReviewKD's 20 warm-up epochs are 1/12 of CIFAR's 240; in a 6-epoch run they would
+  # end at a quarter of the method's weight, so the warm-up keeps its proportion: one epoch.
+  case "$method" in dkd|sdd_dkd) flags+=(--dkd_warmup 1) ;; reviewkd) flags+=(--reviewkd_warmup 1) ;; esac
   distill resnet20 resnet8 "$method" "${flags[@]}"
   case "$method" in fsp|kdsvd) ;; *) distill vgg8 resnet8 "$method" "${flags[@]}" ;; esac
 done
@@ -59,4 +62,5 @@ if runs_ended_here; then
   echo "figure:      $SAVE/table.png and $SAVE/table.pdf"
   echo "TensorBoard: $SAVE (every run's scalars; the HParams tab compares them)"
   echo "             tensorboard --logdir $SAVE"
+  echo "(the commands run in the installed environment: source .venv/bin/activate)"
 fi

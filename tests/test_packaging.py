@@ -7,6 +7,7 @@ from this interpreter's site-packages through a .pth file, so nothing is downloa
 and imports every module of the installed copy, runs each console command's --help and trains
 one digits epoch with the installed command."""
 import json
+import re
 import runpy
 import subprocess
 import sys
@@ -123,9 +124,19 @@ def test_the_wheel_installs_one_namespace_that_works_alone(tmp_path):
         done = subprocess.run([str(venv / "bin" / command), "--help"], **run)
         assert done.returncode == 0 and "usage:" in done.stdout, (command, done.stderr[-2000:])
 
-    save = tmp_path / "save"
+    # the demo's teacher, where the README's library snippet reads it, trained by the installed command
     done = subprocess.run([str(venv / "bin" / "distillbench-train-teacher"), "--dataset", "digits", "--model",
-                           "resnet8", "--epochs", "1", "--save_dir", str(save), "--amp", "off"], **run)
+                           "resnet20", "--epochs", "1", "--save_dir", "save/demo", "--amp", "off"], **run)
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((save / "teachers" / "resnet8_digits_trial0" / "results.json").read_text())
+    results = json.loads((tmp_path / "save/demo/teachers/resnet20_digits_trial0/results.json").read_text())
     assert results["epochs"] == 1 and 0 <= results["best_top1"] <= 100
+
+    snippet = readme_library_snippet() + "\nassert torch.isfinite(loss) and student.conv1.weight.grad is not None\n"
+    done = subprocess.run([str(python), "-c", snippet], **run)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def readme_library_snippet() -> str:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Use it as a library"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
