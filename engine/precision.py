@@ -50,6 +50,15 @@ class Execution:
         layout = "channels_last" if self.channels_last else "NCHW"
         return f"{self.amp_name}, {layout} ({self.reason})"
 
+    def record(self) -> dict:
+        """What a checkpoint keeps, so that a resumed run computes exactly as it started."""
+        return {"amp": self.amp_name, "channels_last": self.channels_last}
+
+    @classmethod
+    def recorded(cls, record: dict) -> "Execution":
+        dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[record["amp"]]
+        return cls(dtype, bool(record["channels_last"]), "as the run started")
+
 
 def parse_amp(flag: str, device: torch.device):
     """The autocast dtype for an explicit --amp, or 'auto' (also for no --amp)."""

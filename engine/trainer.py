@@ -27,7 +27,7 @@ from core.distributed import average_buffers, broadcast_from_main
 from engine.loop import NonFiniteLoss, evaluate, train_epoch
 from engine.metrics_log import MAIN_STAGE, MetricsLog
 from engine.optim import build_optimizer, lr_at, set_lr
-from engine.precision import resolve_execution
+from engine.precision import Execution, resolve_execution
 from engine.progress import run_line
 from engine.resume import load_resume_state
 from engine.signals import Interrupted, stop_on_signals
@@ -52,8 +52,11 @@ class Trainer:
         self.model_name = model_name
         self.train_loader, self.test_loader = train_loader, test_loader
         self.describe = describe or {}
-        # every rank must run the same precision: rank 0's measurement decides
-        self.execution = broadcast_from_main(resolve_execution(
+        self.resume_state = load_resume_state(run_dir, ctx.world_size, args.batch_size) if args.resume else None
+        # every rank must run the same precision: rank 0's measurement decides; a resumed run keeps
+        # the choice it started with, whatever a new measurement under another load would say
+        recorded = (self.resume_state or {}).get("execution")
+        self.execution = Execution.recorded(recorded) if recorded else broadcast_from_main(resolve_execution(
             args.amp, args.channels_last, ctx.device, task.model, task.frozen_networks(),
             lambda: first_batch_shape(train_loader)))
         self.amp_dtype, self.channels_last = self.execution.amp_dtype, self.execution.channels_last
@@ -71,12 +74,12 @@ class Trainer:
         self.position = {"stage": None, "epoch": 0, "rows": 0}
         self._ddp = {}
         self.saved = None  # (stage, epoch) of the checkpoint on disk
-        self.resume_state = self._load_resume() if args.resume else None
+        if self.resume_state is not None:
+            self._restore(self.resume_state)
         self.log = MetricsLog(self.run_dir, self.position if args.resume else None, enabled=ctx.is_main)
 
     # --- resume -----------------------------------------------------------------------------
-    def _load_resume(self) -> dict:
-        state = load_resume_state(self.run_dir, self.ctx.world_size, self.args.batch_size)
+    def _restore(self, state: dict) -> None:
         self.task.model.load_state_dict(state["model"])
         self.task.load_extra_state(state.get("extra", {}))
         self.best_acc, self.best_epoch = state["best_acc"], state.get("best_epoch", 0)
@@ -86,7 +89,6 @@ class Trainer:
         self.saved = (state["stage"], state["epoch"])
         if self.ctx.is_main:
             run_line(self.run_dir.name, f"resuming {self.run_dir} after {state['stage']} epoch {state['epoch']}")
-        return state
 
     def _start_epoch(self, stage_index: int, stages: List[Stage], optimizer) -> int:
         """First epoch to run in this stage (0 past the end means skip it)."""
@@ -217,6 +219,7 @@ class Trainer:
                  "best_acc": self.best_acc, "best_epoch": self.best_epoch, "optimizer": optimizer.state_dict(),
                  "extra": self.task.extra_state(), "rows": self.log.rows, "elapsed": self.elapsed,
                  "seed": self.args.seed, "world_size": self.ctx.world_size, "side_best": self.side_best,
+                 "execution": self.execution.record(),
                  **self._identity()}
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
