@@ -142,8 +142,8 @@ def test_offline_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "models").exists()
 
 
-def test_with_cifar100_present_the_test_accuracy_is_printed_beside_the_published_one(tmp_path, server, capsys,
-                                                                                      files_only_integrity):
+@pytest.mark.usefixtures("files_only_integrity")
+def test_with_cifar100_present_the_test_accuracy_is_printed_beside_the_published_one(tmp_path, server, capsys):
     Release.files[f"/{ARCH}_vanilla/ckpt_epoch_240.pth"] = repdistiller_checkpoint(ARCH)
     data = tmp_path / "data"
     write_cifar100(data)
