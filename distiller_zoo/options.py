@@ -79,7 +79,7 @@ def resolve_value(option_or_table, given, default, pair: Pair):
     """(value, source) of a flag: given on the command line, published for the pair, or the default."""
     if given is not None:
         return given, "given"
-    table = lower_keys(option_or_table)
+    table, pair = lower_keys(option_or_table), pair_key(*pair)   # model names match in any case (ShuffleV1)
     if pair in table:
         return table[pair], f"published for {pair[0]} -> {pair[1]}"
     return default, "default"
