@@ -75,7 +75,8 @@ class Objective:
         resolved: Dict[str, Tuple[object, str]] = {}
         for term in self.methods:
             flags = SimpleNamespace(**{opt.name: getattr(args, opt.name, None) for opt in term.spec.options})
-            term.options, term.option_sources = resolve_options(term.spec.options, flags, pair)
+            others = tuple(t.spec.name for t in self.methods if t is not term)
+            term.options, term.option_sources = resolve_options(term.spec.options, flags, pair, others)
             for name, value in vars(term.options).items():
                 first, owner = resolved.setdefault(name, (value, term.spec.name))
                 if first != value:
