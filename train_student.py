@@ -25,7 +25,7 @@ from pathlib import Path
 
 import distiller_zoo
 from distiller_zoo.base import BuildContext
-from distiller_zoo.multi_teacher import MODES, TeacherEnsemble
+from distiller_zoo.multi_teacher import MODES, TeacherEnsemble, ensemble_weights
 from distiller_zoo.objective import Objective, parse_objective
 from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
 from engine.args import HelpFormatter, add_common_args, parse_with_config
@@ -62,8 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--model_t", type=str, default=None,
                    help="teacher architecture (one per --path_t, comma-separated), if the checkpoint does not say")
     m.add_argument("--multi_teacher", type=str, default="average", choices=MODES,
-                   help="with several teachers, KD's soft targets: their mean softened probabilities "
-                        "(Hinton et al.) or CA-MKD's confidence-weighted mix (Zhang et al., ICASSP 2022)")
+                   help="with several teachers, the KD term: against their mean softened probabilities "
+                        "(Hinton et al.) or CA-MKD's confidence-weighted KL to each (Zhang et al., ICASSP 2022; "
+                        "-r 1 -a 1 unless given)")
     m.add_argument("--feature_teacher", type=int, default=0,
                    help="with several teachers, the one (0-based, in --path_t's order) the method (-b) uses")
     m.add_argument("--model_s", type=str, default="resnet8", help="student architecture")
@@ -178,6 +179,8 @@ def resolve_run(args: argparse.Namespace) -> Plan:
     if args.kd_T_schedule != "constant" and args.kd_T_end is None:
         raise UserError(f"--kd_T_schedule {args.kd_T_schedule} needs --kd_T_end, the temperature at the last epoch")
     check_dot(args)
+    if len(states) > 1:
+        args.gamma, args.alpha = ensemble_weights(args.multi_teacher, args.gamma, args.alpha)
     objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand,
                                 feature_pair(args))
     args.gamma, args.alpha = objective.gamma, objective.alpha

@@ -1,30 +1,49 @@
-"""Soft targets of several teachers for the KD (-a) term.
+"""The KD (-a) term against several teachers.
 
-average: the ensemble of Hinton, Vinyals & Dean (2015), the mean of the teachers' softened
-    probabilities, p = 1/K sum_k softmax(z_k / T).
+average: the ensemble of Hinton, Vinyals & Dean (2015): KD against the mean of the teachers'
+    softened probabilities, p = 1/K sum_k softmax(z_k / T):
+        L = T^2 / B * sum_b KL(p_b || p_s,b)
 camkd: Zhang, Chen & Wang, "Confidence-Aware Multi-Teacher Knowledge Distillation", ICASSP
-    2022, eq. 2: per sample, teacher k weighs w_k = (1 - softmax_k(CE_k)) / (K - 1), CE_k its
+    2022, eq. 2, as its official code computes it (Rorozhl/CA-MKD, helper/loops.py, ensemble
+    method CAMKD): per sample, teacher k weighs w_k = (1 - softmax_k(CE_k)) / (K - 1), CE_k its
     cross-entropy with the label (softmax over the K teachers), so the more confident teacher
-    counts more and the weights sum to 1; p = sum_k w_k softmax(z_k / T). CA-MKD's loss
-    sum_k w_k KL(p_k || p_s) equals KL(p || p_s) up to terms free of the student, so the
-    student's gradient is the same. (Its intermediate-feature term is not part of this.)
+    counts more and the weights sum to 1;
+        L = T^2 / (B * K) * sum_b sum_k w_k,b KL(p_k,b || p_s,b)
+    divided by the batch and by the number of teachers. (Its intermediate-feature term is not
+    part of this.) The official README trains it with -r 1 -a 1, the weights a run with
+    several teachers and `camkd` takes where -r or -a is not given (PUBLISHED_WEIGHTS).
 
-The targets are returned as logits z = T * log p, so that softmax(z / T) = p and the run's KD
-module (distiller_zoo/kd.DistillKL) gives T^2 * KL(p || p_s) unchanged.
+Both are computed on log-probabilities, so a probability that underflows to 0 contributes 0,
+never NaN; in float32 with autocast off (float64 student logits stay float64).
 """
-from typing import List
+import math
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 MODES = ("average", "camkd")
+# (gamma, alpha) a mode publishes for -r and -a
+PUBLISHED_WEIGHTS: Dict[str, Tuple[float, float]] = {"camkd": (1.0, 1.0)}
 
 
 def camkd_weights(logits_t: List[Tensor], targets: Tensor) -> Tensor:
-    """(K, B) per-sample teacher weights of CA-MKD."""
-    ce = torch.stack([F.cross_entropy(z.float(), targets, reduction="none") for z in logits_t])
+    """(K, B) per-sample teacher weights of CA-MKD (logits_t in the dtype to compute in)."""
+    ce = torch.stack([F.cross_entropy(z, targets, reduction="none") for z in logits_t])
     return (1.0 - torch.softmax(ce, dim=0)) / (len(logits_t) - 1)
+
+
+def ensemble_weights(mode: str, gamma: Optional[float], alpha: Optional[float]) -> Tuple[Optional[float], ...]:
+    """-r and -a of a several-teacher run: the given ones, else the mode's published ones (None:
+    the method's)."""
+    published = PUBLISHED_WEIGHTS.get(mode, (None, None))
+    return (published[0] if gamma is None else gamma), (published[1] if alpha is None else alpha)
+
+
+def kl_rows(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """KL(p || q) of each row (over the last dimension), from log-probabilities."""
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
 class TeacherEnsemble(nn.Module):
@@ -35,14 +54,16 @@ class TeacherEnsemble(nn.Module):
             raise ValueError(f"unknown multi-teacher mode {mode!r}; one of {MODES}")
         self.T, self.mode = T, mode
 
-    def probabilities(self, logits_t: List[Tensor], targets: Tensor) -> Tensor:
+    def forward(self, logits_s: Tensor, logits_t: List[Tensor], targets: Tensor) -> Tensor:
         T = float(self.T)
-        probs = torch.stack([torch.softmax(z.float() / T, dim=1) for z in logits_t])  # (K, B, C)
-        if self.mode == "average":
-            return probs.mean(dim=0)
-        return (camkd_weights(logits_t, targets).unsqueeze(2) * probs).sum(dim=0)
-
-    def forward(self, logits_t: List[Tensor], targets: Tensor) -> Tensor:
-        # a probability that underflowed to 0 would give -inf logits and a NaN KL
-        probs = self.probabilities(logits_t, targets).clamp_min(torch.finfo(torch.float32).tiny)
-        return float(self.T) * probs.log()
+        dtype = torch.float64 if logits_s.dtype == torch.float64 else torch.float32
+        with torch.autocast(device_type=logits_s.device.type, enabled=False):
+            logits_t = [z.to(dtype) for z in logits_t]
+            log_p_s = F.log_softmax(logits_s.to(dtype) / T, dim=1)
+            log_p_t = torch.stack([F.log_softmax(z / T, dim=1) for z in logits_t])  # (K, B, C)
+            batch, teachers = logits_s.shape[0], len(logits_t)
+            if self.mode == "average":
+                log_mean = torch.logsumexp(log_p_t, dim=0) - math.log(teachers)
+                return kl_rows(log_mean, log_p_s).sum() * T ** 2 / batch
+            weighted = camkd_weights(logits_t, targets) * kl_rows(log_p_t, log_p_s.unsqueeze(0))
+            return weighted.sum() * T ** 2 / (batch * teachers)

@@ -69,9 +69,21 @@ class Objective:
 
     def resolve_options(self, args, pair: Pair) -> None:
         """Every method's typed options from the parsed flags (published per-pair values where a
-        flag is not given); written back to `args` so args.json records them."""
+        flag is not given); written back to `args` so args.json records them. A flag two methods
+        share (sdd_dkd and dkd: --dkd_beta) has one value: where their published values for the
+        pair differ, the user must give it."""
+        resolved: Dict[str, Tuple[object, str]] = {}
         for term in self.methods:
-            term.options, term.option_sources = resolve_options(term.spec.options, args, pair)
+            flags = SimpleNamespace(**{opt.name: getattr(args, opt.name, None) for opt in term.spec.options})
+            others = tuple(t.spec.name for t in self.methods if t is not term)
+            term.options, term.option_sources = resolve_options(term.spec.options, flags, pair, others)
+            for name, value in vars(term.options).items():
+                first, owner = resolved.setdefault(name, (value, term.spec.name))
+                if first != value:
+                    raise UserError(f"--{name} is {first} for {owner} but {value} for {term.spec.name} (their "
+                                    f"published values for {pair[0]} -> {pair[1]}); give --{name} to choose one")
+        for name, (value, _) in resolved.items():
+            setattr(args, name, value)
 
     def kd_term(self, temperature) -> Tuple[str, DistillKL]:
         """The -a term, KD at the run's temperature, and the name it is logged under."""

@@ -14,7 +14,9 @@ receives its options as a typed namespace (`ctx.options`), never the argparse na
 Per-pair published values (`Option(..., per_pair={("resnet32x4", "resnet8x4"): 8.0})`, and a
 method's published loss weight by pair, `register(..., beta_per_pair=...)`) are one mechanism:
 when the flag is not given, the value published for the run's (teacher, student) pair is taken,
-else the default; the run's header says which and `args.json` records the value.
+else the default; the run's header says which and `args.json` records the value. Values
+published for a combination (`Option(..., with_method={"wkd_f": 200.0})`: WKD-L's weight when
+WKD-F runs beside it) come before the pair's: given, then combined, then per pair, then default.
 
 Two methods may declare the same flag (CRD and CC share --feat_dim) only with the same type,
 default and help, so one flag serves both.
@@ -37,6 +39,7 @@ class Option:
     paper: Any = None                           # the paper's value, where it differs from the default
     choices: Optional[Tuple[Any, ...]] = None
     per_pair: Dict[Pair, Any] = field(default_factory=dict, hash=False, compare=False)
+    with_method: Dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # by other method
 
     def same_flag(self, other: "Option") -> bool:
         return (self.type, self.default, self.help, self.choices) == (other.type, other.default, other.help,
@@ -44,6 +47,8 @@ class Option:
 
     def describe(self) -> str:
         text = self.help
+        if self.with_method:
+            text += "; " + ", ".join(f"{v} beside {m}" for m, v in self.with_method.items())
         if self.per_pair:
             text += "; default: the published value for the pair where there is one, else %(default)s"
         if self.paper is not None and self.paper != self.default:
@@ -79,19 +84,30 @@ def resolve_value(option_or_table, given, default, pair: Pair):
     """(value, source) of a flag: given on the command line, published for the pair, or the default."""
     if given is not None:
         return given, "given"
-    table = lower_keys(option_or_table)
+    table, pair = lower_keys(option_or_table), pair_key(*pair)   # model names match in any case (ShuffleV1)
     if pair in table:
         return table[pair], f"published for {pair[0]} -> {pair[1]}"
     return default, "default"
 
 
-def resolve_options(options: Tuple[Option, ...], args, pair: Pair) -> Tuple[SimpleNamespace, Dict[str, str]]:
+def resolve_option(opt: Option, given, pair: Pair, others: Tuple[str, ...]):
+    """(value, source) of one option: given, published beside one of the run's other methods,
+    published for the pair, or the default."""
+    if given is None:
+        for method in others:
+            if method in opt.with_method:
+                return opt.with_method[method], f"published with {method}"
+    return resolve_value(opt.per_pair, given, opt.default, pair)
+
+
+def resolve_options(options: Tuple[Option, ...], args, pair: Pair,
+                    others: Tuple[str, ...] = ()) -> Tuple[SimpleNamespace, Dict[str, str]]:
     """A method's typed options from the parsed flags (None where the flag was not given), and
-    where each value came from. The resolved values are written back to `args`, so args.json
-    records what ran."""
+    where each value came from; `others` names the run's other methods. The resolved values are
+    written back to `args`, so args.json records what ran."""
     values, sources = {}, {}
     for opt in options:
-        value, source = resolve_value(opt.per_pair, getattr(args, opt.name, None), opt.default, pair)
+        value, source = resolve_option(opt, getattr(args, opt.name, None), pair, others)
         values[opt.name] = None if value is None else opt.type(value)
         sources[opt.name] = source
         setattr(args, opt.name, values[opt.name])

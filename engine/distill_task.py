@@ -10,8 +10,9 @@ the weak half only; a strong-view distiller receives the Features of all 2B rows
 returned for the accuracy are the weak half's, one row per sample.
 
 Several teachers: `teacher` feeds the methods; `kd_teachers` (the others, frozen) join it in
-the KD term only, through `combine(list of teacher logits, targets) -> target logits`, which
-must not depend on the teachers' order (distiller_zoo/multi_teacher.py)."""
+the KD term only, which `combine(student logits, list of teacher logits, targets) -> loss`
+then computes in place of `kd`; it must not depend on the teachers' order
+(distiller_zoo/multi_teacher.py)."""
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -63,7 +64,7 @@ class DistillTask(Task):
             loss = loss + self.gamma * terms["ce_strong"]
         terms["task"] = loss  # the CE share, which DOT steps apart from the distillation share
         if self.alpha:
-            terms[self.kd_name] = self.kd(weak_s.logits, self._kd_target(images[:targets.shape[0]], weak_t, targets))
+            terms[self.kd_name] = self._kd(images[:targets.shape[0]], weak_s.logits, weak_t, targets)
             loss = loss + self.alpha * terms[self.kd_name]
         for name, distiller in self.distillers.items():
             if not self.weights[name]:
@@ -78,13 +79,13 @@ class DistillTask(Task):
         terms["loss"] = loss
         return terms, weak_s.logits
 
-    def _kd_target(self, images, weak_t: Features, targets):
-        """The KD term's teacher logits: the teacher's, or the combination of all teachers'."""
+    def _kd(self, images, logits_s, weak_t: Features, targets):
+        """The KD term: against the teacher, or against all teachers through `combine`."""
         if not self.kd_teachers:
-            return weak_t.logits
+            return self.kd(logits_s, weak_t.logits)
         with torch.no_grad():
             others = [t(images) for t in self.kd_teachers]
-        return self.combine([weak_t.logits, *others], targets)
+        return self.combine(logits_s, [weak_t.logits, *others], targets)
 
     def _two_view_features(self, images, n: int):
         """(student 2B, teacher 2B, student weak B, teacher weak B) Features of a two-view batch."""

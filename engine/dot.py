@@ -11,9 +11,11 @@ direction where the two gradients disagree:
 
 A parameter that receives only one of the two gradients (e.g. a connector, which the task
 loss never reaches) keeps plain SGD momentum mu on that buffer, and its weight decay goes into
-the gradient it has. A buffer starts as its first gradient (torch.optim.SGD's rule). These
-are the semantics of the official implementation (mdistiller `engine/dot.py`), which reads
-the gradients from two backward passes; here the trainer hands both gradients over.
+the gradient it has. A buffer starts as its first gradient (torch.optim.SGD's rule), which
+for a distillation-only gradient means without weight decay: the official code starts that
+buffer before it adds the decay, so a connector is not decayed on its first step. These are
+the semantics of the official implementation (mdistiller `engine/dot.py`), which reads the
+gradients from two backward passes; here the trainer hands both gradients over.
 
 Defaults (paper; mdistiller configs/cifar100/dot/*.yaml): mu 0.9 (the run's --momentum),
 delta 0.075, so the task momentum is 0.825 and the distillation momentum 0.975.
@@ -82,13 +84,13 @@ class DOT(torch.optim.Optimizer):
             return
         mu, delta, wd, lr = group["momentum"], group["delta"], group["weight_decay"], group["lr"]
         both = g_task is not None and g_distill is not None
+        state = self.state[p]
         if wd:
             # decay once per step, on the task gradient where the parameter has one
             if g_task is not None:
                 g_task = g_task + wd * p
-            else:
+            elif "distill_momentum" in state:
                 g_distill = g_distill + wd * p
-        state = self.state[p]
         steps = [("task_momentum", g_task, mu - delta if both else mu),
                  ("distill_momentum", g_distill, mu + delta if both else mu)]
         for key, grad, momentum in steps:

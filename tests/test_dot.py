@@ -25,22 +25,41 @@ def test_hand_computed_updates():
     #   p2: b_t = 1.0 + 0.01*2 = 1.02, p2 = 2 - 0.102 = 1.898
     opt.step_with([t(0.5), t(1.0)], [t(2.0), None])
     assert (p1.item(), p2.item()) == (pytest.approx(0.749), pytest.approx(1.898))
-    # step 2: p2 has only a distillation gradient now; its weight decay moves there
+    # step 2: p2 has only a distillation gradient now; its buffer starts as that gradient, without
+    # weight decay (the official code's first distillation step)
     #   p1: b_t = 0.825*0.51 + (0.3 + 0.00749) = 0.72824, b_d = 0.975*2 + 1 = 2.95
     #       p1 = 0.749 - 0.072824 - 0.295 = 0.381176
-    #   p2: b_d = 4 + 0.01*1.898 = 4.01898 (first), p2 = 1.898 - 0.401898 = 1.496102
+    #   p2: b_d = 4 (first), p2 = 1.898 - 0.4 = 1.498
     opt.step_with([t(0.3), None], [t(1.0), t(4.0)])
-    assert (p1.item(), p2.item()) == (pytest.approx(0.381176), pytest.approx(1.496102))
+    assert (p1.item(), p2.item()) == (pytest.approx(0.381176), pytest.approx(1.498))
     # step 3: both gradients on both
     #   p1: b_t = 0.825*0.72824 + 0.00381176 = 0.60460976, b_d = 0.975*2.95 = 2.87625
     #       p1 = 0.381176 - 0.060460976 - 0.287625 = 0.033090024
-    #   p2: b_t = 0.825*1.02 + 1.01496102 = 1.85646102, b_d = 0.975*4.01898 + 1 = 4.9185055
-    #       p2 = 1.496102 - 0.185646102 - 0.49185055 = 0.818605348
+    #   p2: b_t = 0.825*1.02 + 1.01498 = 1.85648, b_d = 0.975*4 + 1 = 4.9
+    #       p2 = 1.498 - 0.185648 - 0.49 = 0.822352
     opt.step_with([t(0.0), t(1.0)], [t(0.0), t(1.0)])
     assert p1.item() == pytest.approx(0.033090024, rel=1e-5)
-    assert p2.item() == pytest.approx(0.818605348, rel=1e-5)
-    assert opt.state[p2]["task_momentum"].item() == pytest.approx(1.85646102, rel=1e-6)
-    assert opt.state[p2]["distill_momentum"].item() == pytest.approx(4.9185055, rel=1e-6)
+    assert p2.item() == pytest.approx(0.822352, rel=1e-5)
+    assert opt.state[p2]["task_momentum"].item() == pytest.approx(1.85648, rel=1e-6)
+    assert opt.state[p2]["distill_momentum"].item() == pytest.approx(4.9, rel=1e-6)
+
+
+def test_matches_the_official_trainer():
+    # megvii-research/mdistiller a08d46f, mdistiller/engine/dot.py DistillationOrientedTrainer (lr 0.1,
+    # momentum 0.825, momentum_kd 0.975, weight_decay 0.01), driven as its trainer.py DOT.train_iter does
+    # (distillation gradients, step_kd(), task gradients, step()), run offline in float64: the parameters
+    # after each step. p1 has both gradients, p2 only the distillation one (a connector: not decayed on
+    # its first step), p3 only the task one.
+    official = [(0.7489999999999999, 1.6, -1.5985), (0.38117599999999985, 1.3384, -1.6655515),
+                (0.02309002399999979, 0.8516216, -1.7842322985)]
+    params = [torch.nn.Parameter(torch.tensor(v, dtype=torch.float64)) for v in (1.0, 2.0, -1.5)]
+    opt = DOT(params, lr=0.1, momentum=0.9, delta=0.075, weight_decay=0.01)
+    steps = [((0.5, None, 1.0), (2.0, 4.0, None)), ((0.3, None, -0.2), (1.0, -1.0, None)),
+             ((-0.4, None, 0.6), (0.5, 2.5, None))]
+    for (task, distill), expected in zip(steps, official):
+        opt.step_with(*([None if g is None else torch.tensor(g, dtype=torch.float64) for g in gs]
+                        for gs in (task, distill)))
+        assert [p.item() for p in params] == pytest.approx(expected, rel=1e-12)
 
 
 def test_step_losses_splits_the_gradients():

@@ -53,6 +53,20 @@ def test_options_resolve_given_then_published_then_default():
     assert (values.w, sources["w"]) == (5.0, "given")
     values, _ = resolve_options(options, SimpleNamespace(w=None, k=None), ("vgg13", "vgg8"))
     assert values.w == 8.0
+    values, _ = resolve_options(options, SimpleNamespace(w=None, k=None), ("ResNet56", "Resnet20"))
+    assert values.w == 2.0  # model names match in any case
+
+
+def test_a_value_published_beside_another_method_comes_before_the_pairs():
+    options = (Option("w", float, 8.0, "a weight", per_pair={("resnet56", "resnet20"): 2.0}, with_method={"m2": 4.0}),)
+    pair = ("resnet56", "resnet20")
+    values, sources = resolve_options(options, SimpleNamespace(w=None), pair, others=("m1", "m2"))
+    assert (values.w, sources["w"]) == (4.0, "published with m2")
+    values, sources = resolve_options(options, SimpleNamespace(w=None), pair, others=("m1",))
+    assert (values.w, sources["w"]) == (2.0, "published for resnet56 -> resnet20")
+    values, sources = resolve_options(options, SimpleNamespace(w=1.0), pair, others=("m2",))
+    assert (values.w, sources["w"]) == (1.0, "given")
+    assert "4.0 beside m2" in options[0].describe()
 
 
 def test_data_needs_merge_and_conflict():

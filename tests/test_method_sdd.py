@@ -12,6 +12,7 @@ from distiller_zoo.base import Batch, resolve
 from distiller_zoo.classifier import last_linear
 from distiller_zoo.dkd import DKD
 from distiller_zoo.kd import DistillKL
+from distiller_zoo.objective import parse_objective
 from distiller_zoo.options import resolve_options
 from distiller_zoo.sdd import SDDDKD, SDDKD, SDDLoss, cell_weights, scale_cells
 from method_helpers import make_ctx, step_on_real_models
@@ -116,7 +117,15 @@ def test_warmup_and_per_pair_options(capsys):
     assert d.warmup_factor() == 0.25
     loss, _ = d(ctx.feat_s, ctx.feat_t, batch)
     assert loss.item() == pytest.approx(0.25 * full.item(), rel=1e-6)
-    for pair, scales, beta in ((("resnet32x4", "resnet8x4"), "1,2", 8.0), (("vgg13", "vgg8"), "1,2,4", 6.0)):
+    # the official configs/cifar100/sdd_dkd/*.yaml (beta) and teacher_*.sh / run.sh (--M) by pair
+    official = {("resnet32x4", "resnet8x4"): ("1,2", 8.0), ("vgg13", "vgg8"): ("1,2", 6.0),
+                ("vgg13", "ShuffleV1"): ("1,2,4", 6.0), ("wrn_40_2", "MobileNetV2"): ("1,2,4", 6.0),
+                ("vgg13", "MobileNetV2"): ("1,2,4", 6.0), ("resnet56", "resnet20"): ("1,2,4", 2.0),
+                ("resnet110", "resnet32"): ("1,2,4", 2.0), ("wrn_40_2", "wrn_16_2"): ("1,2,4", 6.0),
+                ("wrn_40_2", "wrn_40_1"): ("1,2,4", 6.0), ("resnet32x4", "ShuffleV1"): ("1,2,4", 8.0),
+                ("wrn_40_2", "ShuffleV1"): ("1,2,4", 8.0), ("ResNet50", "vgg8"): ("1,2,4", 8.0),
+                ("imagenet_resnet34", "imagenet_resnet18"): ("1,2", 0.5)}
+    for pair, (scales, beta) in official.items():
         unset = SimpleNamespace(**{opt.name: None for opt in SDDDKD.options})
         opts, _ = resolve_options(SDDDKD.options, unset, pair)
         assert (opts.sdd_scales, opts.dkd_beta) == (scales, beta)
@@ -147,3 +156,17 @@ def test_registry_real_models_and_errors():
     ctx, _ = make_ctx("resnet8", "ShuffleV2")
     with pytest.raises(UserError, match="teacher ShuffleV2"):
         SDDKD(ctx)
+
+
+def test_a_shared_flag_with_two_published_values_must_be_given():
+    # DKD's table has no vgg13 -> ShuffleV1 beta (8), SD-DKD's has 6: one --dkd_beta cannot be both
+    flags = SimpleNamespace(**{opt.name: None for opt in SDDDKD.options})
+    with pytest.raises(UserError, match="--dkd_beta is 8.0 for dkd but 6.0 for sdd_dkd"):
+        parse_objective("dkd,sdd_dkd", None, None, None).resolve_options(flags, ("vgg13", "ShuffleV1"))
+    objective = parse_objective("dkd,sdd_dkd", None, None, None)
+    objective.resolve_options(flags, ("vgg13", "vgg8"))         # the same published value: one flag
+    assert flags.dkd_beta == 6.0 and flags.sdd_scales == "1,2"
+    flags = SimpleNamespace(**{opt.name: None for opt in SDDDKD.options})
+    flags.dkd_beta = 3.0
+    objective.resolve_options(flags, ("vgg13", "ShuffleV1"))
+    assert [term.options.dkd_beta for term in objective.methods] == [3.0, 3.0]

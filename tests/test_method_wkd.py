@@ -2,6 +2,8 @@
 programming), the WKD-L loss against a per-sample numpy computation, the WKD-F loss against the
 general Gaussian 2-Wasserstein formula (matrix square roots), the classifier cost, the cosine
 decay, gradients, options and both distillers on real networks (alone and together)."""
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from scipy.optimize import linprog
 
 from core.errors import UserError
 from distiller_zoo.base import Batch, resolve
+from distiller_zoo.objective import parse_objective
 from distiller_zoo.wkd import (WKDF, WKDL, WKDFeatureLoss, WKDLogitLoss, classifier_distance, cosine_decay,
                                sharpened_cost, sinkhorn_distance, sinkhorn_plan)
 from method_helpers import make_ctx, step_on_real_models
@@ -168,3 +171,23 @@ def test_registry_cost_file_and_errors(tmp_path):
     ctx.options.wkd_sinkhorn_reg = 0.05
     with pytest.raises(UserError, match="labels"):
         step_on_real_models(WKDL(ctx), ctx, x)
+
+
+def test_combined_run_takes_the_official_wkd_lf_values():
+    # official JiamingLv/WKD 214cf88: configs/cifar100/wkd_l|wkd_f|wkd_lf/res32x4_res8x4.yaml give
+    # WKD_LOGIT_WEIGHT 600 / - / 200, MEAN_COV_RATIO - / 4 / 8, WKD_FEAT_WEIGHT - / 0.08 / 0.08
+    def resolved(distill, **given):
+        flags = SimpleNamespace(**{**{opt.name: None for opt in WKDL.options + WKDF.options}, **given})
+        objective = parse_objective(distill, None, None, None, pair=("resnet32x4", "resnet8x4"))
+        objective.resolve_options(flags, ("resnet32x4", "resnet8x4"))
+        return {t.spec.name: (t.weight, t.options, t.option_sources) for t in objective.methods}
+
+    both = resolved("wkd_f,wkd_l")
+    assert (both["wkd_l"][1].wkd_logit_weight, both["wkd_f"][1].wkd_mean_weight) == (200.0, 8.0)
+    assert both["wkd_l"][2]["wkd_logit_weight"] == "published with wkd_f"
+    assert (both["wkd_l"][0], both["wkd_f"][0], both["wkd_l"][1].wkd_T) == (1.0, 0.08, 8.0)
+    assert resolved("wkd_l")["wkd_l"][1].wkd_logit_weight == 600.0
+    assert resolved("wkd_f")["wkd_f"][1].wkd_mean_weight == 4.0
+    given = resolved("wkd_l,wkd_f", wkd_logit_weight=500.0, wkd_mean_weight=2.0)
+    assert (given["wkd_l"][1].wkd_logit_weight, given["wkd_f"][1].wkd_mean_weight) == (500.0, 2.0)
+    assert given["wkd_f"][2]["wkd_mean_weight"] == "given"

@@ -5,8 +5,7 @@ import torch
 
 import train_student
 from conftest import fast_args
-from distiller_zoo.kd import DistillKL
-from distiller_zoo.multi_teacher import TeacherEnsemble
+from distiller_zoo.multi_teacher import TeacherEnsemble, ensemble_weights
 from engine.build import build_model
 from engine.checkpoint import save_checkpoint
 
@@ -16,37 +15,70 @@ def softmax_list(row, T):
     return [e / sum(exps) for e in exps]
 
 
-def test_average_soft_targets_by_hand():
-    z1, z2 = torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[0.0, -1.0, 3.0]])
-    T = 4.0
-    p1, p2 = softmax_list([1, 2, 0], T), softmax_list([0, -1, 3], T)
-    want = [(a + b) / 2 for a, b in zip(p1, p2)]
-    ensemble = TeacherEnsemble(T, "average")
-    got = torch.softmax(ensemble([z1, z2], torch.tensor([0])) / T, dim=1)  # what DistillKL softens it to
-    assert got[0].tolist() == pytest.approx(want, rel=1e-5)
+def kl_list(p, q):
+    return sum(a * math.log(a / b) for a, b in zip(p, q))
 
 
-def test_camkd_soft_targets_by_hand():
-    rows = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 3.0]]
-    label, T = 0, 2.0
+def fixed(shape, phase, scale):
+    """Logits that do not depend on a random generator: scale * sin(0.37 i + phase)."""
+    return scale * torch.sin(torch.arange(math.prod(shape), dtype=torch.float64) * 0.37 + phase).reshape(shape)
+
+
+def test_average_is_kd_against_the_mean_probabilities_by_hand():
+    rows_t, row_s, T = [[1.0, 2.0, 0.0], [0.0, -1.0, 3.0]], [0.5, 0.0, -0.5], 4.0
+    mean = [(a + b) / 2 for a, b in zip(*(softmax_list(r, T) for r in rows_t))]
+    want = T * T * kl_list(mean, softmax_list(row_s, T))
+    got = TeacherEnsemble(T, "average")(torch.tensor([row_s]), [torch.tensor([r]) for r in rows_t], torch.tensor([0]))
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_camkd_by_hand():
+    rows, row_s, label, T = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 3.0]], [0.3, -0.2, 0.1], 0, 2.0
     ce = [-math.log(softmax_list(r, 1.0)[label]) for r in rows]
     e = [math.exp(c) for c in ce]
     w = [(1 - x / sum(e)) / 2 for x in e]
     assert sum(w) == pytest.approx(1.0)
-    probs = [softmax_list(r, T) for r in rows]
-    want = [sum(w[k] * probs[k][c] for k in range(3)) for c in range(3)]
-    ensemble = TeacherEnsemble(T, "camkd")
-    logits = [torch.tensor([r]) for r in rows]
-    got = ensemble.probabilities(logits, torch.tensor([label]))
-    assert got[0].tolist() == pytest.approx(want, rel=1e-5)
-    # KD against the mix has the gradient of CA-MKD's sum_k w_k KL(p_k || p_s)
-    z_s = torch.tensor([[0.3, -0.2, 0.1]], requires_grad=True)
-    DistillKL(T)(z_s, ensemble(logits, torch.tensor([label]))).backward()
-    z_ref = z_s.detach().clone().requires_grad_()
-    log_ps = torch.log_softmax(z_ref / T, dim=1)[0]
-    sum(w[k] * sum(probs[k][c] * (math.log(probs[k][c]) - log_ps[c]) for c in range(3))
-        for k in range(3)).mul(T * T).backward()
-    torch.testing.assert_close(z_s.grad, z_ref.grad)
+    p_s = softmax_list(row_s, T)
+    want = T * T * sum(w[k] * kl_list(softmax_list(rows[k], T), p_s) for k in range(3)) / 3  # B = 1, K = 3
+    got = TeacherEnsemble(T, "camkd")(torch.tensor([row_s]), [torch.tensor([r]) for r in rows], torch.tensor([label]))
+    assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+# Rorozhl/CA-MKD at c2f39a9f13c1998e9971815760364587222581ce, run offline in float64:
+# helper/loops.py train_distill_multi_teacher (ensemble_method CAMKD, distill kd, epoch 1, -r 0 -a 1)
+# with its distiller_zoo/KD.py DistillKL(4) on one batch of the fixed logits below (B 4, C 6, the
+# first K teachers); SGD at lr 1 without momentum, so the student's logits moved by minus the gradient.
+OFFICIAL = {
+    2: (0.6312298522043005,
+        [-0.07027987365180055, -0.04123803306948726, -0.006765652681698375, 0.02334913189806742,
+         0.04324641442130783, 0.05168801308361126],
+        [0.022243258737928207, 0.011468210504967047, 0.0003697163599805098, -0.009312641780221842,
+         -0.014198865718111797, -0.010569678104541791]),
+    3: (0.6305119895214636,
+        [-0.0591581850758221, -0.026221595250102148, 0.0008552740128142666, 0.020157488151933745,
+         0.030891822256401413, 0.03347519590477499],
+        [0.014114732157496812, 0.005807697550691104, -0.0021330343205772095, -0.007810372309928315,
+         -0.008380274564142254, -0.001598748513540249]),
+}
+
+
+@pytest.mark.parametrize("teachers", [2, 3])
+def test_camkd_equals_the_official_loss_and_gradient(teachers):
+    loss_want, row0, row2 = OFFICIAL[teachers]
+    z_s = fixed((4, 6), 0.2, 2.0).requires_grad_()
+    logits_t = [fixed((4, 6), 0.9 + k, 3.0 + k) for k in range(teachers)]
+    ensemble = TeacherEnsemble(4.0, "camkd")
+    loss = ensemble(z_s, logits_t, torch.tensor([0, 3, 5, 2]))
+    loss.backward()
+    assert loss.item() == pytest.approx(loss_want, rel=1e-12)
+    assert z_s.grad[0].tolist() == pytest.approx(row0, rel=1e-10)
+    assert z_s.grad[2].tolist() == pytest.approx(row2, rel=1e-10)
+
+
+def test_several_teacher_weights():
+    assert ensemble_weights("camkd", None, None) == (1.0, 1.0)          # CA-MKD's README: -r 1 -a 1
+    assert ensemble_weights("camkd", 0.5, None) == (0.5, 1.0)
+    assert ensemble_weights("average", None, None) == (None, None)      # the method's own
 
 
 def test_one_digits_epoch_with_two_teachers(tmp_path, digits_teacher):
@@ -55,9 +87,10 @@ def test_one_digits_epoch_with_two_teachers(tmp_path, digits_teacher):
     save_checkpoint({"model": build_model("resnet14", 10).state_dict(), "arch": "resnet14", "dataset": "digits",
                      "num_classes": 10}, second)
     results = train_student.main(fast_args(
-        tmp_path, "--model_s", "resnet8", "--epochs", "1", "--batch_size", "128", "--distill", "at", "-a", "0.5",
+        tmp_path, "--model_s", "resnet8", "--epochs", "1", "--batch_size", "128", "--distill", "at",
         "--multi_teacher", "camkd", "--feature_teacher", "1", "--path_t", f"{teacher_dir / 'best.pth'},{second}"))
     assert results["method"] == "at+kd+camkd" and results["teacher"] == "resnet8,resnet14"
+    assert (results["gamma"], results["alpha"]) == (1.0, 1.0)   # CA-MKD's -r 1 -a 1 (at alone: -a 0)
     [run] = (tmp_path / "students").iterdir()
     assert run.name.startswith("S-resnet8_T-resnet8+resnet14_digits_at+kd+camkd_")
     assert (run / "best.pth").is_file()
