@@ -51,14 +51,19 @@ def step_on_real_models(distiller, ctx, x):
     return loss, parts
 
 
-def one_digits_epoch(monkeypatch, save, teacher_dir, method: str, *flags):
-    """One epoch of `method` through train_student.py from the `digits_teacher` fixture's teacher,
-    on every fourth digit (the real loader on the real images, a quarter of the steps) in fp32
-    NCHW (no speed probe): (results, run directory)."""
+def quarter_digits(monkeypatch) -> None:
+    """Every fourth digit, for the rest of the test: the real loader on the real images, a quarter
+    of the steps."""
     full = dataset.digits.load_digits_split
     quarter = lambda train: tuple(t[::4] for t in full(train))  # noqa: E731
     for module in (dataset.digits, dataset.loaders):  # the torch path's and the in-memory path's
         monkeypatch.setattr(module, "load_digits_split", quarter)
+
+
+def one_digits_epoch(monkeypatch, save, teacher_dir, method: str, *flags):
+    """One epoch of `method` through train_student.py from the `digits_teacher` fixture's teacher,
+    on a quarter of the digits in fp32 NCHW (no speed probe): (results, run directory)."""
+    quarter_digits(monkeypatch)
     results = train_student.main(fast_args(save, "--path_t", str(teacher_dir / "best.pth"), "--distill", method,
                                            "--epochs", "1", "--batch_size", "128", "--trial", method,
                                            "--amp", "off", "--no-channels_last", *flags))
