@@ -73,11 +73,11 @@ class ITRDLoss(nn.Module):
     def forward(self, f_s: Tensor, f_t: Tensor):
         """(loss, {'corr': weighted L_corr, 'mutual': weighted L_mutual})."""
         with torch.autocast(device_type=f_s.device.type, enabled=False):
-            g_s = self.embed(f_s.float().flatten(1))
-            f_t = f_t.detach().float().flatten(1)
+            f_s, f_t = f_s.float().flatten(1), f_t.detach().float().flatten(1)
+            g_s = self.embed(f_s)
             corr = self.lambda_corr * correlation_loss(g_s, f_t, self.alpha)
-            mutual_s = g_s if f_s.flatten(1).shape[1] != f_t.shape[1] else f_s.float().flatten(1)
-            mutual = self.lambda_mutual * mutual_loss(mutual_s, f_t)
+            # the official code takes the connector's output here only where the widths differ
+            mutual = self.lambda_mutual * mutual_loss(g_s if f_s.shape[1] != f_t.shape[1] else f_s, f_t)
         return corr + mutual, {"corr": corr, "mutual": mutual}
 
 

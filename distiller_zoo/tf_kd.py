@@ -27,6 +27,7 @@ tf_kd_reg trains a network with L_reg (no teacher network is built or loaded). P
 holds the official CIFAR-100 settings per architecture (experiments/base_experiments/
 base_*/params.json); an architecture without one takes ResNet18's.
 """
+import math
 from typing import NamedTuple
 
 import torch
@@ -92,9 +93,9 @@ def resolve_reg(model: str, alpha=None, temperature=None, multiplier=None):
 def check_reg(setting: Setting, correct_prob: float) -> None:
     if not 0 <= setting.alpha <= 1:
         raise UserError(f"--reg_alpha must lie in [0, 1], got {setting.alpha:g}")
-    if not setting.temperature > 0 or setting.temperature == float("inf"):
+    if not (math.isfinite(setting.temperature) and setting.temperature > 0):
         raise UserError(f"--reg_temperature must be a positive number, got {setting.temperature:g}")
-    if not 0 <= setting.multiplier < float("inf"):
+    if not (math.isfinite(setting.multiplier) and setting.multiplier >= 0):
         raise UserError(f"--multiplier must be a number >= 0, got {setting.multiplier:g}")
     if not 0 < correct_prob <= 1:
         raise UserError(f"--correct_prob must lie in (0, 1], got {correct_prob:g}")
