@@ -33,6 +33,13 @@ p^d putting --correct_prob on the label and the rest uniformly; no auxiliaries, 
 Its flags take the official per-architecture values where they are not given.
 
     python train_self.py --method tf_kd_reg --model MobileNetV2
+
+`--method uskd` trains with USKD's self-made soft labels (Yang et al., ICCV 2023;
+distiller_zoo/uskd.py): CE + alpha * L_target + beta * L_non-target + L_weak, the weak logits from a
+linear classifier on the pooled second-deepest stage (trained with the network, kept in the
+resume state like BYOT's auxiliaries).
+
+    python train_self.py --method uskd --model resnet32x4
 """
 from core.errors import UserError, exit_quietly_on_ctrl_c, exits_cleanly
 
@@ -47,6 +54,7 @@ from torch import nn
 
 from distiller_zoo.kd import DistillKL
 from distiller_zoo.tf_kd import CORRECT_PROB, VirtualTeacherLoss, check_reg, resolve_reg
+from distiller_zoo.uskd import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_MU, USKDLoss
 from engine.args import HelpFormatter, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.session import build_data, create_run_dir, restore_args, sample_features, start
@@ -57,8 +65,11 @@ EXAMPLES = """examples:
   python train_self.py --model resnet32x4                          # CIFAR-100, RepDistiller's recipe
   python train_self.py --model resnet8 --dataset digits --epochs 2
   python train_self.py --method tf_kd_reg --model MobileNetV2        # Tf-KD's virtual teacher
+  python train_self.py --method uskd --model resnet32x4              # USKD's self-made soft labels
 """
-METHODS = ("byot", "tf_kd_reg")
+METHODS = ("byot", "tf_kd_reg", "uskd")
+PREFIXES = {"byot": "BYOT", "tf_kd_reg": "TfKD_reg", "uskd": "USKD"}
+USKD_FLAGS = ("uskd_alpha", "uskd_beta", "uskd_mu")
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int) -> list:
@@ -139,6 +150,33 @@ class VirtualTeacherTask(Task):
         return terms, logits
 
 
+class USKDTask(Task):
+    """USKD: cross-entropy and the soft labels the network makes from its own outputs."""
+
+    def __init__(self, model: nn.Module, sample, num_classes: int, alpha: float, beta: float, mu: float):
+        """`sample`: the model's Features of one batch (the weak classifier's width comes from it)."""
+        super().__init__(model, num_classes)
+        self.uskd = USKDLoss(sample.stages[-2].shape[1], num_classes, alpha, beta, mu)
+
+    def forward(self, images, targets, *unused):
+        feat = self.model.forward_features(images)
+        mid = F.adaptive_avg_pool2d(feat.stages[-2], 1).flatten(1)
+        terms = {"ce": F.cross_entropy(feat.logits.float(), targets)}
+        value, parts = self.uskd(mid, feat.logits, targets)
+        terms.update({f"uskd_{k}": v for k, v in parts.items()})
+        terms["loss"] = terms["ce"] + value
+        return terms, feat.logits
+
+    def main_parameters(self) -> list:
+        return super().main_parameters() + list(self.uskd.parameters())
+
+    def extra_state(self) -> dict:
+        return {"uskd": self.uskd.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.uskd.load_state_dict(state["uskd"])
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a network that distils its deepest classifier into "
                                                  "auxiliary classifiers on its shallow stages (BYOT), or one "
@@ -147,7 +185,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", type=str, default="resnet32x4", help="a name of models.model_dict")
     parser.add_argument("--method", type=str, default="byot", choices=METHODS,
                         help="byot: auxiliary classifiers (Zhang et al., ICCV 2019); tf_kd_reg: Tf-KD's virtual "
-                             "teacher (Yuan et al., CVPR 2020)")
+                             "teacher (Yuan et al., CVPR 2020); uskd: self-made soft labels (Yang et al., ICCV 2023)")
     g = parser.add_argument_group("self-distillation (the official code's flags and defaults)")
     g.add_argument("--loss_coefficient", type=float, default=0.3,
                    help="alpha: weight of the soft targets, 1 - alpha on the auxiliaries' cross-entropy")
@@ -161,6 +199,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     r.add_argument("--reg_temperature", type=float, default=None, help="tau of softmax(p^d / tau)")
     r.add_argument("--multiplier", type=float, default=None, help="scale of the KL (averaged over samples and classes)")
     r.add_argument("--correct_prob", type=float, default=CORRECT_PROB, help="a: p^d's probability of the label")
+    u = parser.add_argument_group("uskd (the official CIFAR-100 config's values; its ImageNet configs: 1, 0.1, 0.005)")
+    u.add_argument("--uskd_alpha", type=float, default=DEFAULT_ALPHA, help="weight of the soft target term")
+    u.add_argument("--uskd_beta", type=float, default=DEFAULT_BETA, help="weight of the Zipf non-target term")
+    u.add_argument("--uskd_mu", type=float, default=DEFAULT_MU, help="weight of the weak classifier's cross-entropy")
     add_common_args(parser)
     parser.set_defaults(trial="1")
     return parse_with_config(parser, argv)
@@ -169,7 +211,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_args(args) -> None:
     check_model_name(args.model)
     check_fits_dataset(args.model, args.dataset)
-    (check_tf_kd_reg if args.method == "tf_kd_reg" else check_byot)(args)
+    {"byot": check_byot, "tf_kd_reg": check_tf_kd_reg, "uskd": check_uskd}[args.method](args)
 
 
 def check_byot(args) -> None:
@@ -190,23 +232,33 @@ def check_tf_kd_reg(args) -> None:
           f"(those not given: {source}), correct_prob {args.correct_prob:g}")
 
 
+def check_uskd(args) -> None:
+    for flag in USKD_FLAGS:
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--{flag} must be a number >= 0, got {value}")
+
+
 def run_name(args) -> str:
-    prefix = "TfKD_reg" if args.method == "tf_kd_reg" else "BYOT"
-    return f"{prefix}-{args.model}_{args.dataset}_trial{args.trial}"
+    return f"{PREFIXES[args.method]}-{args.model}_{args.dataset}_trial{args.trial}"
 
 
 def build_task(args, model, train_loader, num_classes, device) -> Task:
     if args.method == "tf_kd_reg":
         return VirtualTeacherTask(model, num_classes, args.reg_alpha, args.multiplier,
                                   VirtualTeacherLoss(args.correct_prob, args.reg_temperature))
-    return SelfDistillTask(model, sample_features([model], train_loader, device)[0], num_classes,
-                           args.loss_coefficient, args.kd_T, args.feature_loss_coefficient)
+    sample = sample_features([model], train_loader, device)[0]
+    if args.method == "uskd":
+        return USKDTask(model, sample, num_classes, args.uskd_alpha, args.uskd_beta, args.uskd_mu)
+    return SelfDistillTask(model, sample, num_classes, args.loss_coefficient, args.kd_T, args.feature_loss_coefficient)
 
 
 def describe(args) -> dict:
     if args.method == "tf_kd_reg":
         return {"method": "tf_kd_reg", "teacher": "virtual", "alpha": args.reg_alpha, "kd_T": args.reg_temperature,
                 "multiplier": args.multiplier, "correct_prob": args.correct_prob}
+    if args.method == "uskd":
+        return {"method": "uskd", "teacher": "self", **{flag: getattr(args, flag) for flag in USKD_FLAGS}}
     return {"method": "byot", "teacher": "self", "alpha": args.loss_coefficient, "kd_T": args.kd_T,
             "beta": args.feature_loss_coefficient}
 

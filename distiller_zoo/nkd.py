@@ -17,7 +17,7 @@ carries the teacher's entropy; the gradient is that of the KL form.
 Defaults: tau 3, gamma 3.5, the official CIFAR-100 config (configs/distillers/cifar100/
 res34_distill_res18_cifar.py); the ImageNet configs' tau 1, gamma 1.5 are taken for the
 ImageNet pairs. Registry weights -r 1 -a 0 -b 1 (the official trainer adds the loss to CE
-unweighted). The teacher-free variant (USKD) is not here.
+unweighted). The teacher-free variant, USKD, is distiller_zoo/uskd.py (train_self.py --method uskd).
 
 Features: logits and the batch's labels. No connectors. Computed in float32 with autocast off;
 --logit_stand z-scores both logit vectors first.
