@@ -180,13 +180,13 @@ class USKDTask(Task):
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a network that distils its deepest classifier into "
                                                  "auxiliary classifiers on its shallow stages (BYOT), or one "
-                                                 "taught by Tf-KD's virtual teacher.",
+                                                 "taught by Tf-KD's virtual teacher or by USKD's own soft labels.",
                                      formatter_class=HelpFormatter, epilog=EXAMPLES)
     parser.add_argument("--model", type=str, default="resnet32x4", help="a name of models.model_dict")
     parser.add_argument("--method", type=str, default="byot", choices=METHODS,
                         help="byot: auxiliary classifiers (Zhang et al., ICCV 2019); tf_kd_reg: Tf-KD's virtual "
                              "teacher (Yuan et al., CVPR 2020); uskd: self-made soft labels (Yang et al., ICCV 2023)")
-    g = parser.add_argument_group("self-distillation (the official code's flags and defaults)")
+    g = parser.add_argument_group("byot (the official code's flags and defaults)")
     g.add_argument("--loss_coefficient", type=float, default=0.3,
                    help="alpha: weight of the soft targets, 1 - alpha on the auxiliaries' cross-entropy")
     g.add_argument("--kd_T", type=float, default=3.0, help="temperature of the soft targets")
@@ -254,11 +254,15 @@ def build_task(args, model, train_loader, num_classes, device) -> Task:
 
 
 def describe(args) -> dict:
+    """The run's record for results.json and TensorBoard's HParams (gamma: the CE weight, beta: the
+    method's), with each method's own flags."""
     if args.method == "tf_kd_reg":
-        return {"method": "tf_kd_reg", "teacher": "virtual", "alpha": args.reg_alpha, "kd_T": args.reg_temperature,
-                "multiplier": args.multiplier, "correct_prob": args.correct_prob}
+        return {"method": "tf_kd_reg", "teacher": "virtual", "gamma": 1 - args.reg_alpha,
+                "beta": f"{args.reg_alpha * args.multiplier:g}", "kd_T": args.reg_temperature,
+                "reg_alpha": args.reg_alpha, "multiplier": args.multiplier, "correct_prob": args.correct_prob}
     if args.method == "uskd":
-        return {"method": "uskd", "teacher": "self", **{flag: getattr(args, flag) for flag in USKD_FLAGS}}
+        return {"method": "uskd", "teacher": "self", "beta": "+".join(f"{getattr(args, f):g}" for f in USKD_FLAGS),
+                **{flag: getattr(args, flag) for flag in USKD_FLAGS}}
     return {"method": "byot", "teacher": "self", "alpha": args.loss_coefficient, "kd_T": args.kd_T,
             "beta": args.feature_loss_coefficient}
 

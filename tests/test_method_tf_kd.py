@@ -127,3 +127,5 @@ def test_one_digits_epoch_of_the_virtual_teacher(tmp_path, monkeypatch):
         ("tf_kd_reg", 0.1, 20.0, 10.0)
     assert "virtual_kl" in (run / "metrics.csv").read_text().splitlines()[0]
     assert math.isfinite(results["best_top1"])
+    # the HParams record: gamma 1 - alpha, beta alpha * multiplier
+    assert (results["method"], results["gamma"], results["beta"]) == ("tf_kd_reg", 0.9, "1")

@@ -111,8 +111,10 @@ def test_a_negative_weight_stops_train_self_with_status_2(tmp_path, capsys):
 
 def test_one_digits_epoch_deploys_the_plain_network(tmp_path, monkeypatch):
     quarter_digits(monkeypatch)
-    train_self.main(fast_args(tmp_path, "--method", "uskd", "--model", "resnet8", "--epochs", "1", "--batch_size",
-                              "128", "--uskd_alpha", "1", "--amp", "off", "--no-channels_last"))
+    results = train_self.main(fast_args(tmp_path, "--method", "uskd", "--model", "resnet8", "--epochs", "1",
+                                        "--batch_size", "128", "--uskd_alpha", "1", "--amp", "off",
+                                        "--no-channels_last"))
+    assert (results["method"], results["beta"]) == ("uskd", "1+0.1+0.1")
     run = tmp_path / "self" / "USKD-resnet8_digits_trial1"
     assert read_json(run / "args.json")["uskd_alpha"] == 1.0
     assert "uskd_non_target" in (run / "metrics.csv").read_text().splitlines()[0]
