@@ -26,6 +26,20 @@ state_dict alone (it loads with strict=True, evaluate.py reads it, train_student
 
     python train_self.py --model resnet32x4
     python train_self.py --model resnet8 --dataset digits --epochs 2
+
+`--method tf_kd_reg` trains with Tf-KD's virtual teacher instead (Yuan et al., CVPR 2020;
+distiller_zoo/tf_kd.py): (1 - alpha) CE + alpha * multiplier * KL(softmax(p^d / tau) || softmax(z)),
+p^d putting --correct_prob on the label and the rest uniformly; no auxiliaries, no teacher network.
+Its flags take the official per-architecture values where they are not given.
+
+    python train_self.py --method tf_kd_reg --model MobileNetV2
+
+`--method uskd` trains with USKD's self-made soft labels (Yang et al., ICCV 2023;
+distiller_zoo/uskd.py): CE + alpha * L_target + beta * L_non-target + L_weak, the weak logits from a
+linear classifier on the pooled second-deepest stage (trained with the network, kept in the
+resume state like BYOT's auxiliaries).
+
+    python train_self.py --method uskd --model resnet32x4
 """
 from core.errors import UserError, exit_quietly_on_ctrl_c, exits_cleanly
 
@@ -39,6 +53,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from distiller_zoo.kd import DistillKL
+from distiller_zoo.tf_kd import CORRECT_PROB, VirtualTeacherLoss, check_reg, resolve_reg
+from distiller_zoo.uskd import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_MU, USKDLoss
 from engine.args import HelpFormatter, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.session import build_data, create_run_dir, restore_args, sample_features, start
@@ -48,7 +64,12 @@ from engine.trainer import Trainer
 EXAMPLES = """examples:
   python train_self.py --model resnet32x4                          # CIFAR-100, RepDistiller's recipe
   python train_self.py --model resnet8 --dataset digits --epochs 2
+  python train_self.py --method tf_kd_reg --model MobileNetV2        # Tf-KD's virtual teacher
+  python train_self.py --method uskd --model resnet32x4              # USKD's self-made soft labels
 """
+METHODS = ("byot", "tf_kd_reg", "uskd")
+PREFIXES = {"byot": "BYOT", "tf_kd_reg": "TfKD_reg", "uskd": "USKD"}
+USKD_FLAGS = ("uskd_alpha", "uskd_beta", "uskd_mu")
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int, stride: int) -> list:
@@ -115,17 +136,73 @@ class SelfDistillTask(Task):
         self.auxiliaries.load_state_dict(state["auxiliaries"])
 
 
+class VirtualTeacherTask(Task):
+    """Tf-KD_reg: cross-entropy and the KL to a hand-designed teacher distribution."""
+
+    def __init__(self, model: nn.Module, num_classes: int, alpha: float, multiplier: float, kl: VirtualTeacherLoss):
+        super().__init__(model, num_classes)
+        self.alpha, self.multiplier, self.kl = alpha, multiplier, kl
+
+    def forward(self, images, targets, *unused):
+        logits = self.model(images)
+        terms = {"ce": F.cross_entropy(logits.float(), targets), "virtual_kl": self.kl(logits, targets)}
+        terms["loss"] = (1 - self.alpha) * terms["ce"] + self.alpha * self.multiplier * terms["virtual_kl"]
+        return terms, logits
+
+
+class USKDTask(Task):
+    """USKD: cross-entropy and the soft labels the network makes from its own outputs."""
+
+    def __init__(self, model: nn.Module, sample, num_classes: int, alpha: float, beta: float, mu: float):
+        """`sample`: the model's Features of one batch (the weak classifier's width comes from it)."""
+        super().__init__(model, num_classes)
+        self.uskd = USKDLoss(sample.stages[-2].shape[1], num_classes, alpha, beta, mu)
+
+    def forward(self, images, targets, *unused):
+        feat = self.model.forward_features(images)
+        mid = F.adaptive_avg_pool2d(feat.stages[-2], 1).flatten(1)
+        terms = {"ce": F.cross_entropy(feat.logits.float(), targets)}
+        value, parts = self.uskd(mid, feat.logits, targets)
+        terms.update({f"uskd_{k}": v for k, v in parts.items()})
+        terms["loss"] = terms["ce"] + value
+        return terms, feat.logits
+
+    def main_parameters(self) -> list:
+        return super().main_parameters() + list(self.uskd.parameters())
+
+    def extra_state(self) -> dict:
+        return {"uskd": self.uskd.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.uskd.load_state_dict(state["uskd"])
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a network that distils its deepest classifier into "
-                                                 "auxiliary classifiers on its shallow stages (BYOT).",
+                                                 "auxiliary classifiers on its shallow stages (BYOT), or one "
+                                                 "taught by Tf-KD's virtual teacher or by USKD's own soft labels.",
                                      formatter_class=HelpFormatter, epilog=EXAMPLES)
     parser.add_argument("--model", type=str, default="resnet32x4", help="a name of models.model_dict")
-    g = parser.add_argument_group("self-distillation (the official code's flags and defaults)")
+    parser.add_argument("--method", type=str, default="byot", choices=METHODS,
+                        help="byot: auxiliary classifiers (Zhang et al., ICCV 2019); tf_kd_reg: Tf-KD's virtual "
+                             "teacher (Yuan et al., CVPR 2020); uskd: self-made soft labels (Yang et al., ICCV 2023)")
+    g = parser.add_argument_group("byot (the official code's flags and defaults)")
     g.add_argument("--loss_coefficient", type=float, default=0.3,
                    help="alpha: weight of the soft targets, 1 - alpha on the auxiliaries' cross-entropy")
     g.add_argument("--kd_T", type=float, default=3.0, help="temperature of the soft targets")
     g.add_argument("--feature_loss_coefficient", type=float, default=0.03,
                    help="lambda: weight of the feature hint")
+    r = parser.add_argument_group("tf_kd_reg (the official code's flags; default: the values published for --model, "
+                                  "else ResNet18's)")
+    r.add_argument("--reg_alpha", type=float, default=None, help="alpha: weight of the virtual teacher's KL, "
+                                                                 "1 - alpha on the cross-entropy")
+    r.add_argument("--reg_temperature", type=float, default=None, help="tau of softmax(p^d / tau)")
+    r.add_argument("--multiplier", type=float, default=None, help="scale of the KL (averaged over samples and classes)")
+    r.add_argument("--correct_prob", type=float, default=CORRECT_PROB, help="a: p^d's probability of the label")
+    u = parser.add_argument_group("uskd (the official CIFAR-100 config's values; its ImageNet configs: 1, 0.1, 0.005)")
+    u.add_argument("--uskd_alpha", type=float, default=DEFAULT_ALPHA, help="weight of the soft target term")
+    u.add_argument("--uskd_beta", type=float, default=DEFAULT_BETA, help="weight of the Zipf non-target term")
+    u.add_argument("--uskd_mu", type=float, default=DEFAULT_MU, help="weight of the weak classifier's cross-entropy")
     add_common_args(parser)
     parser.set_defaults(trial="1")
     return parse_with_config(parser, argv)
@@ -134,6 +211,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def check_args(args) -> None:
     check_model_name(args.model)
     check_fits_dataset(args.model, args.dataset)
+    {"byot": check_byot, "tf_kd_reg": check_tf_kd_reg, "uskd": check_uskd}[args.method](args)
+
+
+def check_byot(args) -> None:
     if not 0 <= args.loss_coefficient <= 1:
         raise UserError(f"--loss_coefficient must lie in [0, 1], got {args.loss_coefficient}")
     if not (math.isfinite(args.kd_T) and args.kd_T > 0):
@@ -142,8 +223,48 @@ def check_args(args) -> None:
         raise UserError(f"--feature_loss_coefficient must be a number >= 0, got {args.feature_loss_coefficient}")
 
 
+def check_tf_kd_reg(args) -> None:
+    """Fills the flags not given from the architecture's published setting, then checks them."""
+    setting, source = resolve_reg(args.model, args.reg_alpha, args.reg_temperature, args.multiplier)
+    check_reg(setting, args.correct_prob)
+    args.reg_alpha, args.reg_temperature, args.multiplier = setting
+    print(f"tf_kd_reg: alpha {setting.alpha:g}, tau {setting.temperature:g}, multiplier {setting.multiplier:g} "
+          f"(those not given: {source}), correct_prob {args.correct_prob:g}")
+
+
+def check_uskd(args) -> None:
+    for flag in USKD_FLAGS:
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--{flag} must be a number >= 0, got {value}")
+
+
 def run_name(args) -> str:
-    return f"BYOT-{args.model}_{args.dataset}_trial{args.trial}"
+    return f"{PREFIXES[args.method]}-{args.model}_{args.dataset}_trial{args.trial}"
+
+
+def build_task(args, model, train_loader, num_classes, device) -> Task:
+    if args.method == "tf_kd_reg":
+        return VirtualTeacherTask(model, num_classes, args.reg_alpha, args.multiplier,
+                                  VirtualTeacherLoss(args.correct_prob, args.reg_temperature))
+    sample = sample_features([model], train_loader, device)[0]
+    if args.method == "uskd":
+        return USKDTask(model, sample, num_classes, args.uskd_alpha, args.uskd_beta, args.uskd_mu)
+    return SelfDistillTask(model, sample, num_classes, args.loss_coefficient, args.kd_T, args.feature_loss_coefficient)
+
+
+def describe(args) -> dict:
+    """The run's record for results.json and TensorBoard's HParams (gamma: the CE weight, beta: the
+    method's), with each method's own flags."""
+    if args.method == "tf_kd_reg":
+        return {"method": "tf_kd_reg", "teacher": "virtual", "gamma": 1 - args.reg_alpha,
+                "beta": f"{args.reg_alpha * args.multiplier:g}", "kd_T": args.reg_temperature,
+                "reg_alpha": args.reg_alpha, "multiplier": args.multiplier, "correct_prob": args.correct_prob}
+    if args.method == "uskd":
+        return {"method": "uskd", "teacher": "self", "beta": "+".join(f"{getattr(args, f):g}" for f in USKD_FLAGS),
+                **{flag: getattr(args, flag) for flag in USKD_FLAGS}}
+    return {"method": "byot", "teacher": "self", "alpha": args.loss_coefficient, "kd_T": args.kd_T,
+            "beta": args.feature_loss_coefficient}
 
 
 @exits_cleanly
@@ -155,15 +276,12 @@ def main(argv=None) -> dict:
     args, ctx, run_dir = start(args, "self", lambda a: a.model, run_name)
     train_loader, test_loader, info = build_data(args, ctx)
     model = build_model(args.model, info.num_classes).to(ctx.device)
-    task = SelfDistillTask(model, sample_features([model], train_loader, ctx.device)[0], info.num_classes,
-                           args.loss_coefficient, args.kd_T, args.feature_loss_coefficient).to(ctx.device)
+    task = build_task(args, model, train_loader, info.num_classes, ctx.device).to(ctx.device)
     create_run_dir(args, ctx, run_dir)
-    trainer = Trainer(args, ctx, run_dir, task, args.model, train_loader, test_loader,
-                      describe={"method": "byot", "teacher": "self", "alpha": args.loss_coefficient,
-                                "kd_T": args.kd_T, "beta": args.feature_loss_coefficient})
+    trainer = Trainer(args, ctx, run_dir, task, args.model, train_loader, test_loader, describe=describe(args))
     results = trainer.fit()
     if ctx.is_main:
-        print(f"self-distilled {args.model} on {args.dataset}: best top-1 {results['best_top1']:.2f} "
+        print(f"{args.method}: {args.model} on {args.dataset}: best top-1 {results['best_top1']:.2f} "
               f"(epoch {results['best_epoch']}); run directory {run_dir}")
     return results
 

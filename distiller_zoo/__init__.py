@@ -4,3 +4,4 @@ from distiller_zoo import (  # noqa: F401
     ab, at, cat_kd, cc, crd, ctkd, dist, dkd, fitnet, fsp, ft, irg, kd, kdsvd, mlkd, nst, ofd, pkt, reviewkd, rkd,
     sdd, sp, vid, wkd, wttm,
 )
+from distiller_zoo import itrd, nkd, wsld  # noqa: F401

@@ -2,7 +2,8 @@
 # DKD (Zhao et al., CVPR 2022) on the pairs of its CIFAR-100 tables (per-pair beta from the
 # registry, warm-up 20 epochs; the reference table lists resnet32x4 -> MobileNetV2 at 77.07, a
 # figure mdistiller gives for resnet32x4 -> ShuffleV2, so both run), then the newer logit
-# methods on resnet32x4 -> resnet8x4, WTTM on every pair of its README's tables, and DOT with KD.
+# methods on resnet32x4 -> resnet8x4, WTTM and ITRD on every pair of their READMEs' tables, and DOT
+# with KD.
 # Train the teachers first (scripts/run_cifar_vanilla.sh).
 #   bash scripts/run_cifar_dkd.sh [--dry-run]
 #   EPOCHS=240 TRIALS=3 GPU=0 SAVE=save DATA=./data PY=python from the environment
@@ -29,6 +30,8 @@ distill resnet32x4 resnet8x4 sdd_kd
 distill resnet32x4 resnet8x4 sdd_dkd
 distill resnet32x4 resnet8x4 wkd_l,wkd_f
 distill resnet32x4 resnet8x4 kd --dot
+distill resnet32x4 resnet8x4 wsld
+distill resnet32x4 resnet8x4 nkd
 
 # WTTM (ICLR 2024) on the 13 pairs of RepDistiller's tables, as its README reports them
 WTTM_PAIRS="wrn_40_2:wrn_16_2 wrn_40_2:wrn_40_1 resnet56:resnet20 resnet110:resnet20 resnet110:resnet32
@@ -36,5 +39,9 @@ resnet32x4:resnet8x4 vgg13:vgg8 vgg13:MobileNetV2 ResNet50:MobileNetV2 ResNet50:
 resnet32x4:ShuffleV2 wrn_40_2:ShuffleV1"
 for pair in $WTTM_PAIRS; do
   distill "${pair%%:*}" "${pair##*:}" wttm
+done
+# ITRD (BMVC 2022): its README reports the same 13 pairs
+for pair in $WTTM_PAIRS; do
+  distill "${pair%%:*}" "${pair##*:}" itrd
 done
 finish_runs   # under a submitit launcher: submit the queued runs

@@ -4,6 +4,10 @@ from types import SimpleNamespace
 
 import torch
 
+import dataset.digits
+import dataset.loaders
+import train_student
+from conftest import fast_args
 from distiller_zoo import METHODS
 from distiller_zoo.base import BuildContext
 from models import model_dict
@@ -45,3 +49,22 @@ def step_on_real_models(distiller, ctx, x):
     loss.backward()
     assert all(p.grad is None for p in ctx.teacher.parameters())
     return loss, parts
+
+
+def quarter_digits(monkeypatch) -> None:
+    """Every fourth digit, for the rest of the test: the real loader on the real images, a quarter
+    of the steps."""
+    full = dataset.digits.load_digits_split
+    quarter = lambda train: tuple(t[::4] for t in full(train))  # noqa: E731
+    for module in (dataset.digits, dataset.loaders):  # the torch path's and the in-memory path's
+        monkeypatch.setattr(module, "load_digits_split", quarter)
+
+
+def one_digits_epoch(monkeypatch, save, teacher_dir, method: str, *flags):
+    """One epoch of `method` through train_student.py from the `digits_teacher` fixture's teacher,
+    on a quarter of the digits in fp32 NCHW (no speed probe): (results, run directory)."""
+    quarter_digits(monkeypatch)
+    results = train_student.main(fast_args(save, "--path_t", str(teacher_dir / "best.pth"), "--distill", method,
+                                           "--epochs", "1", "--batch_size", "128", "--trial", method,
+                                           "--amp", "off", "--no-channels_last", *flags))
+    return results, save / "students" / results["run_name"]
