@@ -20,7 +20,8 @@ attention weights are trained by the same loss (the official code does not detac
 Source: the official code, DefangChen/SemCKD (models/util.py SelfA, AAEmbed, MLPEmbed;
 distiller_zoo/SemCKD.py) and its restatement in DefangChen/SimKD (models/util.py SelfA with
 its `--soft` scale, 1.0 by default, which the first repo does not have). Weights as in both
-repositories' scripts: -r 1 -a 1 -b 400 (KD at T = 4 beside the feature term).
+repositories' scripts: -r 1 -a 1 -b 400 (KD at T = 4 beside the feature term); -b 50 for
+ResNet34 -> ResNet18 on ImageNet (the SemCKD README's command), the one per-pair value published.
 
 Features consumed: every stage output (`stages`); all S x T pairs, so any pair of networks
 works. Departures (README, Decisions): the official loop skips a whole training step when a
@@ -102,7 +103,8 @@ class SemanticCalibration(nn.Module):
 
 
 @register("semckd", gamma=1.0, alpha=1.0, beta=400.0,
-          paper="Chen et al., Cross-Layer Distillation with Semantic Calibration, AAAI 2021")
+          paper="Chen et al., Cross-Layer Distillation with Semantic Calibration, AAAI 2021",
+          beta_per_pair={("imagenet_resnet34", "imagenet_resnet18"): 50.0})
 class SemCKD(Distiller):
     options = (
         Option("semckd_factor", int, 4, "SemCKD: the query/key embedding is batch_size // factor wide"),

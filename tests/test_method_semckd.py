@@ -136,6 +136,7 @@ def test_bad_options(overrides):
 def test_registry():
     spec = resolve("semckd")
     assert (spec.gamma, spec.alpha, spec.beta) == (1.0, 1.0, 400.0)
+    assert spec.beta_per_pair == {("imagenet_resnet34", "imagenet_resnet18"): 50.0}
 
 
 def test_one_digits_epoch(digits_teacher, tmp_path):
