@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 import distiller_zoo
-from distiller_zoo.base import BuildContext
+from distiller_zoo.base import BuildContext, DeployedNetwork
 from distiller_zoo.multi_teacher import MODES, TeacherEnsemble, ensemble_weights
 from distiller_zoo.objective import Objective, parse_objective
 from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
@@ -264,6 +264,9 @@ def quantisation_aware(args) -> dict:
         raise UserError(f"--qat_epochs must be >= 1 and --qat_lr > 0 (got {args.qat_epochs}, {args.qat_lr})")
     train_loader, test_loader, info = deploy_data.loaders(args.dataset, args.data_folder)
     student, arch = load_network(args.init_student, None, info.num_classes, args.dataset)
+    if isinstance(student, DeployedNetwork):
+        raise UserError(f"--init_student {args.init_student} deploys a method's head beside the student (SimKD); "
+                        "QAT covers plain networks only; evaluate or export it as it is")
     config = QATConfig(epochs=args.qat_epochs, learning_rate=args.qat_lr, momentum=args.momentum,
                        gamma=1.0 if args.gamma is None else args.gamma, alpha=args.alpha or 0.0,
                        kd_T=1.0 if args.kd_T is None else args.kd_T)

@@ -2,6 +2,6 @@
 from distiller_zoo.base import ALIASES, METHODS, BuildContext, Distiller, InitStage, resolve  # noqa: F401
 from distiller_zoo import (  # noqa: F401
     ab, at, cat_kd, cc, crd, ctkd, dist, dkd, fitnet, fsp, ft, irg, kd, kdsvd, mlkd, nst, ofd, pkt, reviewkd, rkd,
-    sdd, sp, vid, wkd, wttm,
+    sdd, semckd, simkd, sp, vid, wkd, wttm,
 )
 from distiller_zoo import itrd, nkd, wsld  # noqa: F401

@@ -6,7 +6,7 @@ A method is two layers: its loss as a plain nn.Module on tensors, and a
 connectors from one sample batch, and may declare an init stage. The training
 loop only sees the registry.
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch.nn.functional as F
@@ -78,6 +78,7 @@ class Distiller(nn.Module):
     views, KD and every other distiller the weak half."""
 
     options: Tuple[Option, ...] = ()
+    head_class: Optional[type] = None  # the DeployedHead subclass `deployed_head` returns, if any
 
     @classmethod
     def data_needs(cls, options) -> DataNeeds:
@@ -90,11 +91,65 @@ class Distiller(nn.Module):
     def init_stage(self) -> Optional[InitStage]:
         return None
 
+    def deployed_head(self) -> Optional["DeployedHead"]:
+        """The head that replaces the student's classifier in the network the run deploys
+        (SimKD: its projector and the teacher's classifier), or None: the student alone is
+        deployed. A method with a head returns that head's logits on the batch under
+        `parts[DEPLOYED_LOGITS]`: the training accuracy counts them."""
+        return None
+
     def set_epoch(self, epoch: int) -> None:
         """Called before each main epoch (DKD's warm-up)."""
 
     def epoch_metrics(self) -> Dict[str, float]:
         return {}
+
+
+# The key of a distiller's parts under which a method with a deployed head returns its logits.
+DEPLOYED_LOGITS = "deployed_logits"
+
+
+class DeployedHead(nn.Module):
+    """A method's module that maps the student's Features to the deployed network's logits.
+    `config()` returns the JSON-able keyword arguments that rebuild it (`type(head)(**config)`),
+    so that a checkpoint can hold it beside the student's weights."""
+
+    def config(self) -> dict:
+        raise NotImplementedError
+
+
+class DeployedNetwork(nn.Module):
+    """The student with a method's head in place of its classifier: what such a run evaluates,
+    checkpoints (the student's weights under 'model', the head under 'head') and exports."""
+
+    def __init__(self, student: nn.Module, head: DeployedHead):
+        super().__init__()
+        self.student = student
+        self.head = head
+
+    def forward_features(self, x: Tensor) -> Features:
+        feat = self.student.forward_features(x)
+        return replace(feat, logits=self.head(feat))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.student.forward_features(x))
+
+
+def head_record(method: str, head: DeployedHead) -> dict:
+    """What a checkpoint stores under 'head': the method, the head's config and its weights."""
+    return {"method": method, "config": head.config(), "state": head.state_dict()}
+
+
+def deployed_network(student: nn.Module, record: dict, path) -> DeployedNetwork:
+    """The student of a checkpoint with its stored head (`head_record`) rebuilt and loaded."""
+    head_class = resolve(record["method"]).cls.head_class
+    head = head_class(**record["config"])
+    try:
+        head.load_state_dict(record["state"], strict=True)
+    except RuntimeError:
+        raise UserError(f"checkpoint {path}: its {record['method']} head does not fit its stored configuration; "
+                        "the file is damaged or from another version") from None
+    return DeployedNetwork(student, head).eval()
 
 
 # The init-stage length shared by the methods that declare an init stage (AB, FT, FSP).

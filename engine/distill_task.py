@@ -12,14 +12,19 @@ returned for the accuracy are the weak half's, one row per sample.
 Several teachers: `teacher` feeds the methods; `kd_teachers` (the others, frozen) join it in
 the KD term only, which `combine(student logits, list of teacher logits, targets) -> loss`
 then computes in place of `kd`; it must not depend on the teachers' order
-(distiller_zoo/multi_teacher.py)."""
+(distiller_zoo/multi_teacher.py).
+
+A method whose head replaces the student's classifier in the deployed network (SimKD) makes
+`deployed_network()` the student with that head; the training accuracy counts the head's
+logits, which the method returns in its parts (distiller_zoo.base.DEPLOYED_LOGITS)."""
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distiller_zoo.base import Batch, Distiller, InitStage
+from core.errors import UserError
+from distiller_zoo.base import DEPLOYED_LOGITS, Batch, DeployedNetwork, Distiller, InitStage, head_record
 from distiller_zoo.temperature import Temperature
 from engine.task import Task, compile_features
 from engine.trainer import Stage
@@ -44,6 +49,11 @@ class DistillTask(Task):
         self.temperature = temperature
         self.kd_name, self.kd = kd_term  # the -a term (KD) and the name it is logged under
         self.strong_view = any(d.needs.strong_view for _, _, d in methods)
+        heads = [(name, head) for name, _, d in methods if (head := d.deployed_head()) is not None]
+        if len(heads) > 1:
+            raise UserError(f"{' and '.join(name for name, _ in heads)} both replace the student's classifier "
+                            "in the deployed network; combine at most one of them")
+        self.head_name, self.head = heads[0] if heads else (None, None)
 
     def teacher_features(self, images):
         with torch.no_grad():
@@ -58,6 +68,7 @@ class DistillTask(Task):
             feat_t = weak_t = self.teacher_features(images)
         ce = F.cross_entropy(weak_s.logits.float(), targets)
         terms = {"ce": ce}
+        logits = weak_s.logits
         loss = self.gamma * ce
         if self.strong_view:
             terms["ce_strong"] = F.cross_entropy(feat_s.logits[targets.shape[0]:].float(), targets)
@@ -73,11 +84,13 @@ class DistillTask(Task):
                 value, parts = distiller(feat_s, feat_t, batch)
             else:
                 value, parts = distiller(weak_s, weak_t, batch)
+            if DEPLOYED_LOGITS in parts:
+                logits = parts.pop(DEPLOYED_LOGITS)
             terms[name] = value
             terms.update({f"{name}_{k}": v.detach() for k, v in parts.items()})
             loss = loss + self.weights[name] * value
         terms["loss"] = loss
-        return terms, weak_s.logits
+        return terms, logits
 
     def _kd(self, images, logits_s, weak_t: Features, targets):
         """The KD term: against the teacher, or against all teachers through `combine`."""
@@ -122,6 +135,12 @@ class DistillTask(Task):
         connectors = [p for p in self.distillers.parameters()
                       if p.requires_grad and id(p) not in owned and id(p) not in student_ids]
         return student + connectors
+
+    def deployed_network(self) -> nn.Module:
+        return self.model if self.head is None else DeployedNetwork(self.model, self.head)
+
+    def deployed_record(self):
+        return None if self.head is None else head_record(self.head_name, self.head)
 
     def compile_networks(self) -> None:
         compile_features(self.model)

@@ -30,6 +30,15 @@ class Task(nn.Module):
         ({name: (architecture, network)}; see engine/trainer.py). None by default."""
         return {}
 
+    def deployed_network(self) -> nn.Module:
+        """The network the run evaluates, checkpoints and deploys: `model` unless a method's
+        head replaces its classifier (distiller_zoo.base.DeployedNetwork)."""
+        return self.model
+
+    def deployed_record(self):
+        """What a checkpoint stores under 'head' to rebuild `deployed_network()`; None when it is `model`."""
+        return None
+
     def frozen_networks(self) -> list:
         """Networks that run forward only (a teacher): the speed probe times them too."""
         return []

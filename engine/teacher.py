@@ -5,6 +5,7 @@ the folder name as RepDistiller does."""
 from pathlib import Path
 
 from engine import runs
+from distiller_zoo.base import deployed_network
 from engine.build import build_model
 from models import arch_from_folder as registry_arch_from_folder
 from engine.checkpoint import load_checkpoint, load_model_weights
@@ -81,7 +82,8 @@ def read_teacher(path, model_t):
 
 
 def build_teacher(state: dict, arch: str, num_classes: int, path, dataset: str = None):
-    """The network with the checkpoint's weights, in eval mode."""
+    """The network with the checkpoint's weights, in eval mode; with the method's head when the
+    checkpoint stores one (a SimKD student: distiller_zoo.base.DeployedNetwork)."""
     trained_on = state.get("dataset")  # our checkpoints say; RepDistiller's do not
     if None not in (trained_on, dataset) and trained_on != dataset:
         raise UserError(f"teacher {path} was trained on {trained_on}, not {dataset}; "
@@ -93,6 +95,8 @@ def build_teacher(state: dict, arch: str, num_classes: int, path, dataset: str =
                         "pick one trained on the same --dataset")
     model = build_model(arch, num_classes)
     load_model_weights(model, weights, arch, path)
+    if state.get("head") is not None:
+        return deployed_network(model, state["head"], path)
     return model.eval()
 
 

@@ -9,6 +9,11 @@ that run before the main training. The trainer knows no method by name.
 A task may also train *side networks* besides `task.model` (the peers of mutual learning):
 each is evaluated every epoch (metrics `test_top1_<name>`, ...) and keeps its own best
 checkpoint, `<run>/<name>/best.pth`, in the format of `best.pth`.
+
+What is evaluated and counted is `task.deployed_network()`: `task.model`, or, when a method's
+head replaces the student's classifier (SimKD), the student with that head; the checkpoints
+then hold the head under 'head' beside the student's weights under 'model', and
+engine/teacher.py's `build_teacher` rebuilds the same network from them.
 """
 import inspect
 import shlex
@@ -41,7 +46,7 @@ class Stage:
     epochs: int
     module: nn.Module          # forward(images, targets, indices, ...) -> (terms, logits or None)
     params: List[nn.Parameter]
-    evaluate: bool = True      # evaluate task.model after every epoch
+    evaluate: bool = True      # evaluate task.deployed_network() after every epoch
     constant_lr: Optional[float] = None  # None: the step-decay schedule; init stages use a constant lr
 
 
@@ -137,12 +142,12 @@ class Trainer:
                               print_freq=self.args.print_freq, desc=desc,
                               show_progress=self.ctx.is_main, with_accuracy=stage.evaluate, run=self.run_dir.name,
                               stop=self.stop)
-        average_buffers(self.task.model)
+        average_buffers(self.task.deployed_network())
         for _, network in self.side.values():
             average_buffers(network)
         improved_side = []
         if stage.evaluate:
-            metrics.update(self._evaluate(self.task.model))
+            metrics.update(self._evaluate(self.task.deployed_network()))
             improved_side = self._evaluate_side(metrics)
         metrics["lr"] = lr
         metrics.update(self.task.epoch_metrics())
@@ -212,7 +217,9 @@ class Trainer:
 
     # --- files ------------------------------------------------------------------------------
     def _identity(self) -> dict:
-        return {"arch": self.model_name, "num_classes": self.task.num_classes, "dataset": self.args.dataset}
+        identity = {"arch": self.model_name, "num_classes": self.task.num_classes, "dataset": self.args.dataset}
+        head = self.task.deployed_record()
+        return identity if head is None else {**identity, "head": head}
 
     def _save(self, stage: Stage, epoch: int, optimizer, improved: bool) -> None:
         state = {"model": self.task.model.state_dict(), "epoch": epoch, "stage": stage.name,
@@ -249,7 +256,7 @@ class Trainer:
             "seed": self.args.seed, "epochs": self.args.epochs,
             "best_top1": self.best_acc, "best_epoch": self.best_epoch,
             "last_top1": last["test_top1"], "last_top5": last["test_top5"],
-            "params": sum(p.numel() for p in self.task.model.parameters()),
+            "params": sum(p.numel() for p in self.task.deployed_network().parameters()),
             "wall_time_s": round(self.elapsed, 2), "code_version": runs.code_version(),
             "world_size": self.ctx.world_size, "effective_batch": self.ctx.world_size * self.args.batch_size,
             **{f"best_top1_{name}": best for name, best in self.side_best.items()},
