@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.errors import UserError
+from core.ranges import at_least
 from distiller_zoo.base import BuildContext, Distiller, register
 from distiller_zoo.classifier import check_class_map, class_map
 from distiller_zoo.options import Option
@@ -66,15 +66,14 @@ class CATLoss(nn.Module):
           paper="Guo et al., Class Attention Transfer Based Knowledge Distillation, CVPR 2023")
 class CATKD(Distiller):
     options = (
-        Option("cat_resolution", int, DEFAULT_RESOLUTION, "side R of the average-pooled class activation maps"),
+        Option("cat_resolution", int, DEFAULT_RESOLUTION, "side R of the average-pooled class activation maps",
+               valid=at_least(1)),
         Option("cat_normalize", bool, False, "L2-normalise each pooled CAM before the MSE"),
     )
 
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         self.resolution = ctx.options.cat_resolution
-        if self.resolution < 1:
-            raise UserError(f"--cat_resolution must be >= 1 (got {self.resolution})")
         # plain attributes, not submodules: the heads belong to (and are trained or frozen with) the networks
         self.heads = (check_class_map("cat_kd", "student", ctx.student_name, ctx.student, ctx.feat_s),
                       check_class_map("cat_kd", "teacher", ctx.teacher_name, ctx.teacher, ctx.feat_t))

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
+from core.ranges import NON_NEGATIVE, Parsed
 from distiller_zoo.base import BuildContext, Distiller, WarmupDistiller, register
 from distiller_zoo.classifier import check_class_map, class_map
 from distiller_zoo.dkd import DKD, DKDLoss
@@ -42,14 +43,6 @@ from distiller_zoo.kd import DistillKL
 from distiller_zoo.options import Option
 
 DEFAULT_COMPLEMENTARY = 2.0
-
-# One declaration shared by sdd_kd and sdd_dkd, so the shared flags resolve alike.
-SDD_OPTIONS = (
-    Option("sdd_scales", str, "1,2,4", "comma-separated pooling scales M, 1 included",
-           per_pair={("resnet32x4", "resnet8x4"): "1,2"}),
-    Option("sdd_weight", float, DEFAULT_COMPLEMENTARY, "weight of the complementary cells"),
-)
-
 
 def scale_cells(fmap: Tensor, scales: Sequence[int]) -> Tensor:
     """(B, N, C): the cells of every scale, coarse to fine, each scale row-major. Coarser scales
@@ -98,6 +91,15 @@ def parse_scales(text: str) -> Tuple[int, ...]:
     if not scales or scales[0] != 1:
         raise UserError(f"--sdd_scales must include 1, the global cell SDD compares against (got {text!r})")
     return scales
+
+
+# One declaration shared by sdd_kd and sdd_dkd, so the shared flags resolve alike.
+SDD_OPTIONS = (
+    Option("sdd_scales", str, "1,2,4", "comma-separated pooling scales M, 1 included",
+           per_pair={("resnet32x4", "resnet8x4"): "1,2"},
+           valid=Parsed("comma-separated integers, 1 among them", parse_scales)),
+    Option("sdd_weight", float, DEFAULT_COMPLEMENTARY, "weight of the complementary cells", valid=NON_NEGATIVE),
+)
 
 
 class ScaleCells:
