@@ -27,7 +27,7 @@ state_dict alone (it loads with strict=True, evaluate.py reads it, train_student
     python train_self.py --model resnet32x4
     python train_self.py --model resnet8 --dataset digits --epochs 2
 """
-from core.errors import UserError, exit_quietly_on_ctrl_c, exits_cleanly
+from core.errors import exit_quietly_on_ctrl_c, exits_cleanly
 
 exit_quietly_on_ctrl_c()  # before the imports below, which take seconds
 
@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.ranges import NON_NEGATIVE, POSITIVE, within
 from distiller_zoo.kd import DistillKL
-from engine.args import HelpFormatter, add_common_args, parse_with_config
+from engine.args import Parser, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.session import build_data, create_run_dir, restore_args, sample_features, start
 from engine.task import Task
@@ -115,31 +116,29 @@ class SelfDistillTask(Task):
         self.auxiliaries.load_state_dict(state["auxiliaries"])
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a network that distils its deepest classifier into "
-                                                 "auxiliary classifiers on its shallow stages (BYOT).",
-                                     formatter_class=HelpFormatter, epilog=EXAMPLES)
+def build_parser() -> Parser:
+    parser = Parser(description="Train a network that distils its deepest classifier into auxiliary classifiers on "
+                                "its shallow stages (BYOT).", epilog=EXAMPLES)
     parser.add_argument("--model", type=str, default="resnet32x4", help="a name of models.model_dict")
     g = parser.add_argument_group("self-distillation (the official code's flags and defaults)")
     g.add_argument("--loss_coefficient", type=float, default=0.3,
-                   help="alpha: weight of the soft targets, 1 - alpha on the auxiliaries' cross-entropy")
-    g.add_argument("--kd_T", type=float, default=3.0, help="temperature of the soft targets")
+                   help="alpha: weight of the soft targets, 1 - alpha on the auxiliaries' cross-entropy",
+                   valid=within(0, 1))
+    g.add_argument("--kd_T", type=float, default=3.0, help="temperature of the soft targets", valid=POSITIVE)
     g.add_argument("--feature_loss_coefficient", type=float, default=0.03,
-                   help="lambda: weight of the feature hint")
+                   help="lambda: weight of the feature hint", valid=NON_NEGATIVE)
     add_common_args(parser)
     parser.set_defaults(trial="1")
-    return parse_with_config(parser, argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return parse_with_config(build_parser(), argv)
 
 
 def check_args(args) -> None:
     check_model_name(args.model)
     check_fits_dataset(args.model, args.dataset)
-    if not 0 <= args.loss_coefficient <= 1:
-        raise UserError(f"--loss_coefficient must lie in [0, 1], got {args.loss_coefficient}")
-    if not (math.isfinite(args.kd_T) and args.kd_T > 0):
-        raise UserError(f"--kd_T must be a positive number, got {args.kd_T}")
-    if not (math.isfinite(args.feature_loss_coefficient) and args.feature_loss_coefficient >= 0):
-        raise UserError(f"--feature_loss_coefficient must be a number >= 0, got {args.feature_loss_coefficient}")
 
 
 def run_name(args) -> str:
