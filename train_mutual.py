@@ -94,7 +94,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def peer_archs(args) -> list:
-    archs = [name.strip() for name in args.models.split(",") if name.strip()]
+    archs = [name.strip() for name in args.models.split(",")]  # an empty entry is an unknown model, not skipped
     if len(archs) < 2:
         raise UserError(f"--models needs two or more comma-separated architectures, got {args.models!r}")
     for arch in archs:

@@ -162,6 +162,7 @@ NAMED = [
     (train_self, ["--save_freq", "0"], "--save_freq must be an integer >= 1, got 0"),
     (train_teacher, ["--num_workers", "-1", "--loader", "torch"], "--num_workers must be an integer >= 0, got -1"),
     (train_teacher, ["--epochs", "1.5"], "argument --epochs: invalid int value: '1.5'"),
+    (train_mutual, ["--models", "resnet8,,resnet14"], "unknown model '' for --models"),
 ]
 
 
