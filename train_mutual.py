@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distiller_zoo.kd import DistillKL
-from engine.args import HelpFormatter, add_common_args, parse_with_config
+from engine.args import Parser, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name, default_lr
 from engine.session import build_data, create_run_dir, restore_args, start
 from engine.task import Task, compile_features
@@ -80,18 +80,21 @@ class MutualTask(Task):
         self.peers.load_state_dict(state["peers"])
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train two or more peers together by deep mutual learning.",
-                                     formatter_class=HelpFormatter, epilog=EXAMPLES)
+def build_parser() -> Parser:
+    parser = Parser(description="Train two or more peers together by deep mutual learning.", epilog=EXAMPLES)
     parser.add_argument("--models", type=str, default="resnet32,resnet32",
                         help="the peers' architectures, comma-separated (names of models.model_dict)")
     add_common_args(parser)
     parser.set_defaults(trial="1")
-    return parse_with_config(parser, argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return parse_with_config(build_parser(), argv)
 
 
 def peer_archs(args) -> list:
-    archs = [name.strip() for name in args.models.split(",") if name.strip()]
+    archs = [name.strip() for name in args.models.split(",")]  # an empty entry is an unknown model, not skipped
     if len(archs) < 2:
         raise UserError(f"--models needs two or more comma-separated architectures, got {args.models!r}")
     for arch in archs:

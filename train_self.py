@@ -41,7 +41,7 @@ resume state like BYOT's auxiliaries).
 
     python train_self.py --method uskd --model resnet32x4
 """
-from core.errors import UserError, exit_quietly_on_ctrl_c, exits_cleanly
+from core.errors import exit_quietly_on_ctrl_c, exits_cleanly
 
 exit_quietly_on_ctrl_c()  # before the imports below, which take seconds
 
@@ -52,10 +52,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from core.ranges import NON_NEGATIVE, POSITIVE, within
 from distiller_zoo.kd import DistillKL
 from distiller_zoo.tf_kd import CORRECT_PROB, VirtualTeacherLoss, check_reg, resolve_reg
 from distiller_zoo.uskd import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_MU, USKDLoss
-from engine.args import HelpFormatter, add_common_args, parse_with_config
+from engine.args import Parser, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.session import build_data, create_run_dir, restore_args, sample_features, start
 from engine.task import Task
@@ -177,50 +178,51 @@ class USKDTask(Task):
         self.uskd.load_state_dict(state["uskd"])
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a network that distils its deepest classifier into "
-                                                 "auxiliary classifiers on its shallow stages (BYOT), or one "
-                                                 "taught by Tf-KD's virtual teacher or by USKD's own soft labels.",
-                                     formatter_class=HelpFormatter, epilog=EXAMPLES)
+def build_parser() -> Parser:
+    parser = Parser(description="Train a network that distils its deepest classifier into auxiliary classifiers on "
+                                "its shallow stages (BYOT), or one taught by Tf-KD's virtual teacher or by USKD's "
+                                "own soft labels.", epilog=EXAMPLES)
     parser.add_argument("--model", type=str, default="resnet32x4", help="a name of models.model_dict")
     parser.add_argument("--method", type=str, default="byot", choices=METHODS,
                         help="byot: auxiliary classifiers (Zhang et al., ICCV 2019); tf_kd_reg: Tf-KD's virtual "
                              "teacher (Yuan et al., CVPR 2020); uskd: self-made soft labels (Yang et al., ICCV 2023)")
     g = parser.add_argument_group("byot (the official code's flags and defaults)")
     g.add_argument("--loss_coefficient", type=float, default=0.3,
-                   help="alpha: weight of the soft targets, 1 - alpha on the auxiliaries' cross-entropy")
-    g.add_argument("--kd_T", type=float, default=3.0, help="temperature of the soft targets")
+                   help="alpha: weight of the soft targets, 1 - alpha on the auxiliaries' cross-entropy",
+                   valid=within(0, 1))
+    g.add_argument("--kd_T", type=float, default=3.0, help="temperature of the soft targets", valid=POSITIVE)
     g.add_argument("--feature_loss_coefficient", type=float, default=0.03,
-                   help="lambda: weight of the feature hint")
+                   help="lambda: weight of the feature hint", valid=NON_NEGATIVE)
     r = parser.add_argument_group("tf_kd_reg (the official code's flags; default: the values published for --model, "
                                   "else ResNet18's)")
     r.add_argument("--reg_alpha", type=float, default=None, help="alpha: weight of the virtual teacher's KL, "
-                                                                 "1 - alpha on the cross-entropy")
-    r.add_argument("--reg_temperature", type=float, default=None, help="tau of softmax(p^d / tau)")
-    r.add_argument("--multiplier", type=float, default=None, help="scale of the KL (averaged over samples and classes)")
-    r.add_argument("--correct_prob", type=float, default=CORRECT_PROB, help="a: p^d's probability of the label")
+                                                                 "1 - alpha on the cross-entropy", valid=within(0, 1))
+    r.add_argument("--reg_temperature", type=float, default=None, help="tau of softmax(p^d / tau)", valid=POSITIVE)
+    r.add_argument("--multiplier", type=float, default=None, help="scale of the KL (averaged over samples and classes)",
+                   valid=NON_NEGATIVE)
+    r.add_argument("--correct_prob", type=float, default=CORRECT_PROB, help="a: p^d's probability of the label",
+                   valid=within(0, 1, "(]"))
     u = parser.add_argument_group("uskd (the official CIFAR-100 config's values; its ImageNet configs: 1, 0.1, 0.005)")
-    u.add_argument("--uskd_alpha", type=float, default=DEFAULT_ALPHA, help="weight of the soft target term")
-    u.add_argument("--uskd_beta", type=float, default=DEFAULT_BETA, help="weight of the Zipf non-target term")
-    u.add_argument("--uskd_mu", type=float, default=DEFAULT_MU, help="weight of the weak classifier's cross-entropy")
+    u.add_argument("--uskd_alpha", type=float, default=DEFAULT_ALPHA, help="weight of the soft target term",
+                   valid=NON_NEGATIVE)
+    u.add_argument("--uskd_beta", type=float, default=DEFAULT_BETA, help="weight of the Zipf non-target term",
+                   valid=NON_NEGATIVE)
+    u.add_argument("--uskd_mu", type=float, default=DEFAULT_MU, help="weight of the weak classifier's cross-entropy",
+                   valid=NON_NEGATIVE)
     add_common_args(parser)
     parser.set_defaults(trial="1")
-    return parse_with_config(parser, argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return parse_with_config(build_parser(), argv)
 
 
 def check_args(args) -> None:
     check_model_name(args.model)
     check_fits_dataset(args.model, args.dataset)
-    {"byot": check_byot, "tf_kd_reg": check_tf_kd_reg, "uskd": check_uskd}[args.method](args)
-
-
-def check_byot(args) -> None:
-    if not 0 <= args.loss_coefficient <= 1:
-        raise UserError(f"--loss_coefficient must lie in [0, 1], got {args.loss_coefficient}")
-    if not (math.isfinite(args.kd_T) and args.kd_T > 0):
-        raise UserError(f"--kd_T must be a positive number, got {args.kd_T}")
-    if not (math.isfinite(args.feature_loss_coefficient) and args.feature_loss_coefficient >= 0):
-        raise UserError(f"--feature_loss_coefficient must be a number >= 0, got {args.feature_loss_coefficient}")
+    if args.method == "tf_kd_reg":
+        check_tf_kd_reg(args)
 
 
 def check_tf_kd_reg(args) -> None:
@@ -230,13 +232,6 @@ def check_tf_kd_reg(args) -> None:
     args.reg_alpha, args.reg_temperature, args.multiplier = setting
     print(f"tf_kd_reg: alpha {setting.alpha:g}, tau {setting.temperature:g}, multiplier {setting.multiplier:g} "
           f"(those not given: {source}), correct_prob {args.correct_prob:g}")
-
-
-def check_uskd(args) -> None:
-    for flag in USKD_FLAGS:
-        value = getattr(args, flag)
-        if not (math.isfinite(value) and value >= 0):
-            raise UserError(f"--{flag} must be a number >= 0, got {value}")
 
 
 def run_name(args) -> str:

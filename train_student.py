@@ -17,18 +17,18 @@ from core.errors import UserError, exit_quietly_on_ctrl_c, exits_cleanly
 exit_quietly_on_ctrl_c()  # before the imports below, which take seconds
 
 import argparse
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 
 import distiller_zoo
+from core.ranges import NON_NEGATIVE, POSITIVE, at_least
 from distiller_zoo.base import BuildContext, DeployedNetwork
 from distiller_zoo.multi_teacher import MODES, TeacherEnsemble, ensemble_weights
-from distiller_zoo.objective import Objective, parse_objective
+from distiller_zoo.objective import DISTILL_SPEC, Objective, parse_objective
 from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
-from engine.args import HelpFormatter, add_common_args, parse_with_config
+from engine.args import Parser, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.distill_task import DistillTask
 from engine.dot import DEFAULT_DELTA
@@ -52,9 +52,8 @@ def methods_help() -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Distil a student network from a teacher.",
-                                     formatter_class=HelpFormatter, epilog=methods_help() + "\n\n" + EXAMPLES)
+def build_parser() -> Parser:
+    parser = Parser(description="Distil a student network from a teacher.", epilog=methods_help() + "\n\n" + EXAMPLES)
     m = parser.add_argument_group("distillation (RepDistiller's flags)")
     m.add_argument("--path_t", type=str, default=None,
                    help="teacher checkpoint (ours or RepDistiller's), or several, comma-separated; "
@@ -66,35 +65,41 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Hinton et al.) or CA-MKD's confidence-weighted KL to each (Zhang et al., ICASSP 2022; "
                         "-r 1 -a 1 unless given)")
     m.add_argument("--feature_teacher", type=int, default=0,
-                   help="with several teachers, the one (0-based, in --path_t's order) the method (-b) uses")
+                   help="with several teachers, the one (0-based, in --path_t's order) the method (-b) uses",
+                   valid=at_least(0))
     m.add_argument("--model_s", type=str, default="resnet8", help="student architecture")
     m.add_argument("--distill", type=str, default="kd",
-                   help="method, its RepDistiller alias, or several with weights: crd:0.8,at:1000")
-    m.add_argument("-r", "--gamma", type=float, default=None, help="weight of cross-entropy; default: the method's")
-    m.add_argument("-a", "--alpha", type=float, default=None, help="weight of KD; default: the method's")
+                   help="method, its RepDistiller alias, or several with weights: crd:0.8,at:1000", valid=DISTILL_SPEC)
+    m.add_argument("-r", "--gamma", type=float, default=None, help="weight of cross-entropy; default: the method's",
+                   valid=NON_NEGATIVE)
+    m.add_argument("-a", "--alpha", type=float, default=None, help="weight of KD; default: the method's",
+                   valid=NON_NEGATIVE)
     m.add_argument("-b", "--beta", type=float, default=None,
-                   help="weight of the method's loss; default: the method's (published for the pair where it is)")
+                   help="weight of the method's loss; default: the method's (published for the pair where it is)",
+                   valid=NON_NEGATIVE)
     m.add_argument("--kd_T", type=float, default=None,
-                   help="temperature of the logit losses (KD, DKD, DIST, MLKD); default 4, or 2 with --logit_stand")
+                   help="temperature of the logit losses (KD, DKD, DIST, MLKD); default 4, or 2 with --logit_stand",
+                   valid=POSITIVE)
     m.add_argument("--kd_T_schedule", type=str, default="constant", choices=SCHEDULES,
                    help="move the temperature from --kd_T to --kd_T_end over the epochs")
-    m.add_argument("--kd_T_end", type=float, default=None, help="the temperature at the last epoch")
+    m.add_argument("--kd_T_end", type=float, default=None, help="the temperature at the last epoch", valid=POSITIVE)
     m.add_argument("--logit_stand", action="store_true",
                    help="z-score logits before the temperature softmax (Sun et al., CVPR 2024)")
     m.add_argument("--init_lr", type=float, default=None,
                    help="constant lr of every init stage; default RepDistiller's: 0.01 for FT with a "
-                        "ResNet/WRN student (its registry entry), else --learning_rate")
+                        "ResNet/WRN student (its registry entry), else --learning_rate", valid=POSITIVE)
     q = parser.add_argument_group("quantisation-aware training after distillation (deploy/qat.py)")
     q.add_argument("--qat_epochs", type=int, default=None,
                    help="instead of distilling: N epochs of int8 fake-quantised training of --init_student, "
                         "with KD from the teacher at --kd_T (default 1) when -a > 0; writes best.pth and "
-                        "int8.onnx into its own run directory, and continues an interrupted one")
+                        "int8.onnx into its own run directory, and continues an interrupted one", valid=at_least(1))
     q.add_argument("--init_student", type=str, default=None, help="the distilled student's checkpoint QAT starts from")
-    q.add_argument("--qat_lr", type=float, default=1e-3, help="QAT's constant learning rate")
+    q.add_argument("--qat_lr", type=float, default=1e-3, help="QAT's constant learning rate", valid=POSITIVE)
     m.add_argument("--dot", action="store_true",
                    help="train the main stage with DOT (Zhao et al., ICCV 2023): task and distillation momenta "
                         "--momentum -/+ --dot_delta; any method")
-    m.add_argument("--dot_delta", type=float, default=DEFAULT_DELTA, help="DOT's momentum offset delta")
+    m.add_argument("--dot_delta", type=float, default=DEFAULT_DELTA, help="DOT's momentum offset delta",
+                   valid=NON_NEGATIVE)
     add_method_options(parser)
     add_common_args(parser)
     parser.set_defaults(trial="1")
@@ -117,7 +122,7 @@ def add_method_options(parser: argparse.ArgumentParser) -> None:
             declared[opt.name] = opt
             help_text = opt.describe().replace("%(default)s", str(opt.default)) + f" (default: {opt.default})"
             kind = argparse.BooleanOptionalAction if opt.type is bool else None
-            extra = {"action": kind} if kind else {"type": opt.type, "choices": opt.choices}
+            extra = {"action": kind} if kind else {"type": opt.type, "choices": opt.choices, "valid": opt.valid}
             group.add_argument(f"--{opt.name}", default=None, help=help_text, **extra)
 
 
@@ -174,8 +179,6 @@ def resolve_run(args: argparse.Namespace) -> Plan:
     check_fits_dataset(args.model_s, args.dataset, "--model_s")
     if args.kd_T is None:
         args.kd_T = LOGIT_STAND_T if args.logit_stand else 4.0
-    if not math.isfinite(args.kd_T) or args.kd_T <= 0:
-        raise UserError(f"--kd_T must be a positive number, got {args.kd_T}")
     if args.kd_T_schedule != "constant" and args.kd_T_end is None:
         raise UserError(f"--kd_T_schedule {args.kd_T_schedule} needs --kd_T_end, the temperature at the last epoch")
     check_dot(args)
@@ -260,8 +263,6 @@ def quantisation_aware(args) -> dict:
     extras.require()
     if args.init_student is None:
         raise UserError("--qat_epochs needs --init_student, the distilled student's checkpoint")
-    if args.qat_epochs < 1 or not args.qat_lr > 0:
-        raise UserError(f"--qat_epochs must be >= 1 and --qat_lr > 0 (got {args.qat_epochs}, {args.qat_lr})")
     train_loader, test_loader, info = deploy_data.loaders(args.dataset, args.data_folder)
     student, arch = load_network(args.init_student, None, info.num_classes, args.dataset)
     if isinstance(student, DeployedNetwork):

@@ -10,7 +10,7 @@ exit_quietly_on_ctrl_c()  # before the imports below, which take seconds
 
 import argparse
 
-from engine.args import HelpFormatter, add_common_args, parse_with_config
+from engine.args import Parser, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.session import build_data, create_run_dir, start
 from engine.task import SupervisedTask
@@ -23,12 +23,15 @@ EXAMPLES = """examples:
 """
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train a teacher (or a vanilla student) with cross-entropy.",
-                                     formatter_class=HelpFormatter, epilog=EXAMPLES)
+def build_parser() -> Parser:
+    parser = Parser(description="Train a teacher (or a vanilla student) with cross-entropy.", epilog=EXAMPLES)
     parser.add_argument("--model", type=str, default="resnet110", help="a name of models.model_dict")
     add_common_args(parser)
-    return parse_with_config(parser, argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return parse_with_config(build_parser(), argv)
 
 
 def run_name(args) -> str:

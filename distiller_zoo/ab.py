@@ -51,7 +51,6 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor, nn
 
-from core.errors import UserError
 from distiller_zoo.base import (INIT_EPOCHS, BuildContext, Distiller, InitStage, describe_pairing,
                                 feature_parameters, match_spatial, pair_from_deepest, register)
 from distiller_zoo.fitnet import ConvReg
@@ -138,8 +137,6 @@ class AB(Distiller):
         self.pairs = pair_from_deepest(pre_s, pre_t)
         print(describe_pairing("ab", self.pairs, pre_s, pre_t))
         kind = ctx.options.ab_connector
-        if kind not in CONNECTOR_CHOICES:
-            raise UserError(f"--ab_connector must be one of {', '.join(CONNECTOR_CHOICES)}, got '{kind}'")
         if kind == "paper":
             connectors = [conv_bn_connector(pre_s[i].shape[1], pre_t[j].shape[1]) for i, j in self.pairs]
         else:

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
-from distiller_zoo.options import DataNeeds, Option, Pair, lower_keys
+from core.ranges import at_least
+from distiller_zoo.options import DataNeeds, Option, Pair, check_options, lower_keys
 from models.features import Features
 
 
@@ -86,6 +87,7 @@ class Distiller(nn.Module):
 
     def __init__(self, ctx: BuildContext):
         super().__init__()
+        check_options(type(self).options, ctx.options)  # the declared ranges, for use outside train_student.py too
         self.needs = type(self).data_needs(ctx.options)
 
     def init_stage(self) -> Optional[InitStage]:
@@ -153,7 +155,8 @@ def deployed_network(student: nn.Module, record: dict, path) -> DeployedNetwork:
 
 
 # The init-stage length shared by the methods that declare an init stage (AB, FT, FSP).
-INIT_EPOCHS = Option("init_epochs", int, 30, "epochs of the method's init stage (AB, FT, FSP)")
+INIT_EPOCHS = Option("init_epochs", int, 30, "epochs of the method's init stage (AB, FT, FSP); 0 skips it",
+                     valid=at_least(0))
 
 
 class WarmupDistiller(Distiller):

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.errors import UserError
+from core.ranges import at_least
 from distiller_zoo.base import BuildContext, Distiller, register
 from distiller_zoo.classifier import check_class_map, class_map
 from distiller_zoo.options import Option
@@ -80,7 +80,7 @@ class CATLoss(nn.Module):
 class CATKD(Distiller):
     options = (
         Option("cat_resolution", int, DEFAULT_RESOLUTION, "side R of the average-pooled class activation maps",
-               per_pair={pair: 4 for pair in FINE_NORMALISED}),
+               per_pair={pair: 4 for pair in FINE_NORMALISED}, valid=at_least(1)),
         Option("cat_normalize", bool, False, "L2-normalise each pooled CAM before the MSE",
                per_pair={pair: True for pair in FINE_NORMALISED}),
     )
@@ -88,8 +88,6 @@ class CATKD(Distiller):
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         self.resolution = ctx.options.cat_resolution
-        if self.resolution < 1:
-            raise UserError(f"--cat_resolution must be >= 1 (got {self.resolution})")
         # plain attributes, not submodules: the heads belong to (and are trained or frozen with) the networks
         self.heads = (check_class_map("cat_kd", "student", ctx.student_name, ctx.student, ctx.feat_s),
                       check_class_map("cat_kd", "teacher", ctx.teacher_name, ctx.teacher, ctx.feat_t))

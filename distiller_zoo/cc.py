@@ -28,6 +28,7 @@ from typing import Dict, Tuple
 
 from torch import Tensor, nn
 
+from core.ranges import at_least
 from distiller_zoo.base import BuildContext, Distiller, register
 from distiller_zoo.options import Option
 
@@ -57,7 +58,7 @@ class Correlation(nn.Module):
           paper="Peng et al., Correlation Congruence for Knowledge Distillation, ICCV 2019",
           aliases=("correlation",))
 class CC(Distiller):
-    options = (Option("feat_dim", int, 128, "CRD/CC embedding size"),)
+    options = (Option("feat_dim", int, 128, "CRD/CC embedding size", valid=at_least(1)),)
 
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)

@@ -25,16 +25,17 @@ from crd.criterion import CRDLoss
 from distiller_zoo.base import BuildContext, Distiller, register
 from distiller_zoo.options import DataNeeds, Option
 from core.errors import UserError
+from core.ranges import POSITIVE, at_least, within
 
 
 @register("crd", family="contrastive", gamma=1.0, alpha=0.0, beta=0.8,
           paper="Tian, Krishnan & Isola, Contrastive Representation Distillation, ICLR 2020")
 class CRD(Distiller):
     options = (
-        Option("feat_dim", int, 128, "CRD/CC embedding size"),
-        Option("nce_k", int, 16384, "CRD negatives per sample"),
-        Option("nce_t", float, 0.07, "CRD temperature"),
-        Option("nce_m", float, 0.5, "CRD memory momentum"),
+        Option("feat_dim", int, 128, "CRD/CC embedding size", valid=at_least(1)),
+        Option("nce_k", int, 16384, "CRD negatives per sample", valid=at_least(1)),
+        Option("nce_t", float, 0.07, "CRD temperature", valid=POSITIVE),
+        Option("nce_m", float, 0.5, "CRD memory momentum", valid=within(0, 1, "[)")),
         Option("mode", str, "exact", "CRD sampling: negatives from other classes (exact) or any sample (relax)",
                choices=("exact", "relax")),
     )
@@ -48,13 +49,9 @@ class CRD(Distiller):
         opts = ctx.options
         if ctx.n_train < 2:
             raise UserError(f"crd needs the training set size for its memory bank (got {ctx.n_train})")
-        if opts.nce_k < 1 or opts.feat_dim < 1:
-            raise UserError(f"crd needs --nce_k >= 1 and --feat_dim >= 1 (got {opts.nce_k}, {opts.feat_dim})")
         if opts.nce_k >= ctx.n_train:
             raise UserError(f"--nce_k {opts.nce_k} negatives need a training set larger than its {ctx.n_train} "
                             f"samples; use --nce_k {ctx.n_train - 1} or less")
-        if not 0.0 <= opts.nce_m < 1.0:
-            raise UserError(f"crd needs 0 <= --nce_m < 1 (got {opts.nce_m})")
         s_dim = ctx.feat_s.pooled[0].numel()
         t_dim = ctx.feat_t.pooled[0].numel()
         self.criterion = CRDLoss(s_dim, t_dim, ctx.n_train, feat_dim=opts.feat_dim, nce_k=opts.nce_k,

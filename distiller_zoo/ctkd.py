@@ -50,10 +50,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.ranges import NON_NEGATIVE, POSITIVE, at_least
 from distiller_zoo.base import BuildContext, Distiller, register
 from distiller_zoo.options import Option
 from distiller_zoo.temperature import standardize
-from core.errors import UserError
 
 MODES = ("global", "instance")
 DEFAULT_T_MIN = 1.0
@@ -158,28 +158,23 @@ class CTKD(Distiller):
     options = (
         Option("ctkd_mode", str, "global", "CTKD's learnable temperature: one scalar, or one per sample",
                choices=MODES),
-        Option("ctkd_t_min", float, DEFAULT_T_MIN, "CTKD: the lowest temperature"),
-        Option("ctkd_t_range", float, DEFAULT_T_RANGE, "CTKD: temperature = t_min + t_range * sigmoid"),
-        Option("ctkd_lambda_min", float, DEFAULT_LAMBDA_MIN, "CTKD: gradient-reversal scale at the first epoch"),
+        Option("ctkd_t_min", float, DEFAULT_T_MIN, "CTKD: the lowest temperature", valid=POSITIVE),
+        Option("ctkd_t_range", float, DEFAULT_T_RANGE, "CTKD: temperature = t_min + t_range * sigmoid",
+               valid=NON_NEGATIVE),
+        Option("ctkd_lambda_min", float, DEFAULT_LAMBDA_MIN, "CTKD: gradient-reversal scale at the first epoch",
+               valid=NON_NEGATIVE),
         Option("ctkd_lambda_max", float, DEFAULT_LAMBDA_MAX, "CTKD: gradient-reversal scale at the end of the "
-                                                             "curriculum"),
-        Option("ctkd_lambda_epochs", int, DEFAULT_LAMBDA_EPOCHS, "CTKD: epochs of the cosine curriculum"),
+                                                             "curriculum", valid=NON_NEGATIVE),
+        Option("ctkd_lambda_epochs", int, DEFAULT_LAMBDA_EPOCHS, "CTKD: epochs of the cosine curriculum",
+               valid=at_least(0)),
     )
 
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         opts = ctx.options
-        mode = opts.ctkd_mode.lower()
-        if mode not in MODES:
-            raise UserError(f"--ctkd_mode must be one of {', '.join(MODES)} (got {mode!r})")
-        t_min, t_range = opts.ctkd_t_min, opts.ctkd_t_range
-        if t_min <= 0 or t_range < 0:
-            raise UserError(f"CTKD needs --ctkd_t_min > 0 and --ctkd_t_range >= 0 (got {t_min:g}, {t_range:g}) "
-                            f"so that the temperature stays positive")
+        mode, t_min, t_range = opts.ctkd_mode, opts.ctkd_t_min, opts.ctkd_t_range
         self.lambda_min, self.lambda_max = opts.ctkd_lambda_min, opts.ctkd_lambda_max
         self.lambda_epochs = opts.ctkd_lambda_epochs
-        if self.lambda_epochs < 0:
-            raise UserError(f"--ctkd_lambda_epochs must be >= 0 (got {self.lambda_epochs})")
         self.mode = mode
         self.loss = CTKDLoss(LearnableTemperature(mode, ctx.num_classes, t_min, t_range),
                              stand=ctx.logit_stand)

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.ranges import NON_NEGATIVE, at_least
 from distiller_zoo.base import BuildContext, WarmupDistiller, register
 from distiller_zoo.options import Option
 from distiller_zoo.temperature import prepare_logits
@@ -100,9 +101,9 @@ class DKDLoss(nn.Module):
           paper="Zhao et al., Decoupled Knowledge Distillation, CVPR 2022")
 class DKD(WarmupDistiller):
     options = (
-        Option("dkd_alpha", float, DEFAULT_ALPHA, "DKD's TCKD weight"),
-        Option("dkd_beta", float, DEFAULT_BETA, "DKD's NCKD weight", per_pair=PAIR_BETA),
-        Option("dkd_warmup", int, DEFAULT_WARMUP, "DKD's warm-up epochs"),
+        Option("dkd_alpha", float, DEFAULT_ALPHA, "DKD's TCKD weight", valid=NON_NEGATIVE),
+        Option("dkd_beta", float, DEFAULT_BETA, "DKD's NCKD weight", per_pair=PAIR_BETA, valid=NON_NEGATIVE),
+        Option("dkd_warmup", int, DEFAULT_WARMUP, "DKD's warm-up epochs", valid=at_least(0)),
     )
 
     def __init__(self, ctx: BuildContext):

@@ -140,8 +140,6 @@ class FT(Distiller):
         self.paraphraser = Paraphraser(c_t, k=0.5)
         self.translator = Translator(c_s, c_t, k=0.5)
         factor = ctx.options.ft_factor
-        if factor not in FACTOR_CHOICES:
-            raise UserError(f"--ft_factor must be one of {', '.join(FACTOR_CHOICES)}, got '{factor}'")
         if factor == "paper" and not ctx.weight_given:
             raise UserError("--ft_factor paper has no published weight (ft's 200 is RepDistiller's, for its "
                             "own reduction); give one with -b or --distill ft:<weight>")

@@ -28,13 +28,12 @@ width). Departure: a dimension whose standard deviation over the batch is below 
 channel that is zero on every sample of the batch) is divided by 1e-8 instead of by 0, where the
 official code would return NaN for the whole loss.
 """
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.errors import UserError
+from core.ranges import NON_NEGATIVE, POSITIVE
 from distiller_zoo.base import BuildContext, Distiller, register
 from distiller_zoo.options import Option
 
@@ -85,20 +84,17 @@ class ITRDLoss(nn.Module):
           paper="Miles et al., Information Theoretic Representation Distillation, BMVC 2022")
 class ITRD(Distiller):
     options = (
-        Option("itrd_lambda_corr", float, DEFAULT_LAMBDA_CORR, "ITRD's weight of the correlation loss"),
-        Option("itrd_lambda_mutual", float, DEFAULT_LAMBDA_MUTUAL, "ITRD's weight of the mutual-information loss"),
-        Option("itrd_alpha", float, DEFAULT_ALPHA, "ITRD's Renyi order alpha of the correlation loss"),
+        Option("itrd_lambda_corr", float, DEFAULT_LAMBDA_CORR, "ITRD's weight of the correlation loss",
+               valid=NON_NEGATIVE),
+        Option("itrd_lambda_mutual", float, DEFAULT_LAMBDA_MUTUAL, "ITRD's weight of the mutual-information loss",
+               valid=NON_NEGATIVE),
+        Option("itrd_alpha", float, DEFAULT_ALPHA, "ITRD's Renyi order alpha of the correlation loss",
+               valid=POSITIVE),
     )
 
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         opts = ctx.options
-        for flag in ("itrd_lambda_corr", "itrd_lambda_mutual"):
-            value = getattr(opts, flag)
-            if not (math.isfinite(value) and value >= 0):
-                raise UserError(f"--{flag} must be a number >= 0 (got {value:g})")
-        if not (math.isfinite(opts.itrd_alpha) and opts.itrd_alpha > 0):
-            raise UserError(f"--itrd_alpha must be a positive number (got {opts.itrd_alpha:g})")
         s_dim, t_dim = ctx.feat_s.pooled.flatten(1).shape[1], ctx.feat_t.pooled.flatten(1).shape[1]
         self.loss = ITRDLoss(s_dim, t_dim, opts.itrd_lambda_corr, opts.itrd_lambda_mutual, opts.itrd_alpha)
         print(f"itrd: pooled {s_dim} -> linear -> {t_dim}; lambda_corr {opts.itrd_lambda_corr:g}, "

@@ -22,13 +22,13 @@ unweighted). The teacher-free variant, USKD, is distiller_zoo/uskd.py (train_sel
 Features: logits and the batch's labels. No connectors. Computed in float32 with autocast off;
 --logit_stand z-scores both logit vectors first.
 """
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
+from core.ranges import NON_NEGATIVE, POSITIVE
 from distiller_zoo.base import BuildContext, Distiller, register
 from distiller_zoo.options import Option
 from distiller_zoo.temperature import prepare_logits
@@ -69,18 +69,14 @@ class NKDLoss(nn.Module):
 class NKD(Distiller):
     options = (
         Option("nkd_T", float, DEFAULT_T, "NKD's temperature of the non-target softmax",
-               per_pair={pair: 1.0 for pair in IMAGENET_PAIRS}),
+               per_pair={pair: 1.0 for pair in IMAGENET_PAIRS}, valid=POSITIVE),
         Option("nkd_gamma", float, DEFAULT_GAMMA, "NKD's weight of the non-target term",
-               per_pair={pair: 1.5 for pair in IMAGENET_PAIRS}),
+               per_pair={pair: 1.5 for pair in IMAGENET_PAIRS}, valid=NON_NEGATIVE),
     )
 
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         T, gamma = ctx.options.nkd_T, ctx.options.nkd_gamma
-        if not (math.isfinite(T) and T > 0):
-            raise UserError(f"--nkd_T must be a positive number (got {T:g})")
-        if not (math.isfinite(gamma) and gamma >= 0):
-            raise UserError(f"--nkd_gamma must be a number >= 0 (got {gamma:g})")
         if ctx.num_classes < 2:
             raise UserError(f"nkd needs at least two classes (got {ctx.num_classes})")
         self.loss = NKDLoss(T, gamma, ctx.logit_stand)

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Dict, List, Optional, Tuple
 
 from core.errors import UserError
+from core.ranges import NON_NEGATIVE, Parsed, check_value
 from distiller_zoo.base import MethodSpec, resolve
 from distiller_zoo.kd import DistillKL
 from distiller_zoo.options import DataNeeds, Pair, pair_key, resolve_options, resolve_value
@@ -92,9 +93,7 @@ class Objective:
 
 def parse_objective(distill: str, gamma: Optional[float], alpha: Optional[float],
                     beta: Optional[float], logit_stand: bool = False, pair: Pair = ("", "")) -> Objective:
-    entries = [_parse_entry(e) for e in distill.split(",") if e.strip()]
-    if not entries:
-        raise UserError("--distill is empty; name a method, e.g. --distill kd")
+    entries = split_distill(distill)
     if len(entries) > 1 and beta is not None:
         raise UserError("-b is ambiguous with several methods; give each its weight, e.g. --distill crd:0.8,at:1000")
     pair = pair_key(*pair)
@@ -118,12 +117,27 @@ def _method_weight(spec: MethodSpec, weight: Optional[float], beta: Optional[flo
     return resolve_value(spec.beta_per_pair, given, spec.beta, pair)
 
 
-def _parse_entry(entry: str) -> Tuple[MethodSpec, Optional[float]]:
-    name, _, weight = entry.strip().partition(":")
+def split_distill(distill: str) -> List[Tuple[MethodSpec, Optional[float]]]:
+    """--distill's entries, NAME or NAME:WEIGHT (a weight >= 0), comma-separated, as (method, weight)."""
+    if not distill.strip():
+        raise UserError("--distill is empty; name a method, e.g. --distill kd")
+    return [_parse_entry(entry, distill) for entry in distill.split(",")]
+
+
+def _parse_entry(entry: str, distill: str) -> Tuple[MethodSpec, Optional[float]]:
+    name, colon, weight = (part.strip() for part in entry.partition(":"))
+    if not name or (colon and not weight):
+        raise UserError(f"--distill {distill!r} has an empty {'weight' if name else 'entry'}; write NAME or "
+                        f"NAME:WEIGHT, comma-separated, e.g. crd:0.8,at:1000")
     spec = resolve(name)
-    if not weight:
+    if not colon:
         return spec, None
     try:
-        return spec, float(weight)
+        value = float(weight)
     except ValueError:
         raise UserError(f"weight '{weight}' of method '{name}' in --distill is not a number") from None
+    check_value(f"the weight of {name} in --distill", value, NON_NEGATIVE)
+    return spec, value
+
+
+DISTILL_SPEC = Parsed("NAME or NAME:WEIGHT (a weight >= 0), comma-separated", split_distill)

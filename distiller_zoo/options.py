@@ -1,7 +1,7 @@
 """A method's options and data needs, declared once in the method's own file.
 
     class CRD(Distiller):
-        options = (Option("nce_k", int, 16384, "negatives per sample", paper=16384), ...)
+        options = (Option("nce_k", int, 16384, "negatives per sample", paper=16384, valid=at_least(1)), ...)
 
         @classmethod
         def data_needs(cls, options) -> DataNeeds:
@@ -10,6 +10,11 @@
 `train_student.py` turns every registered method's options into one argument group headed by
 the method's name, so `--help` shows each option under its method, with its default. A method
 receives its options as a typed namespace (`ctx.options`), never the argparse namespace.
+
+An option declares the values it accepts with `valid=` (core/ranges.py's vocabulary: POSITIVE,
+NON_NEGATIVE, at_least(k), within(a, b, "(]"), ...) and `choices=`; the command line, a --config
+file and `Distiller.__init__` check every value against it, so a method's constructor holds only
+the checks that need the networks or the data (a stage count, the training-set size).
 
 Per-pair published values (`Option(..., per_pair={("resnet32x4", "resnet8x4"): 8.0})`, and a
 method's published loss weight by pair, `register(..., beta_per_pair=...)`) are one mechanism:
@@ -26,6 +31,7 @@ from types import SimpleNamespace
 from typing import Any, Dict, Optional, Tuple
 
 from core.errors import UserError
+from core.ranges import check_value
 
 Pair = Tuple[str, str]
 
@@ -40,10 +46,14 @@ class Option:
     choices: Optional[Tuple[Any, ...]] = None
     per_pair: Dict[Pair, Any] = field(default_factory=dict, hash=False, compare=False)
     with_method: Dict[str, Any] = field(default_factory=dict, hash=False, compare=False)  # by other method
+    valid: Any = None                           # the declared range (core/ranges.py); None: any value of the type
 
     def same_flag(self, other: "Option") -> bool:
-        return (self.type, self.default, self.help, self.choices) == (other.type, other.default, other.help,
-                                                                       other.choices)
+        return ((self.type, self.default, self.help, self.choices, self.valid)
+                == (other.type, other.default, other.help, other.choices, other.valid))
+
+    def check(self, value) -> None:
+        check_value(f"--{self.name}", value, self.valid, self.choices, self.type)
 
     def describe(self) -> str:
         text = self.help
@@ -112,6 +122,12 @@ def resolve_options(options: Tuple[Option, ...], args, pair: Pair,
         sources[opt.name] = source
         setattr(args, opt.name, values[opt.name])
     return SimpleNamespace(**values), sources
+
+
+def check_options(options: Tuple[Option, ...], values) -> None:
+    """Raise UserError for the first option of `values` (a namespace) outside its declared range."""
+    for opt in options:
+        opt.check(getattr(values, opt.name, None))
 
 
 def defaults(options: Tuple[Option, ...], **overrides) -> SimpleNamespace:

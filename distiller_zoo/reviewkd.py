@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.ranges import at_least
 from distiller_zoo.base import BuildContext, WarmupDistiller, match_spatial, pair_from_deepest, register
 from distiller_zoo.options import Option
 
@@ -145,7 +146,7 @@ def teacher_levels(feat) -> List[Tensor]:
 @register("reviewkd", gamma=1.0, alpha=0.0, beta=REGISTRY_WEIGHT, beta_per_pair=PAIR_WEIGHT,
           paper="Chen et al., Distilling Knowledge via Knowledge Review, CVPR 2021")
 class ReviewKD(WarmupDistiller):
-    options = (Option("reviewkd_warmup", int, DEFAULT_WARMUP, "ReviewKD's warm-up epochs"),)
+    options = (Option("reviewkd_warmup", int, DEFAULT_WARMUP, "ReviewKD's warm-up epochs", valid=at_least(0)),)
 
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx, ctx.options.reviewkd_warmup, "reviewkd_warmup")

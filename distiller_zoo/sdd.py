@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
+from core.ranges import NON_NEGATIVE, Parsed
 from distiller_zoo.base import BuildContext, Distiller, WarmupDistiller, register
 from distiller_zoo.classifier import check_class_map, class_map
 from distiller_zoo.dkd import DKD, DKDLoss
@@ -62,14 +63,6 @@ SDD_DKD_BETA = {
     ("wrn_40_2", "MobileNetV2"): 6.0,
     ("imagenet_resnet34", "imagenet_resnet18"): 0.5,
 }
-
-# One declaration shared by sdd_kd and sdd_dkd, so the shared flags resolve alike.
-SDD_OPTIONS = (
-    Option("sdd_scales", str, "1,2,4", "comma-separated pooling scales M, 1 included",
-           per_pair={("resnet32x4", "resnet8x4"): "1,2", ("vgg13", "vgg8"): "1,2",
-                     ("imagenet_resnet34", "imagenet_resnet18"): "1,2"}),
-    Option("sdd_weight", float, DEFAULT_COMPLEMENTARY, "weight of the complementary cells"),
-)
 
 
 def scale_cells(fmap: Tensor, scales: Sequence[int]) -> Tensor:
@@ -119,6 +112,16 @@ def parse_scales(text: str) -> Tuple[int, ...]:
     if not scales or scales[0] != 1:
         raise UserError(f"--sdd_scales must include 1, the global cell SDD compares against (got {text!r})")
     return scales
+
+
+# One declaration shared by sdd_kd and sdd_dkd, so the shared flags resolve alike.
+SDD_OPTIONS = (
+    Option("sdd_scales", str, "1,2,4", "comma-separated pooling scales M, 1 included",
+           per_pair={("resnet32x4", "resnet8x4"): "1,2", ("vgg13", "vgg8"): "1,2",
+                     ("imagenet_resnet34", "imagenet_resnet18"): "1,2"},
+           valid=Parsed("comma-separated integers, 1 among them", parse_scales)),
+    Option("sdd_weight", float, DEFAULT_COMPLEMENTARY, "weight of the complementary cells", valid=NON_NEGATIVE),
+)
 
 
 class ScaleCells:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
+from core.ranges import POSITIVE, at_least
 from distiller_zoo.base import BuildContext, Distiller, match_spatial, register
 from distiller_zoo.options import Option
 
@@ -107,18 +108,17 @@ class SemanticCalibration(nn.Module):
           beta_per_pair={("imagenet_resnet34", "imagenet_resnet18"): 50.0})
 class SemCKD(Distiller):
     options = (
-        Option("semckd_factor", int, 4, "SemCKD: the query/key embedding is batch_size // factor wide"),
-        Option("semckd_soft", float, 1.0, "SemCKD: the attention logits are divided by this scale"),
+        Option("semckd_factor", int, 4, "SemCKD: the query/key embedding is batch_size // factor wide",
+               valid=at_least(1)),
+        Option("semckd_soft", float, 1.0, "SemCKD: the attention logits are divided by this scale", valid=POSITIVE),
     )
 
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         factor, soft = ctx.options.semckd_factor, ctx.options.semckd_soft
         batch = ctx.feat_s.stages[0].shape[0]
-        if factor < 1 or batch // factor < 1:
-            raise UserError(f"--semckd_factor must be between 1 and the batch size {batch} (got {factor})")
-        if not soft > 0:
-            raise UserError(f"--semckd_soft must be positive (got {soft})")
+        if batch // factor < 1:
+            raise UserError(f"--semckd_factor must be at most the batch size {batch} (got {factor})")
         self.calibration = SemanticCalibration([f.shape[1] for f in ctx.feat_s.stages],
                                                [f.shape[1] for f in ctx.feat_t.stages], batch, factor, soft)
         self.criterion = SemCKDLoss()

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
+from core.ranges import at_least
 from distiller_zoo.base import DEPLOYED_LOGITS, BuildContext, DeployedHead, Distiller, register
 from distiller_zoo.classifier import check_class_map, class_map
 from distiller_zoo.options import Option
@@ -86,7 +87,8 @@ class SimKDHead(DeployedHead):
 @register("simkd", gamma=0.0, alpha=0.0, beta=1.0,
           paper="Chen et al., Knowledge Distillation with the Reused Teacher Classifier, CVPR 2022")
 class SimKD(Distiller):
-    options = (Option("simkd_factor", int, 2, "SimKD: the projector's bottleneck is C_t / factor wide"),)
+    options = (Option("simkd_factor", int, 2, "SimKD: the projector's bottleneck is C_t / factor wide",
+                      valid=at_least(1)),)
     head_class = SimKDHead
 
     def __init__(self, ctx: BuildContext):
@@ -95,8 +97,8 @@ class SimKD(Distiller):
         head_t = check_class_map("simkd", "teacher", ctx.teacher_name, ctx.teacher, ctx.feat_t)
         f_s, f_t = ctx.feat_s.stages[-1], class_map(ctx.feat_t)
         t_channels = f_t.shape[1]
-        if not 1 <= factor <= t_channels:
-            raise UserError(f"--simkd_factor must be between 1 and the teacher's {t_channels} channels (got {factor})")
+        if factor > t_channels:
+            raise UserError(f"--simkd_factor must be at most the teacher's {t_channels} channels (got {factor})")
         larger = f_s.shape[-2] > f_t.shape[-2] or f_s.shape[-1] > f_t.shape[-1]
         self.head = SimKDHead(f_s.shape[1], t_channels, factor, head_t.out_features,
                               pool_to=tuple(f_t.shape[-2:]) if larger else None)

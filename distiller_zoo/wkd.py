@@ -56,6 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
+from core.ranges import NON_NEGATIVE, POSITIVE, at_least
 from distiller_zoo.base import BuildContext, Distiller, register
 from distiller_zoo.classifier import last_linear
 from distiller_zoo.options import Option
@@ -74,7 +75,7 @@ DEFAULT_DECAY_START = 150
 
 # --wkd_decay_start belongs to both methods: one declaration, so one flag serves wkd_l,wkd_f.
 DECAY_START = Option("wkd_decay_start", int, DEFAULT_DECAY_START,
-                     "epoch after which the WKD weights decay to 0 (cosine to the last epoch)")
+                     "epoch after which the WKD weights decay to 0 (cosine to the last epoch)", valid=at_least(0))
 
 
 def sinkhorn_plan(log_a: Tensor, log_b: Tensor, cost: Tensor, reg: float, iters: int) -> Tensor:
@@ -195,12 +196,13 @@ def load_distance(path: str, classes: int) -> Tensor:
           paper="Lv et al., Wasserstein Distance Rivals Kullback-Leibler Divergence for KD, NeurIPS 2024 (WKD-L)")
 class WKDL(DecayingDistiller):
     options = (
-        Option("wkd_T", float, DEFAULT_T, "temperature of the non-target distributions"),
+        Option("wkd_T", float, DEFAULT_T, "temperature of the non-target distributions", valid=POSITIVE),
         Option("wkd_logit_weight", float, DEFAULT_LOGIT_WEIGHT, "weight of the Wasserstein term",
-               with_method={"wkd_f": COMBINED_LOGIT_WEIGHT}),
-        Option("wkd_sinkhorn_reg", float, DEFAULT_REG, "entropic regularisation lambda of Sinkhorn"),
-        Option("wkd_sinkhorn_iters", int, DEFAULT_ITERS, "Sinkhorn iterations"),
-        Option("wkd_sharpen", float, DEFAULT_SHARPEN, "kappa in cost = 1 - exp(-kappa * d); 0 keeps d"),
+               with_method={"wkd_f": COMBINED_LOGIT_WEIGHT}, valid=NON_NEGATIVE),
+        Option("wkd_sinkhorn_reg", float, DEFAULT_REG, "entropic regularisation lambda of Sinkhorn", valid=POSITIVE),
+        Option("wkd_sinkhorn_iters", int, DEFAULT_ITERS, "Sinkhorn iterations", valid=at_least(1)),
+        Option("wkd_sharpen", float, DEFAULT_SHARPEN, "kappa in cost = 1 - exp(-kappa * d); 0 keeps d",
+               valid=NON_NEGATIVE),
         Option("wkd_cost_matrix", str, None, "file with a (C, C) class distance tensor d (default: "
                                              "1 - cosine of the teacher's classifier rows)"),
         DECAY_START,
@@ -215,9 +217,6 @@ class WKDL(DecayingDistiller):
         distance = (load_distance(path, ctx.num_classes) if path
                     else classifier_distance(last_linear(ctx.teacher).weight))
         kappa, reg, iters, T = opts.wkd_sharpen, opts.wkd_sinkhorn_reg, opts.wkd_sinkhorn_iters, opts.wkd_T
-        if reg <= 0 or iters < 1 or T <= 0:
-            raise UserError(f"wkd_l needs --wkd_sinkhorn_reg > 0, --wkd_sinkhorn_iters >= 1 and --wkd_T > 0 "
-                            f"(got {reg:g}, {iters}, {T:g})")
         self.loss = WKDLogitLoss(sharpened_cost(distance, kappa), T, opts.wkd_logit_weight, reg, iters)
         print(f"wkd_l: cost from {path or 'the teacher classifier'} (kappa {kappa:g}), T {T:g}, "
               f"WD weight {self.loss.weight:g}, Sinkhorn lambda {reg:g} x {iters}, "
@@ -234,7 +233,7 @@ class WKDL(DecayingDistiller):
 class WKDF(DecayingDistiller):
     options = (
         Option("wkd_mean_weight", float, DEFAULT_MEAN_WEIGHT, "weight r of the mean term against the std term",
-               with_method={"wkd_l": COMBINED_MEAN_WEIGHT}),
+               with_method={"wkd_l": COMBINED_MEAN_WEIGHT}, valid=NON_NEGATIVE),
         DECAY_START,
     )
 

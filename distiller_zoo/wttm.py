@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from core.errors import UserError
+from core.ranges import POSITIVE
 from distiller_zoo.base import BuildContext, Distiller, register
 from distiller_zoo.options import Option
 from distiller_zoo.temperature import prepare_logits
@@ -50,13 +50,12 @@ class WTTMLoss(nn.Module):
 @register("wttm", family="logit", gamma=1.0, alpha=0.0, beta=4.0,
           paper="Zheng & Yang, Knowledge Distillation Based on Transformed Teacher Matching, ICLR 2024")
 class WTTM(Distiller):
-    options = (Option("wttm_gamma", float, DEFAULT_GAMMA, "exponent gamma of the teacher's power transform (= 1 / T)"),)
+    options = (Option("wttm_gamma", float, DEFAULT_GAMMA, "exponent gamma of the teacher's power transform (= 1 / T)",
+                      valid=POSITIVE),)
 
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         gamma = ctx.options.wttm_gamma
-        if gamma <= 0:
-            raise UserError(f"--wttm_gamma must be > 0 (got {gamma:g})")
         self.loss = WTTMLoss(gamma, bool(ctx.logit_stand))
         print(f"wttm: gamma {gamma:g} (teacher temperature {1 / gamma:g}, student at 1)", flush=True)
 

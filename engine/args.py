@@ -1,12 +1,13 @@
-"""Command-line flags both entry points share, with RepDistiller's names and defaults."""
+"""Command-line flags the entry points share, with RepDistiller's names and defaults, and the
+parser that checks every flag against its declared range (core/ranges.py) before a run starts."""
 import argparse
-import math
 import os
 import zlib
 
 import yaml
 
 from core.errors import UserError
+from core.ranges import NAME, NON_NEGATIVE, POSITIVE, at_least, check_value, within
 from engine.build import default_lr
 from engine.recipe import apply_imagenet_recipe
 
@@ -17,41 +18,84 @@ REFERENCE_WEIGHT_DECAY = 5e-4
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help shows every default (unless the flag's help already explains it) and keeps the
-    description's and epilog's line breaks."""
+    """--help shows every default (unless the flag's help already explains it) and declared range,
+    and keeps the description's and epilog's line breaks."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default is None or action.default is argparse.SUPPRESS:
-            return text
-        return super()._get_help_string(action)
+        if not ("default" in text or action.default is None or action.default is argparse.SUPPRESS):
+            text = super()._get_help_string(action)
+        if getattr(action, "valid", None) is not None:
+            text += f" [{action.valid}]"
+        return text
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
+class Store(argparse.Action):
+    """argparse's plain store, with the flag's declared range: add_argument(..., valid=POSITIVE)."""
+
+    def __init__(self, option_strings, dest, valid=None, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.valid = valid
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+
+
+class Parser(argparse.ArgumentParser):
+    """The entry points' parser: a flag may declare its range (`valid=`), --help shows defaults
+    and ranges, and a malformed command line is one line and status 2 (a UserError), not
+    argparse's usage block."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+        self.register("action", None, Store)
+        self.register("action", "store", Store)
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def milestones(value) -> list:
+    """--lr_decay_epochs: "150,180,210" (or a list, from a --config file) as epoch numbers >= 1."""
+    items = value if isinstance(value, list) else [m for m in str(value).split(",") if m.strip()]
+    try:
+        epochs = [int(m) if isinstance(m, str) else m for m in items]
+    except ValueError:
+        epochs = None
+    if not epochs or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in epochs):
+        raise argparse.ArgumentTypeError(f"comma-separated integers >= 1 such as 150,180,210 wanted, got {value!r}")
+    return epochs
+
+
+def add_common_args(parser: Parser) -> None:
     g = parser.add_argument_group("optimisation (RepDistiller's flags and defaults)")
-    g.add_argument("--print_freq", type=int, default=100, help="steps between progress updates")
-    g.add_argument("--tb_freq", type=int, default=500, help="accepted for RepDistiller compatibility")
-    g.add_argument("--save_freq", type=int, default=40, help="also keep ckpt_epoch_<k>.pth every k epochs")
+    g.add_argument("--print_freq", type=int, default=100, help="steps between progress updates", valid=at_least(1))
+    g.add_argument("--tb_freq", type=int, default=500, help="accepted for RepDistiller compatibility",
+                   valid=at_least(1))
+    g.add_argument("--save_freq", type=int, default=40, help="also keep ckpt_epoch_<k>.pth every k epochs",
+                   valid=at_least(1))
     g.add_argument("--batch_size", type=int, default=None,
-                   help="per process; default 64, or 256 in total for imagenet (engine/recipe.py)")
-    g.add_argument("--num_workers", type=int, default=8, help="DataLoader workers (torch loader only)")
+                   help="per process; default 64, or 256 in total for imagenet (engine/recipe.py)", valid=at_least(1))
+    g.add_argument("--num_workers", type=int, default=8, help="DataLoader workers (torch loader only)",
+                   valid=at_least(0))
     g.add_argument("--epochs", type=int, default=None, help="epochs of the main training; default 240, or 100 "
-                                                              "for imagenet")
+                                                              "for imagenet", valid=at_least(1))
     g.add_argument("--learning_rate", type=float, default=None,
                    help="default: the model's, 0.05 (0.01 for MobileNetV2, ShuffleV1, ShuffleV2); "
-                        "for imagenet 0.1 x total batch / 256")
-    g.add_argument("--lr_decay_epochs", type=str, default=None,
+                        "for imagenet 0.1 x total batch / 256", valid=POSITIVE)
+    g.add_argument("--lr_decay_epochs", type=milestones, default=None,
                    help="comma-separated milestones; default 150,180,210 (imagenet: 30,60,90) scaled to --epochs")
-    g.add_argument("--lr_decay_rate", type=float, default=0.1, help="factor at each milestone")
+    g.add_argument("--lr_decay_rate", type=float, default=0.1, help="factor at each milestone",
+                   valid=within(0, 1, "(]"))
     g.add_argument("--weight_decay", type=float, default=None, help="SGD weight decay; default 5e-4, or 1e-4 for "
-                                                                     "imagenet")
-    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+                                                                     "imagenet", valid=NON_NEGATIVE)
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum", valid=within(0, 1, "[)"))
     g.add_argument("--dataset", type=str, default="cifar100",
                    help="cifar100, cifar10, digits, imagenet, tinyimagenet")
-    g.add_argument("-t", "--trial", type=str, default="0", help="trial name; part of the run directory")
+    g.add_argument("-t", "--trial", type=str, default="0", help="trial name; part of the run directory", valid=NAME)
 
     r = parser.add_argument_group("runs")
-    r.add_argument("--seed", type=int, default=None, help="default: derived from --trial")
+    r.add_argument("--seed", type=int, default=None, help="default: derived from --trial", valid=at_least(0))
     r.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels; with --resume, an interrupted run ends bit-identical")
     r.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
@@ -61,7 +105,8 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--data_folder", type=str, default="./data")
     r.add_argument("--download", action="store_true", help="download the data set if missing")
     r.add_argument("--save_dir", type=str, default="./save")
-    r.add_argument("--run_name", type=str, default=None, help="override the run directory's name")
+    r.add_argument("--run_name", type=str, default=None, help="override the run directory's name (under --save_dir)",
+                   valid=NAME)
 
     s = parser.add_argument_group("speed")
     s.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:<k>")
@@ -75,11 +120,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                    help="channels_last memory format; default: on for CUDA, measured on a CPU (on --resume, the run's)")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the networks; default off (on --resume, the run's)")
-    s.add_argument("--threads", type=int, default=None, help="CPU threads (torch.set_num_threads); default torch's (on --resume, the run's)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (torch.set_num_threads); default torch's (on --resume, the run's)", valid=at_least(1))
 
 
 def finalize_common_args(args: argparse.Namespace, trained_model: str) -> argparse.Namespace:
-    """Validate the shared flags and fill the defaults that depend on other flags."""
+    """Fill the defaults that depend on other flags (the flags' ranges were checked on parsing)."""
     args = apply_imagenet_recipe(args, int(os.environ.get("WORLD_SIZE", "1")))
     if args.epochs is None:
         args.epochs = REFERENCE_EPOCHS
@@ -87,36 +133,13 @@ def finalize_common_args(args: argparse.Namespace, trained_model: str) -> argpar
         args.batch_size = REFERENCE_BATCH_SIZE
     if args.weight_decay is None:
         args.weight_decay = REFERENCE_WEIGHT_DECAY
-    if args.epochs <= 0:
-        raise UserError(f"--epochs must be positive, got {args.epochs}")
-    if args.batch_size <= 0:
-        raise UserError(f"--batch_size must be positive, got {args.batch_size}")
     if args.learning_rate is None:
         args.learning_rate = default_lr(trained_model)
-    if not math.isfinite(args.learning_rate) or args.learning_rate <= 0:
-        raise UserError(f"--learning_rate must be a positive number, got {args.learning_rate}")
-    if not math.isfinite(args.momentum) or args.momentum < 0:
-        raise UserError(f"--momentum must be a number >= 0, got {args.momentum}")
-    if not math.isfinite(args.weight_decay) or args.weight_decay < 0:
-        raise UserError(f"--weight_decay must be a number >= 0, got {args.weight_decay}")
-    if args.print_freq < 1:
-        raise UserError(f"--print_freq must be at least 1, got {args.print_freq}")
-    args.lr_decay_epochs = parse_milestones(args.lr_decay_epochs, args.epochs)
+    if args.lr_decay_epochs is None:
+        args.lr_decay_epochs = [round(m * args.epochs / REFERENCE_EPOCHS) for m in REFERENCE_DECAY_EPOCHS]
     if args.seed is None:
         args.seed = seed_from_trial(args.trial)
     return args
-
-
-def parse_milestones(text, epochs: int):
-    """Milestones as a list of ints; the reference 150,180,210 scale with --epochs when omitted."""
-    if text is None:
-        return [round(m * epochs / REFERENCE_EPOCHS) for m in REFERENCE_DECAY_EPOCHS]
-    if isinstance(text, list):
-        return text
-    try:
-        return [int(m) for m in str(text).split(",") if m.strip()]
-    except ValueError:
-        raise UserError(f"--lr_decay_epochs must be comma-separated integers, got '{text}'") from None
 
 
 def seed_from_trial(trial: str) -> int:
@@ -132,7 +155,18 @@ def parse_with_config(parser: argparse.ArgumentParser, argv=None,
     known, _ = parser.parse_known_args(argv)
     if known.config:
         parser.set_defaults(**read_config(known.config, parser, derived))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_ranges(parser, args)
+    return args
+
+
+def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Every flag's value, from the command line, a --config file or its default, against the
+    flag's declared range and choices: a UserError for the first one outside them."""
+    for action in parser._actions:
+        if action.option_strings:
+            check_value("/".join(action.option_strings), getattr(args, action.dest, None),
+                        getattr(action, "valid", None), action.choices, action.type)
 
 
 def read_config(path: str, parser: argparse.ArgumentParser, derived=()) -> dict:
@@ -149,4 +183,32 @@ def read_config(path: str, parser: argparse.ArgumentParser, derived=()) -> dict:
     unknown = sorted(set(values) - flags - set(derived) - {"resume"})
     if unknown:
         raise UserError(f"--config {path} sets unknown flags: {', '.join(unknown)}")
-    return {k: v for k, v in values.items() if k in flags and k not in ("config", "resume")}
+    actions = {action.dest: action for action in parser._actions}
+    return {k: config_value(actions[k], v, path) for k, v in values.items()
+            if k in flags and k not in ("config", "resume")}
+
+
+KINDS = {int: "an integer", float: "a number", str: "a string"}
+
+
+def config_value(action: argparse.Action, value, path: str):
+    """A --config value as the flag's type, as if given on the command line: 1.7 for an integer
+    flag, a string for a switch or a list for a number is a UserError."""
+    if value is None:
+        return None
+    kind = action.type or str
+    try:
+        if action.nargs == 0:                        # a switch: store_true, --x/--no-x
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if isinstance(value, bool) or (kind in KINDS and not isinstance(value, (str, int, float))) \
+                or (kind is int and isinstance(value, float)):
+            raise ValueError
+        return kind(value)
+    except argparse.ArgumentTypeError as err:
+        raise UserError(f"--config {path}: {action.dest}: {err}") from None
+    except ValueError:
+        wanted = "true or false" if action.nargs == 0 else KINDS.get(kind, "a string")
+        raise UserError(f"--config {path}: {action.dest} must be {wanted}, got {value!r}") from None
+

@@ -3,7 +3,6 @@ published recipe as the defaults, one clear line for a network that does not fit
 set, one KD and one CRD step ResNet-34 -> ResNet-18, and train_student.main on a tiny tree of
 real JPEGs. Torchvision's weights files are written by the tests into a temporary TORCH_HOME
 under the names torchvision expects; nothing is downloaded."""
-import argparse
 import urllib.error
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from torchvision.models import ResNet34_Weights
 import train_student
 from distiller_zoo.base import BuildContext
 from distiller_zoo.temperature import Temperature
-from engine.args import add_common_args, finalize_common_args
+from engine.args import Parser, add_common_args, finalize_common_args
 from engine.build import check_fits_dataset
 from engine.distill_task import DistillTask
 from core.errors import UserError
@@ -86,7 +85,7 @@ def test_network_and_dataset_must_fit():
 
 def _finalized(argv, monkeypatch, world_size=1):
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
-    parser = argparse.ArgumentParser()
+    parser = Parser()
     add_common_args(parser)
     return finalize_common_args(parser.parse_args(argv), "imagenet_resnet18")
 

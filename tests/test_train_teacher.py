@@ -119,7 +119,7 @@ def test_a_failed_checkpoint_write_keeps_the_old_file_and_says_disk_full(tmp_pat
 @pytest.mark.parametrize("flags, message", [
     (["--model", "resnet9"], "unknown model 'resnet9'"),
     (["--model", "resnet8", "--dataset", "mnist"], "unknown dataset"),
-    (["--model", "resnet8", "--epochs", "0"], "--epochs must be positive"),
+    (["--model", "resnet8", "--epochs", "0"], "--epochs must be an integer >= 1"),
     (["--model", "resnet8", "--learning_rate", "-0.1"], "--learning_rate must be a positive number"),
     (["--model", "resnet8", "--batch_size", "5000"], "exceeds"),
 ])

@@ -6,13 +6,14 @@ is there so the method has a data need (the samples' dataset indices) for the te
 """
 
 from core.errors import UserError
+from core.ranges import POSITIVE
 from distiller_zoo.base import BuildContext, Distiller, register
 from distiller_zoo.options import DataNeeds, Option
 
 
 @register("logit_l1", family="logit", gamma=1.0, alpha=0.0, beta=1.0, paper="DistillBench's documentation example")
 class LogitL1(Distiller):
-    options = (Option("logit_l1_power", float, 1.0, "exponent of the absolute logit difference"),)
+    options = (Option("logit_l1_power", float, 1.0, "exponent of the absolute logit difference", valid=POSITIVE),)
 
     @classmethod
     def data_needs(cls, options) -> DataNeeds:
@@ -20,8 +21,6 @@ class LogitL1(Distiller):
 
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
-        if ctx.options.logit_l1_power <= 0:
-            raise UserError(f"--logit_l1_power must be positive, got {ctx.options.logit_l1_power}")
         self.power = ctx.options.logit_l1_power
         self.n_train = ctx.n_train
 
