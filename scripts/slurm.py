@@ -9,12 +9,14 @@ sorts a sweep's runs into finished, running, failed and not started. Each job ru
 (which carries --auto_resume) as a child process, which writes its run directory's path to a
 note in the sweep folder (engine/runs.py): the directory's results.json and lock say whether the
 run finished or is training; the scheduler only says whether its job is still alive. A run dies
-with its job (`die_with`): resubmitting it never finds it still training. Slurm's notice (USR2, `--signal=USR2@<delay>`:
-before the time limit, and on preemption where the cluster sends it) reaches every process of
-the job: the run stops after its current step (engine/signals.py), and submitit calls
-`TrainingJob.checkpoint`, which also sends the run SIGTERM (submitit's local executor signals
-the job's own process only), waits for it to stop and requeues the job. The requeued job runs
-the same command, which resumes the run from its last completed epoch.
+with its job (`die_with`): resubmitting it never finds it still training.
+
+Slurm's notice (USR2, `--signal=USR2@<delay>`: before the time limit, and on preemption where
+the cluster sends it) reaches every process of the job: the run stops after its current step
+(engine/signals.py), and submitit calls `TrainingJob.checkpoint`, which also sends the run
+SIGTERM (submitit's local executor signals the job's own process only), waits for it to stop
+and requeues the job. The requeued job runs the same command, which resumes the run from its
+last completed epoch.
 
 `--launcher submitit-local` runs the same jobs through submitit's local executor on this
 machine (--jobs at a time, each batch waited for): the same requeue path, without a cluster.
@@ -373,8 +375,8 @@ def summarize(folder: Path, out=None, lines: list = None) -> dict:
         again += to_resubmit(state, alive)
         print(f"{state:11} {record['job']:>12}  {record['label']}" + (f"  [{detail}]" if detail else ""), file=out)
     print(", ".join(f"{n} {state}" for state, n in counts.items())
-          + (f" (run the table script again: it submits the {again} failed or not started runs again, "
-             "each resuming from its checkpoint)" if again else ""), file=out)
+          + (f" ({again} to submit again: run the table script again, each resumes from its checkpoint)"
+             if again else ""), file=out)
     return counts, again
 
 

@@ -1,6 +1,7 @@
 """The submitit launcher (scripts/slurm.py, the table scripts' --launcher): a sweep run through
 submitit's local executor in which one job gets the scheduler's notice mid-run is requeued and
-ends with every run complete and equal to an uninterrupted run; a killed job takes its run with
+ends with every run complete and equal to an uninterrupted run; a digits table whose run was
+killed finishes, with its table, when the script runs again; a killed job takes its run with
 it; the Slurm submission (a fake sbatch records it) carries the partition, GPUs, time limit,
 notice and the phases' dependency; `status` sorts the runs into finished, running, failed and
 not started by their run directories; the rendezvous of torchrun groups."""
@@ -20,6 +21,7 @@ import pytest
 from conftest import ROOT
 
 pytest.importorskip("submitit")
+from engine import lock  # noqa: E402
 from scripts import chaos, slurm  # noqa: E402
 from submitit.core.utils import JobPaths, cloudpickle_dump  # noqa: E402
 
@@ -54,6 +56,41 @@ def test_a_preempted_job_is_requeued_and_its_run_ends_exactly(tmp_path):
     reference = tmp_path / "reference" / "teachers" / "resnet8_digits_trial1"
     assert chaos.differences(reference, run) == []
     assert len(chaos.metrics(run)) == EPOCHS
+
+
+def test_a_digits_table_whose_run_was_killed_is_finished_by_running_it_again(tmp_path):
+    save = tmp_path / "save"
+    env = {**os.environ, "SAVE": str(save), "EPOCHS": "2", "TEACHER_EPOCHS": "1", "TRIALS": "1", "METHODS": "crd",
+           "JOBS": "2", "PY": sys.executable}
+    table = ["bash", "scripts/run_digits_table.sh", "--launcher", "submitit-local"]
+    target = {}
+
+    def a_crd_run_in_its_second_epoch() -> bool:
+        for run in save.glob("students/*_crd_*"):
+            holder = lock.holder(run) if (run / "ckpt_last.pth").exists() else None
+            if holder:
+                target.update(run=run, pid=int(holder.split()[1]))
+                return True
+        return False
+    with open(tmp_path / "first.log", "w") as log:
+        first = subprocess.Popen(table, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        assert chaos.wait_for(lambda: first.poll() is None, a_crd_run_in_its_second_epoch, 900)
+        os.kill(target["pid"], signal.SIGKILL)
+        assert first.wait(900) == 1  # the students' phase ends with one run failed, and no table
+    said = (tmp_path / "first.log").read_text()
+    assert "2 finished, 0 running, 1 failed, 0 not started" in said and "killed by SIGKILL" in said, said
+    assert not (save / "table.md").exists()
+    status = subprocess.run([*table[:2], "--status"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert status.returncode == 1 and status.stdout.splitlines()[-1].startswith("4 finished, 0 running, 1 failed")
+
+    again = subprocess.run(table, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "2 of 2 runs already finished, running or queued" in again.stderr
+    assert "2 of 3 runs already finished, running or queued" in again.stderr
+    assert "3 finished, 0 running, 0 failed, 0 not started" in again.stderr
+    assert "crd" in (save / "table.md").read_text()
+    # resumed from its first epoch: each epoch once in its metrics
+    assert [row["epoch"] for row in chaos.metrics(target["run"])] == ["1", "2"]
 
 
 def process_start(pid: int):
@@ -127,8 +164,8 @@ def test_the_digits_table_on_slurm_submits_two_dependent_phases(tmp_path, fake_s
                             capture_output=True, text=True, timeout=60)
     assert status.returncode == 1  # a run to submit again
     lines = status.stdout.splitlines()
-    assert lines[-1].startswith("0 finished, 0 running, 0 failed, 5 not started (run the table script again: "
-                                "it submits the 1 failed or not started runs again")
+    assert lines[-1].startswith("0 finished, 0 running, 0 failed, 5 not started (1 to submit again: run the "
+                                "table script again")
     ended = [line for line in lines if "before the run started" in line]
     assert len(ended) == 1 and ended[0].startswith("not started") and "1002_2" in ended[0]
     assert "Slurm state FAILED" in ended[0]
@@ -191,7 +228,8 @@ def test_status_tells_finished_running_failed_and_not_started_apart(tmp_path, mo
                      JobPaths(tmp_path, "15").result_pickle)
     cloudpickle_dump(("success", 0), JobPaths(tmp_path, "17").result_pickle)
     # its job ended with an error (an earlier start of it), but a later rerun by hand finished the run
-    cloudpickle_dump(("error", "Traceback ...\nslurm.RunFailed: killed by SIGKILL"), JobPaths(tmp_path, "11").result_pickle)
+    cloudpickle_dump(("error", "Traceback ...\nslurm.RunFailed: killed by SIGKILL"),
+                     JobPaths(tmp_path, "11").result_pickle)
     with open(training / ".lock", "w") as held:  # a process training it (flock is per open file)
         fcntl.flock(held, fcntl.LOCK_EX)
         held.write("pid 1 on elsewhere\n")
