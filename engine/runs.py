@@ -1,6 +1,7 @@
 """Run directories: one per run under save/, holding its arguments, metrics,
 TensorBoard events, checkpoints and final results."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,21 @@ ARGS_FILE = "args.json"
 RESULTS_FILE = "results.json"
 LAST_CKPT = "ckpt_last.pth"
 BEST_CKPT = "best.pth"
+# a file in which a launcher (scripts/slurm.py) asks the run to say where its directory is: the
+# launcher knows the command, only the run knows the directory it makes of it
+RUN_DIR_NOTE = "DISTILLBENCH_RUN_DIR_NOTE"
 # the command that trains the runs under save/<kind>/ (what a stopped run's resume line names)
 ENTRY_POINTS = {"teachers": "train_teacher.py", "students": "train_student.py", "mutual": "train_mutual.py",
                 "self": "train_self.py"}
+
+
+def tell_launcher(run_dir: Path) -> None:
+    """Write the run directory's absolute path to the file named by RUN_DIR_NOTE, if any (from
+    one process of a torchrun group)."""
+    note = os.environ.get(RUN_DIR_NOTE)
+    if note and os.environ.get("RANK", "0") == "0":
+        Path(note).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(note, (str(Path(run_dir).resolve()) + "\n").encode())
 
 
 def locate_run_dir(args, kind: str, default_name: str) -> Path:

@@ -42,6 +42,7 @@ def resume_if_interrupted(run_dir: Path) -> bool:
     """--auto_resume: True when the run has a checkpoint to continue from; a finished run
     ends the process here with status 0, so a table script moves on."""
     if (run_dir / runs.RESULTS_FILE).is_file():
+        runs.tell_launcher(run_dir)
         print(f"finished already, skipped: {run_dir}")
         sys.exit(0)
     return bool(runs.checkpoints(run_dir))
@@ -79,6 +80,7 @@ def create_run_dir(args, ctx, run_dir: Path) -> None:
     barrier()
     if ctx.is_main:
         lock_run_dir(run_dir)
+        runs.tell_launcher(run_dir)
         runs.check_run_dir(run_dir, bool(args.resume))
     if ctx.is_main and not args.resume:
         runs.clear_unfinished(run_dir)

@@ -212,7 +212,7 @@ def survive_preemptions(entry: str, argv: list, save: Path, preemptions: int, se
         delivered += 1
         wait_for(running, lambda: log_count(job, "Requeued job") > k, 2 * duration_s)
     wait_for(running, lambda: False, 4 * duration_s)
-    outcome = slurm.job_state(save / "jobs", {"job": job.job_id, "cluster": "local", "submitted": 0})
+    outcome = slurm.job_state(save / "jobs", {"job": job.job_id, "cluster": "local", "command": line, "submitted": 0})
     if outcome[0] != "finished":
         raise SystemExit(f"chaos: the job did not finish: {outcome}")
     problems = differences(run_dir_of(save / "reference"), run_dir_of(save / "chaos"))

@@ -5,7 +5,8 @@
 #                        returns once they are queued, a later phase waiting for the earlier one)
 #                        or submitit-local (the same jobs through submitit on this machine, JOBS at
 #                        a time, each phase waited for)
-#   --status             the sweep's finished, running and failed runs (scripts/slurm.py status)
+#   --status             the sweep's finished, running, failed and not started runs (scripts/slurm.py
+#                        status); running the script again resubmits the failed and not started ones
 #   PY (python), SAVE (save), EPOCHS (240), TRIALS (3), GPU (0), DATA (./data) from the environment;
 #   for slurm: PARTITION, TIME_LIMIT (minutes per job, 1440), GPUS_PER_JOB (1), CPUS_PER_JOB (8),
 #   MEM_GB, AFTER (job ids the script's first phase waits for, e.g. the teachers'), SWEEP

@@ -5,18 +5,25 @@ group for ImageNet), requeued on preemption or time-out, each run resuming from 
     python scripts/slurm.py status --folder save/slurm
 
 The table scripts (scripts/lib.sh) pipe their command lines to `slurm.py submit`; `status`
-summarises a sweep's finished, running and failed runs. Each job runs its command (which
-carries --auto_resume) as a child process. Slurm's notice (USR2, `--signal=USR2@<delay>`:
-before the time limit, and on preemption where the cluster sends it) reaches every process of
-the job: the run stops after its current step (engine/signals.py), and submitit calls
-`TrainingJob.checkpoint`, which also sends the run SIGTERM (submitit's local executor signals
-the job's own process only), waits for it to stop and requeues the job. The requeued job runs
-the same command, which resumes the run from its last completed epoch.
+sorts a sweep's runs into finished, running, failed and not started. Each job runs its command
+(which carries --auto_resume) as a child process, which writes its run directory's path to a
+note in the sweep folder (engine/runs.py): the directory's results.json and lock say whether the
+run finished or is training; the scheduler only says whether its job is still alive. A run dies
+with its job (`die_with`): resubmitting it never finds it still training.
+
+Slurm's notice (USR2, `--signal=USR2@<delay>`: before the time limit, and on preemption where
+the cluster sends it) reaches every process of the job: the run stops after its current step
+(engine/signals.py), and submitit calls `TrainingJob.checkpoint`, which also sends the run
+SIGTERM (submitit's local executor signals the job's own process only), waits for it to stop
+and requeues the job. The requeued job runs the same command, which resumes the run from its
+last completed epoch.
 
 `--launcher submitit-local` runs the same jobs through submitit's local executor on this
 machine (--jobs at a time, each batch waited for): the same requeue path, without a cluster.
 """
 import argparse
+import ctypes
+import hashlib
 import json
 import os
 import shlex
@@ -30,6 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from core.errors import UserError, exits_cleanly  # noqa: E402  (after the path insert)
+from engine import lock, runs  # noqa: E402
 from scripts.run_commands import split_line  # noqa: E402
 
 SWEEP_FILE = "sweep.jsonl"
@@ -47,6 +55,9 @@ MAX_TIMEOUTS = 50
 ACTIVE = {"RUNNING", "PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
           "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "UNKNOWN"}
 RECORD_KEYS = ("job", "cluster", "label", "command", "submitted")
+STATES = ("finished", "running", "failed", "not started")
+NOTES = "runs"  # the runs' notes of their directories, in the sweep folder
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 LABEL_FLAGS = ("--model", "--model_s", "--models", "--distill", "-b", "--trial")
 
 
@@ -62,8 +73,14 @@ class TrainingJob:
         self.child = None
 
     def __call__(self) -> int:
+        prctl = find_prctl()
+        if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+            # submitit's local controller (its pid is the job id) is the job: when it is killed,
+            # this process goes with it, and with this process its run
+            die_with(prctl, int(os.environ["SUBMITIT_LOCAL_JOB_ID"]), signal.SIGKILL)
+        me = os.getpid()
         self.child = subprocess.Popen(with_rendezvous(self.command), cwd=self.cwd, env={**os.environ, **self.env},
-                                      preexec_fn=ignore_the_notice)
+                                      preexec_fn=lambda: prepare_the_run(prctl, me))
         # polling rather than wait(): checkpoint() may wait on the child from a signal handler
         while (status := self.child.poll()) is None:
             time.sleep(POLL_S)
@@ -86,6 +103,31 @@ class TrainingJob:
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "child": None}
+
+
+def prepare_the_run(prctl, job_process: int) -> None:
+    """In the run's process, before it starts: it ignores the notice (`ignore_the_notice`) and
+    ends with its job's process (`die_with`, SIGTERM: the run stops after its current step, a
+    torchrun agent takes its workers down with it)."""
+    ignore_the_notice()
+    die_with(prctl, job_process, signal.SIGTERM)
+
+
+def find_prctl():
+    """The C library's prctl on Linux, else None; looked up before a fork, so that the child
+    loads nothing."""
+    return ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def die_with(prctl, parent: int, signum: int) -> None:
+    """The kernel sends this process `signum` when `parent`, the process that started it, ends,
+    however it ends, SIGKILL included (Linux's PR_SET_PDEATHSIG); a parent already gone sends it
+    now. Without prctl nothing: a Slurm job's processes end with the job anyway."""
+    if prctl is None:
+        return
+    prctl(PR_SET_PDEATHSIG, int(signum))
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signum)
 
 
 def ignore_the_notice() -> None:
@@ -171,6 +213,16 @@ def training_job(line: str, defaults: dict = None) -> TrainingJob:
     return TrainingJob(argv, {**(defaults or {}), **env}, str(ROOT))
 
 
+def note_of(folder: Path, line: str) -> Path:
+    """Where the run of `line` writes the path of its directory (engine/runs.py tell_launcher)."""
+    return Path(folder).resolve() / NOTES / hashlib.sha1(line.encode()).hexdigest()[:16]
+
+
+def job_of(folder: Path, line: str, defaults: dict = None) -> TrainingJob:
+    """The sweep's job of one line: its run notes its directory in the sweep folder."""
+    return training_job(line, {**(defaults or {}), runs.RUN_DIR_NOTE: str(note_of(folder, line))})
+
+
 def record(folder: Path, cluster: str, line: str, job) -> None:
     """Add a submitted job to the sweep's record (what `status` reads)."""
     entry = {"job": job.job_id, "cluster": cluster, "label": label(split_line(line)[1]), "command": line,
@@ -182,22 +234,23 @@ def record(folder: Path, cluster: str, line: str, job) -> None:
 def submit_all(executor, folder: Path, lines: list) -> list:
     """Every line as a task of one Slurm job array (Slurm queues them)."""
     with executor.batch():
-        jobs = [executor.submit(training_job(line)) for line in lines]
+        jobs = [executor.submit(job_of(folder, line)) for line in lines]
     for line, job in zip(lines, jobs):
         record(folder, "slurm", line, job)
     return jobs
 
 
-def run_here(executor, folder: Path, lines: list, at_once: int) -> None:
+def run_here(executor, folder: Path, lines: list, at_once: int, elsewhere: list = ()) -> None:
     """The local executor: at most `at_once` jobs at a time, until every one has ended, the
-    cores shared among them (as scripts/run_commands.py shares them)."""
+    cores shared among them (as scripts/run_commands.py shares them); then until the runs of
+    `elsewhere` (lines an earlier submission still runs) have ended too."""
     threads = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or at_once) // at_once))}
     waiting, running = list(lines), []
-    while waiting or running:
+    while waiting or running or (elsewhere and still_going(folder, elsewhere)):
         running = [job for job in running if not job.done()]
         while waiting and len(running) < at_once:
             line = waiting.pop(0)
-            running.append(executor.submit(training_job(line, threads)))
+            running.append(executor.submit(job_of(folder, line, threads)))
             record(folder, "local", line, running[-1])
         time.sleep(POLL_S)
 
@@ -230,66 +283,123 @@ def slurm_states(job_ids: list) -> dict:
     return {job: watcher.get_state(job, mode="cache") for job in job_ids}
 
 
-def job_state(folder: Path, record: dict, scheduler: str = "UNKNOWN") -> tuple:
-    """('finished' | 'running' | 'failed', detail) of one recorded job: finished once its result
-    says so; else running while the scheduler (its state for a Slurm job) or this machine still
-    has it (a job that failed may have been requeued); else failed."""
+def local_job_alive(job: str) -> bool:
+    """Whether a local job's controller is still running: submitit's id of the job is the
+    controller's process id, which counts only while that process is submitit's controller
+    (an id the system has given to another process since does not) and has not ended (a
+    zombie has)."""
+    try:
+        state = Path(f"/proc/{int(job)}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        command = Path(f"/proc/{int(job)}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, IndexError):
+        return False
+    return state not in ("Z", "X") and b"submitit.local._local" in command
+
+
+def noted_run_dir(folder: Path, line: str):
+    """The run directory the run of `line` has noted, while it holds a run (args.json); else None."""
+    try:
+        run_dir = Path(note_of(folder, line).read_text().strip())
+    except OSError:
+        return None
+    return run_dir if (run_dir / runs.ARGS_FILE).is_file() else None
+
+
+def job_result(folder: Path, record: dict) -> tuple:
+    """('success' | 'error' | 'none', value) of the recorded job, from submitit's result file
+    (one older than the submission is an earlier job's)."""
     from submitit.core.utils import JobPaths, pickle_load
-    paths = JobPaths(folder, record["job"])
-    result = paths.result_pickle
-    outcome, value = "none", ""
-    if result.is_file() and result.stat().st_mtime >= record["submitted"]:
-        try:
-            outcome, value = pickle_load(result)
-        except Exception:  # a truncated or foreign file: whatever unpickling raises
-            outcome, value = "error", f"unreadable result file {result}"
-    if outcome == "success":
-        return "finished", ""
-    if record["cluster"] == "slurm" and scheduler.split()[0] in ACTIVE:
-        return "running", scheduler.lower()
-    if record["cluster"] == "local" and Path(f"/proc/{record['job']}").exists():
-        return "running", "local"
+    result = JobPaths(folder, record["job"]).result_pickle
+    if not result.is_file() or result.stat().st_mtime < record["submitted"]:
+        return "none", ""
+    try:
+        return pickle_load(result)
+    except Exception:  # a truncated or foreign file: whatever unpickling raises
+        return "error", f"unreadable result file {result}"
+
+
+def job_state(folder: Path, record: dict, scheduler: str = "UNKNOWN") -> tuple:
+    """(state, detail, whether its job is alive) of one recorded command. The run directory
+    says finished (results.json) or running (its lock held); without either, a live job (its
+    Slurm state, or this machine's controller) is about to start or resume the run; a job that
+    has ended leaves it failed (it started: it noted its directory, or its job reports an
+    error) or not started."""
+    from submitit.core.utils import JobPaths
+    log = f"log: {JobPaths(folder, record['job']).stderr}"
+    if record["cluster"] == "slurm":
+        alive, how = scheduler.split()[0] in ACTIVE, f"Slurm state {scheduler}"
+    else:
+        alive = local_job_alive(record["job"])
+        how = "local job " + ("alive" if alive else "ended")
+    run_dir = noted_run_dir(folder, record["command"])
+    if run_dir is not None and (run_dir / runs.RESULTS_FILE).is_file():
+        return "finished", "", alive
+    holder = lock.holder(run_dir) if run_dir is not None else None
+    if holder:
+        return "running", holder + ("" if alive else f"; its job has ended ({how}): end it before resubmitting"), alive
+    if alive:
+        return ("running", f"{how}, resuming", alive) if run_dir else ("not started", how, alive)
+    outcome, value = job_result(folder, record)
+    if outcome == "success" and run_dir is None:  # a command that is no run: its job's word
+        return "finished", "", alive
     if outcome == "error":
-        return "failed", f"{value.strip().splitlines()[-1]} (log: {paths.stderr})"
-    ended = f"Slurm state {scheduler}" if record["cluster"] == "slurm" else "ended without a result"
-    return "failed", f"{ended} (log: {paths.stderr})"
+        return "failed", f"{value.strip().splitlines()[-1]} ({log})", alive
+    if run_dir is not None:
+        return "failed", f"stopped without a result, {how} ({log})", alive
+    return "not started", f"{how} before the run started ({log})", alive
 
 
 def sweep_states(folder: Path) -> list:
-    """(record, state, detail) of the newest job of each command of the sweep."""
+    """(record, state, detail, alive) of the newest job of each command of the sweep."""
     records = latest_records(folder)
     on_slurm = [record["job"] for record in records if record["cluster"] == "slurm"]
     scheduler = slurm_states(on_slurm) if on_slurm else {}
     return [(record, *job_state(folder, record, scheduler.get(record["job"], "UNKNOWN"))) for record in records]
 
 
-def summarize(folder: Path, out=None) -> dict:
-    """Print each run's state and the totals (to `out`, standard output by default); the counts
-    by state."""
+def to_resubmit(state: str, alive: bool) -> bool:
+    """A run neither finished nor running whose job has ended: the next submission starts it again."""
+    return state in ("failed", "not started") and not alive
+
+
+def summarize(folder: Path, out=None, lines: list = None) -> dict:
+    """Print each run's state (of `lines` only, when given) and the totals, to `out` (standard
+    output by default); (the counts by state, how many runs a new submission would start again)."""
     out = out or sys.stdout
-    counts = {"finished": 0, "running": 0, "failed": 0}
-    for record, state, detail in sweep_states(folder):
+    counts = dict.fromkeys(STATES, 0)
+    again = 0
+    for record, state, detail, alive in sweep_states(folder):
+        if lines is not None and record["command"] not in lines:
+            continue
         counts[state] += 1
-        print(f"{state:9} {record['job']:>12}  {record['label']}" + (f"  [{detail}]" if detail else ""), file=out)
+        again += to_resubmit(state, alive)
+        print(f"{state:11} {record['job']:>12}  {record['label']}" + (f"  [{detail}]" if detail else ""), file=out)
     print(", ".join(f"{n} {state}" for state, n in counts.items())
-          + (" (run the table script again: finished runs are skipped, the others resume)"
-             if counts["failed"] else ""), file=out)
-    return counts
+          + (f" ({again} to submit again: run the table script again, each resumes from its checkpoint)"
+             if again else ""), file=out)
+    return counts, again
+
+
+def still_going(folder: Path, lines: list) -> bool:
+    """Whether a run of `lines` is running or its job alive."""
+    return any(record["command"] in lines and (state == "running" or alive)
+               for record, state, _, alive in sweep_states(folder))
 
 
 def still_to_run(folder: Path, lines: list) -> tuple:
-    """(the lines to submit, the jobs still running that a later phase must wait for): a
-    command whose last job finished is not submitted again, nor one whose job is still queued
-    or running (two jobs on one run directory would fight for its lock)."""
+    """(the lines to submit, the lines an earlier submission still runs, their live jobs): a
+    command whose run finished is not submitted again, nor one whose run is training or whose
+    job is still queued or running (two runs on one directory would fight for its lock)."""
     if not (folder / SWEEP_FILE).is_file():
-        return lines, []
-    known = {record["command"]: (record, state) for record, state, _ in sweep_states(folder)}
-    settled = [line for line in lines if line in known and known[line][1] != "failed"]
+        return lines, [], []
+    known = {record["command"]: (record, state, alive) for record, state, _, alive in sweep_states(folder)}
+    settled = [line for line in lines if line in known and not to_resubmit(*known[line][1:])]
     if settled:
-        print(f"{len(settled)} of {len(lines)} runs already finished or queued in {folder}: not submitted again",
-              file=sys.stderr)
-    running = [known[line][0]["job"] for line in settled if known[line][1] == "running"]
-    return [line for line in lines if line not in settled], running
+        print(f"{len(settled)} of {len(lines)} runs already finished, running or queued in {folder}: "
+              "not submitted again", file=sys.stderr)
+    going = [line for line in settled if known[line][1] != "finished"]
+    live_jobs = [known[line][0]["job"] for line in going if known[line][2]]
+    return [line for line in lines if line not in settled], going, live_jobs
 
 
 def parse_args(argv):
@@ -337,20 +447,22 @@ def submit_to_slurm(executor, folder: Path, lines: list) -> list:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.action == "status":
-        return 1 if summarize(Path(args.folder))["failed"] else 0
+        return 1 if summarize(Path(args.folder))[1] else 0
     executor = make_executor(args)
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
-    lines, running = still_to_run(folder, [line.strip() for line in sys.stdin
-                                           if line.strip() and not line.startswith("#")])
+    given = [line.strip() for line in sys.stdin if line.strip() and not line.startswith("#")]
+    lines, going, live_jobs = still_to_run(folder, given)
     if args.launcher == "slurm":
         arrays = submit_to_slurm(executor, folder, lines)
-        # what a later phase waits for: these jobs and the earlier ones still running
-        print(",".join(arrays + running))
+        # what a later phase waits for: these jobs and the earlier ones still alive
+        print(",".join(arrays + live_jobs))
         return 0
-    run_here(executor, folder, lines, args.jobs)
-    return 1 if summarize(folder, out=sys.stderr)["failed"] else 0
-
+    run_here(executor, folder, lines, args.jobs, going)
+    # this phase's runs only: a failure elsewhere in the sweep must not stop the script here
+    # before it reaches (and resubmits) that run's phase
+    counts, _ = summarize(folder, out=sys.stderr, lines=given)
+    return 0 if counts["finished"] == len(set(given)) else 1
 
 if __name__ == "__main__":
     sys.exit(main())
