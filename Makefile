@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # setup.py asks for ranges so the package installs anywhere.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo clean
+.PHONY: install lint test test-fast demo clean
 
 install: $(STAMP)
 
@@ -19,8 +19,16 @@ $(STAMP): setup.py $(shell git ls-files '*.py' 2>/dev/null)
 	$(PY) -m pip install -q ".[test,deploy]"
 	touch $(STAMP)
 
-test: install
+# what CI runs: the lint, then every test
+test: install lint
 	$(PY) -m pytest -q tests
+
+# the unit tests only (no end-to-end runs): about a minute on 2 cores
+test-fast: install lint
+	$(PY) -m pytest -q -m "not e2e" tests
+
+lint: install
+	$(PY) -m ruff check .
 
 demo: install
 	bash scripts/demo.sh

@@ -133,7 +133,7 @@ setup(
         "pyyaml>=5.4",
     ],
     extras_require={
-        "test": ["pytest>=7", "import-linter>=2.0", "submitit>=1.5"],
+        "test": ["pytest>=7", "import-linter>=2.0", "submitit>=1.5", "ruff>=0.5"],
         # the table scripts' --launcher slurm / submitit-local (scripts/slurm.py)
         "slurm": ["submitit>=1.5"],
         # export, int8 and QAT (deploy/): torch.onnx's exporter needs onnx and onnxscript

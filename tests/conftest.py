@@ -60,3 +60,20 @@ def speed_probe_cache(tmp_path_factory):
         os.environ.pop("DISTILLBENCH_CACHE", None)
     else:
         os.environ["DISTILLBENCH_CACHE"] = previous
+
+
+# Test modules whose every test trains networks, starts processes or builds the wheel. With the
+# tests that use a digits teacher, they are marked e2e, which `make test-fast` leaves out.
+E2E_MODULES = {
+    "test_chaos", "test_deploy", "test_evaluate", "test_execution_record", "test_fast_path", "test_fetch_teachers",
+    "test_first_contact", "test_imagenet_training", "test_multi_teacher", "test_packaging", "test_reliability",
+    "test_slurm", "test_table_scripts", "test_torchrun", "test_train_mutual", "test_train_self",
+    "test_train_student", "test_train_teacher",
+}
+E2E_FIXTURES = {"digits_teacher"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module.__name__ in E2E_MODULES or E2E_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.e2e)
