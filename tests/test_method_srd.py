@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+import train_student
+from conftest import fast_args
 from core.errors import UserError
 from distiller_zoo.base import resolve
 from distiller_zoo.srd import SRD, SRDLoss
@@ -93,3 +95,13 @@ def test_one_digits_epoch_with_its_flags(digits_teacher):
     stored, row = one_digits_epoch(digits_teacher, "srd", "--srd_exponent", "2", "--srd_T", "4")
     assert (stored["method"], stored["srd_exponent"], stored["srd_T"], stored["srd_kl_weight"]) == ("srd", 2.0, 4.0, 1.0)
     assert np.isfinite(float(row["train_srd"])) and float(row["train_srd_kl"]) > 0
+
+
+def test_a_bad_option_stops_train_student_with_one_line_before_any_run_directory(digits_teacher, capsys):
+    save, teacher_dir = digits_teacher
+    with pytest.raises(SystemExit) as exit_info:
+        train_student.main(fast_args(save, "--path_t", str(teacher_dir / "best.pth"), "--distill", "srd",
+                                     "--srd_exponent", "0", "--trial", "bad_srd"))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "--srd_exponent" in err
+    assert not list((save / "students").glob("*bad_srd*"))
