@@ -29,17 +29,19 @@ def test_registry():
     assert spec.cls is ICKD and (spec.gamma, spec.alpha, spec.beta) == (1.0, 1.0, 2.5)
 
 
-# ADLab-AutoDrive/ICKD at 403b8d3, Cifar100/distiller_zoo/ICKD.py, ICKDLoss.batch_loss with its
-# student embedding replaced by the identity, run offline on these wave() inputs.
-@pytest.mark.parametrize("shapes,official", [
-    (((3, 4, 3, 2), 0.1, 1.0, (3, 4, 3, 2), 0.9, 2.0), 0.11220154911279678),
-    (((2, 5, 2, 2), 0.3, 1.0, (2, 5, 4, 4), 1.7, 0.5), 1.6084600687026978),   # unequal spatial sizes
+# Run offline on these wave() inputs: ADLab-AutoDrive/ICKD at 403b8d3, Cifar100/distiller_zoo/ICKD.py,
+# ICKDLoss.batch_loss with its student embedding replaced by the identity; and torchdistill at
+# 3e4373c, torchdistill/losses/mid_level.py, ChSimLoss.batch_loss (the ImageNet form, over C * B^2).
+@pytest.mark.parametrize("shapes,official,torchdistill", [
+    (((3, 4, 3, 2), 0.1, 1.0, (3, 4, 3, 2), 0.9, 2.0), 0.11220154911279678, 0.037400517612695694),
+    (((2, 5, 2, 2), 0.3, 1.0, (2, 5, 4, 4), 1.7, 0.5), 1.6084600687026978, 0.8042300343513489),  # unequal sizes
 ])
-def test_loss_matches_the_official_code_and_numpy(shapes, official):
+def test_loss_matches_the_official_code_torchdistill_and_numpy(shapes, official, torchdistill):
     s_shape, s_phase, s_scale, t_shape, t_phase, t_scale = shapes
     fs, ft = wave(*s_shape, phase=s_phase, scale=s_scale), wave(*t_shape, phase=t_phase, scale=t_scale)
     loss = ICKDLoss()(fs, ft).item()
     assert loss == pytest.approx(official, rel=1e-5)
+    assert loss / s_shape[0] == pytest.approx(torchdistill, rel=1e-5)
     assert loss == pytest.approx(np_ickd(fs, ft), rel=1e-5)
 
 
