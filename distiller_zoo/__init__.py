@@ -3,5 +3,5 @@ from distiller_zoo.base import ALIASES, METHODS, BuildContext, Distiller, InitSt
 from distiller_zoo import (  # noqa: F401
     ab, at, cat_kd, cc, crd, ctkd, dist, dkd, fitnet, fsp, ft, irg, kd, kdsvd, mlkd, nst, ofd, pkt, reviewkd, rkd,
     sdd, sp, vid, wkd, wttm,
-    dist_plus, ickd, pad, srd,
 )
+from distiller_zoo import dist_plus, ickd, pad, srd  # noqa: F401

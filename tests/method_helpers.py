@@ -1,21 +1,16 @@
-"""Shared by the method tests: every method's options at their declared defaults, a
-BuildContext built from real student and teacher networks on a random batch, fixed inputs for
-reference numbers, and one digits epoch through train_student.py."""
-import csv
-import math
+"""Shared by the method tests: every method's options at their declared defaults, and a
+BuildContext built from real student and teacher networks on a random batch."""
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 import dataset.digits
 import dataset.loaders
+import train_student
+from conftest import fast_args
 from distiller_zoo import METHODS
 from distiller_zoo.base import BuildContext
 from models import model_dict
-
-import train_student
-from conftest import fast_args, read_json
 
 # CRD's 16,384 negatives need a larger data set than the tests' hundred samples.
 TEST_SIZES = dict(nce_k=16)
@@ -25,6 +20,13 @@ def make_args(**overrides) -> SimpleNamespace:
     """Every registered method's options at the defaults its file declares, with overrides."""
     defaults = {opt.name: opt.default for spec in METHODS.values() for opt in spec.options}
     return SimpleNamespace(**{**defaults, **TEST_SIZES, **overrides})
+
+
+def wave(*shape, phase=0.0, scale=1.0) -> torch.Tensor:
+    """A float32 tensor from a closed formula (sines of the flat index), the same on every machine
+    and torch version: the fixed inputs on which reference numbers were computed offline."""
+    k = torch.arange(torch.Size(shape).numel(), dtype=torch.float64)
+    return (scale * torch.sin(0.37 * k + phase) + 0.25 * torch.cos(1.3 * k + 2 * phase)).reshape(shape).float()
 
 
 def make_ctx(s_name, t_name, batch=2, n_train=100, prepare_teacher=None, **overrides):
@@ -56,26 +58,20 @@ def step_on_real_models(distiller, ctx, x):
     return loss, parts
 
 
-def wave(*shape, phase=0.0, scale=1.0) -> torch.Tensor:
-    """A float32 tensor from a closed formula (sines of the flat index), the same on every machine
-    and torch version: the fixed inputs on which reference numbers were computed offline."""
-    k = torch.arange(math.prod(shape), dtype=torch.float64)
-    return (scale * torch.sin(0.37 * k + phase) + 0.25 * torch.cos(1.3 * k + 2 * phase)).reshape(shape).float()
-
-
-def one_digits_epoch(digits_teacher, method, *flags):
-    """One epoch of `--distill method` on every fourth digit (the real loader on the real images,
-    a quarter of the time), in float32 without the speed probe, through train_student.py from the
-    session's teacher: (the run's args.json, its main-stage metrics row)."""
-    save, teacher_dir = digits_teacher
+def quarter_digits(monkeypatch) -> None:
+    """Every fourth digit, for the rest of the test: the real loader on the real images, a quarter
+    of the steps."""
     full = dataset.digits.load_digits_split
-    with pytest.MonkeyPatch.context() as patch:
-        for module in (dataset.digits, dataset.loaders):   # loaders.py holds its own reference
-            patch.setattr(module, "load_digits_split", lambda train: tuple(t[::4] for t in full(train)))
-        results = train_student.main(fast_args(save, "--path_t", str(teacher_dir / "best.pth"), "--distill", method,
-                                               "--epochs", "1", "--trial", f"{method}_epoch", "--amp", "off",
-                                               "--no-channels_last", *flags))
-    run = save / "students" / results["run_name"]
-    with open(run / "metrics.csv", newline="") as f:
-        row = [r for r in csv.DictReader(f) if r["stage"] == "main"][-1]
-    return read_json(run / "args.json"), row
+    quarter = lambda train: tuple(t[::4] for t in full(train))  # noqa: E731
+    for module in (dataset.digits, dataset.loaders):  # the torch path's and the in-memory path's
+        monkeypatch.setattr(module, "load_digits_split", quarter)
+
+
+def one_digits_epoch(monkeypatch, save, teacher_dir, method: str, *flags):
+    """One epoch of `method` through train_student.py from the `digits_teacher` fixture's teacher,
+    on a quarter of the digits in fp32 NCHW (no speed probe): (results, run directory)."""
+    quarter_digits(monkeypatch)
+    results = train_student.main(fast_args(save, "--path_t", str(teacher_dir / "best.pth"), "--distill", method,
+                                           "--epochs", "1", "--batch_size", "128", "--trial", method,
+                                           "--amp", "off", "--no-channels_last", *flags))
+    return results, save / "students" / results["run_name"]

@@ -2,9 +2,11 @@
 DIST's 1 - rho) and against np.corrcoef, the feature terms' minimum and weights, refusals,
 gradients to the student and the connector, unequal widths and sizes, and one digits epoch."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from conftest import read_json
 from core.errors import UserError
 from distiller_zoo.base import resolve
 from distiller_zoo.dist_plus import DISTPlus, DISTPlusLoss
@@ -81,8 +83,9 @@ def test_gradients_reach_student_and_connector_never_teacher():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ctx.student.parameters())
 
 
-def test_one_digits_epoch_with_its_flags(digits_teacher):
-    stored, row = one_digits_epoch(digits_teacher, "dist_plus", "--dist_plus_channel_weight", "2")
+def test_one_digits_epoch_with_its_flags(digits_teacher, monkeypatch):
+    _, run = one_digits_epoch(monkeypatch, *digits_teacher, "dist_plus", "--dist_plus_channel_weight", "2")
+    stored, row = read_json(run / "args.json"), pd.read_csv(run / "metrics.csv").iloc[0]
     assert (stored["method"], stored["dist_plus_channel_weight"], stored["dist_plus_spatial_weight"]) == \
         ("dist_plus", 2.0, 0.5)
     assert float(row["train_dist_plus_channel"]) > 0

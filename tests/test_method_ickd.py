@@ -2,9 +2,11 @@
 inter-channel correlation, its invariances, gradients, the distiller on real networks of
 unequal widths, and one digits epoch."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from conftest import read_json
 from distiller_zoo.base import resolve
 from distiller_zoo.ickd import ICKD, ICKDLoss
 from method_helpers import make_ctx, one_digits_epoch, step_on_real_models, wave
@@ -63,7 +65,8 @@ def test_gradients_reach_student_and_connector_never_teacher():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ctx.student.parameters())
 
 
-def test_one_digits_epoch_without_kd(digits_teacher):
-    stored, row = one_digits_epoch(digits_teacher, "ickd", "-a", "0")
+def test_one_digits_epoch_without_kd(digits_teacher, monkeypatch):
+    _, run = one_digits_epoch(monkeypatch, *digits_teacher, "ickd", "-a", "0")
+    stored, row = read_json(run / "args.json"), pd.read_csv(run / "metrics.csv").iloc[0]
     assert stored["method"] == "ickd" and stored["alpha"] == 0.0 and stored["beta_label"] == "2.5"
     assert float(row["train_ickd"]) > 0

@@ -2,10 +2,12 @@
 minimises it, gradients to the student, the connector and the variance branch, the distiller
 on equal and unequal widths, and one digits epoch."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
 
+from conftest import read_json
 from distiller_zoo.base import resolve
 from distiller_zoo.pad import PAD, PADLoss
 from method_helpers import make_ctx, one_digits_epoch, step_on_real_models, wave
@@ -53,7 +55,8 @@ def test_gradients_reach_student_connector_and_variance_never_teacher(t_name, co
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ctx.student.parameters())
 
 
-def test_one_digits_epoch(digits_teacher):
-    stored, row = one_digits_epoch(digits_teacher, "pad")
+def test_one_digits_epoch(digits_teacher, monkeypatch):
+    _, run = one_digits_epoch(monkeypatch, *digits_teacher, "pad")
+    stored, row = read_json(run / "args.json"), pd.read_csv(run / "metrics.csv").iloc[0]
     assert (stored["method"], stored["beta_label"]) == ("pad", "1")
     assert np.isfinite(float(row["train_pad"]))

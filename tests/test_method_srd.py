@@ -2,11 +2,12 @@
 paper's recipe (projector, batch normalisation, LogSum, KD), its options and their refusals,
 gradients, the distiller on real networks of unequal widths, and one digits epoch."""
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 import train_student
-from conftest import fast_args
+from conftest import fast_args, read_json
 from core.errors import UserError
 from distiller_zoo.base import resolve
 from distiller_zoo.srd import SRD, SRDLoss
@@ -91,8 +92,9 @@ def test_gradients_reach_student_and_projector_never_teacher():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ctx.student.parameters())
 
 
-def test_one_digits_epoch_with_its_flags(digits_teacher):
-    stored, row = one_digits_epoch(digits_teacher, "srd", "--srd_exponent", "2", "--srd_T", "4")
+def test_one_digits_epoch_with_its_flags(digits_teacher, monkeypatch):
+    _, run = one_digits_epoch(monkeypatch, *digits_teacher, "srd", "--srd_exponent", "2", "--srd_T", "4")
+    stored, row = read_json(run / "args.json"), pd.read_csv(run / "metrics.csv").iloc[0]
     assert (stored["method"], stored["srd_exponent"], stored["srd_T"], stored["srd_kl_weight"]) == ("srd", 2.0, 4.0, 1.0)
     assert np.isfinite(float(row["train_srd"])) and float(row["train_srd_kl"]) > 0
 
