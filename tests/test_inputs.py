@@ -81,6 +81,10 @@ ACCEPTED = {
     "--uskd_alpha": ({"zero"}, "a zero weight drops USKD's soft-target term"),
     "--uskd_beta": ({"zero"}, "a zero weight drops USKD's Zipf term"),
     "--uskd_mu": ({"zero"}, "a zero weight drops USKD's weak classifier"),
+    "--srd_feat_weight": ({"zero"}, "a zero weight drops SRD's feature term"),
+    "--srd_kl_weight": ({"zero"}, "a zero weight drops SRD's KD term"),
+    "--dist_plus_channel_weight": ({"zero"}, "a zero weight drops DIST+'s channel relation"),
+    "--dist_plus_spatial_weight": ({"zero"}, "a zero weight drops DIST+'s spatial relation"),
     "--feature_loss_coefficient": ({"zero"}, "no feature hint"),
     "--nce_m": ({"zero"}, "a memory bank replaced by the newest features"),
 }
