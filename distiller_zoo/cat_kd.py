@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
-from distiller_zoo.base import BuildContext, Distiller, register
+from distiller_zoo.base import BuildContext, Distiller, avg_pool_to, register
 from distiller_zoo.classifier import check_class_map, class_map
 from distiller_zoo.options import Option
 
@@ -45,7 +45,7 @@ PAIR_WEIGHT = {
 
 def pooled_cams(fmap: Tensor, head: nn.Linear, resolution: int) -> Tensor:
     """The (B, K, R, R) class activation maps of `head` on `fmap`, average-pooled to R x R."""
-    cells = F.adaptive_avg_pool2d(fmap, resolution)
+    cells = avg_pool_to(fmap, resolution)
     cams = torch.einsum("bchw,kc->bkhw", cells, head.weight)
     return cams if head.bias is None else cams + head.bias.view(1, -1, 1, 1)
 

@@ -50,9 +50,13 @@ _EPS = 1e-12
 
 
 def pool_channels(x: Tensor, channels: int) -> Tensor:
-    """Adaptive average pooling over the channel axis of a B x C x H x W map."""
+    """Adaptive average pooling over the channel axis of a B x C x H x W map: the mean of each
+    run of C / channels neighbouring channels where that divides (the same windows, with a
+    deterministic CUDA backward), else adaptive 3-d pooling."""
     if x.shape[1] == channels:
         return x
+    if x.shape[1] % channels == 0:
+        return x.unflatten(1, (channels, x.shape[1] // channels)).mean(2)
     return F.adaptive_avg_pool3d(x.unsqueeze(1), (channels, x.shape[2], x.shape[3])).squeeze(1)
 
 

@@ -28,6 +28,7 @@ from engine.loop import NonFiniteLoss, evaluate, train_epoch
 from engine.metrics_log import MAIN_STAGE, MetricsLog
 from engine.optim import build_optimizer, lr_at, set_lr
 from engine.precision import resolve_execution
+from core.seeding import determinism_line
 from engine.progress import run_line
 from engine.resume import load_resume_state
 from engine.signals import Interrupted, stop_on_signals
@@ -60,6 +61,8 @@ class Trainer:
         if ctx.is_main:
             run_line(self.run_dir.name, f"execution: {ctx.device}, {torch.get_num_threads()} threads, "
                                         f"{self.execution.describe()}")
+            if args.deterministic:
+                run_line(self.run_dir.name, determinism_line())
         if self.channels_last:
             task.to(memory_format=torch.channels_last)
         if args.compile:
