@@ -22,6 +22,9 @@ $(STAMP): setup.py $(shell git ls-files '*.py' 2>/dev/null)
 test: install
 	$(PY) -m pytest -q tests
 
+test-slow: install
+	$(PY) -m pytest -q --runslow -m slow tests
+
 demo: install
 	bash scripts/demo.sh
 

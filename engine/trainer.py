@@ -27,7 +27,7 @@ from core.distributed import average_buffers, broadcast_from_main
 from engine.loop import NonFiniteLoss, evaluate, train_epoch
 from engine.metrics_log import MAIN_STAGE, MetricsLog
 from engine.optim import build_optimizer, lr_at, set_lr
-from engine.precision import resolve_execution
+from engine.precision import grad_scaler, resolve_execution
 from core.seeding import determinism_line
 from engine.progress import run_line
 from engine.resume import load_resume_state
@@ -67,7 +67,7 @@ class Trainer:
             task.to(memory_format=torch.channels_last)
         if args.compile:
             task.compile_networks()
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
+        self.scaler = grad_scaler(ctx.device, self.amp_dtype)
         self.best_acc, self.best_epoch, self.elapsed = 0.0, 0, 0.0
         self.side = task.side_networks()  # name -> (architecture, network)
         self.side_best = {name: 0.0 for name in self.side}

@@ -82,7 +82,7 @@ from engine.optim import build_sgd  # noqa: E402
 from core.errors import exits_cleanly  # noqa: E402
 from distiller_zoo.crd import CRD  # noqa: E402
 from core.seeding import seed_everything  # noqa: E402
-from engine.precision import cpu_name, resolve_execution  # noqa: E402
+from engine.precision import cpu_name, grad_scaler, resolve_execution  # noqa: E402
 from engine.trainer import first_batch_shape  # noqa: E402
 from engine.session import build_data  # noqa: E402
 from engine.task import SupervisedTask  # noqa: E402
@@ -321,7 +321,7 @@ def measure(path: str, opts, config: Config, data_folder: str, work: Path) -> di
         task.to(memory_format=torch.channels_last)
     if args.compile:
         task.compile_networks()
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
+    scaler = grad_scaler(ctx.device, amp_dtype)
     if path == "plain":
         optimizer = torch.optim.SGD(task.main_parameters(), lr=args.learning_rate, momentum=args.momentum,
                                     weight_decay=args.weight_decay, foreach=False)

@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import engine.trainer
 
@@ -60,3 +61,30 @@ def speed_probe_cache(tmp_path_factory):
         os.environ.pop("DISTILLBENCH_CACHE", None)
     else:
         os.environ["DISTILLBENCH_CACHE"] = previous
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each device a device-generic test runs on: the CPU always, CUDA where there is one."""
+    return torch.device(request.param)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: minutes rather than seconds (torch.compile's first compilation); "
+                                       "run only with --runslow (make test-slow)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
