@@ -121,6 +121,7 @@ class Trainer:
             first = self._start_epoch(index, stages, optimizer)
             for epoch in range(first, stage.epochs + 1):
                 self._run_epoch(stage, epoch, epoch_offset + epoch, optimizer)
+            self._unwrap(stage.module)
             epoch_offset += stage.epochs
 
     def _run_epoch(self, stage: Stage, epoch: int, global_epoch: int, optimizer) -> None:
@@ -186,6 +187,12 @@ class Trainer:
         if id(module) not in self._ddp:
             self._ddp[id(module)] = wrap_ddp(module, self.ctx.device)
         return self._ddp[id(module)]
+
+    def _unwrap(self, module: nn.Module) -> None:
+        """Drop a finished stage's DDP wrapper: an init stage's module shares the student's
+        parameters with the main stage's, and a live wrapper would keep its gradient buckets
+        and its hooks on them through the main stage."""
+        self._ddp.pop(id(module), None)
 
     # --- stopping early ----------------------------------------------------------------------
     @contextmanager

@@ -9,7 +9,8 @@ next section runs):
 - precision: every registered method, one training step of the full objective on random
   networks and batches, in fp32, bf16 and fp16 autocast (fp16 with a fixed loss scale of 1024,
   as the gradient scaler would); the loss's relative difference and the gradient's cosine
-  similarity and relative L2 difference to fp32 (resnet20 -> resnet8, batch 16).
+  similarity and relative L2 difference to fp32 (resnet20 -> resnet8, batch 16); on CUDA also
+  the source lines that made the host wait for the device in that step.
 - epochs: one epoch of every method through train_student.py on digits at the device's
   defaults (on CUDA: bf16, channels_last, fused SGD, the in-memory loader), from a one-epoch
   resnet8 teacher; the top-1, images/s and wall time of each.
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -106,6 +108,22 @@ def method_inputs(method, teacher, student, batch, device, num_classes=100, n_tr
     return task.to(device), [t.to(device) for t in (images, targets, indices, contrast)]
 
 
+def host_syncs(task, inputs, device):
+    """The lines that made the host wait for the device during one fp32 step
+    (torch.cuda.set_sync_debug_mode), {"file:line": count}; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            precision_step(task, inputs, device, None)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    lines = [f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message)]
+    return {line: lines.count(line) for line in sorted(set(lines))}
+
+
 def compare(value, reference) -> dict:
     loss, grad = value
     ref_loss, ref_grad = reference
@@ -123,7 +141,7 @@ def precision_row(method, device, teacher="resnet20", student="resnet8", batch=8
     and resnet8 have the same channel counts, which FSP and KDSVD need)."""
     task, inputs = method_inputs(method, teacher, student, batch, device, size=size)
     reference = precision_step(task, inputs, device, None)
-    row = {"method": method, "fp32_loss": reference[0].item()}
+    row = {"method": method, "fp32_loss": reference[0].item(), "host_syncs": host_syncs(task, inputs, device)}
     for name in dtypes:
         row[name] = compare(precision_step(task, inputs, device, DTYPES[name]), reference)
     return row

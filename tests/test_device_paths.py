@@ -220,3 +220,21 @@ def test_scaler_state_is_saved_and_restored(tmp_path, monkeypatch):
     assert saved["scale"] == 2.0 ** 16 and saved["_growth_tracker"] > 0  # steps counted since the start
     train_teacher.main(fast_args(tmp_path, "--resume", str(tmp_path / "teachers" / "scaled")))
     assert loaded == [saved]
+
+
+def test_a_finished_stage_releases_its_ddp_wrapper(gloo_group):
+    """An init stage's DDP wrapper (over parameters the main stage's wrapper shares) is dropped
+    when its stage ends, so it holds no gradient buckets or hooks through the main stage."""
+    import gc
+    import weakref
+    from engine.trainer import Trainer
+    trainer = Trainer.__new__(Trainer)  # only the wrapper cache is exercised
+    trainer.ctx, trainer._ddp = Context(device=torch.device("cpu"), world_size=2), {}
+    net = build_model("resnet8", 10)
+    wrapper = trainer._wrap(net)
+    assert trainer._wrap(net) is wrapper  # one wrapper per module while its stage runs
+    alive = weakref.ref(wrapper)
+    del wrapper
+    trainer._unwrap(net)
+    gc.collect()
+    assert alive() is None and trainer._ddp == {}
