@@ -130,7 +130,7 @@ class Trainer:
         self.train_loader.set_epoch(global_epoch)
         if stage.name == MAIN_STAGE:
             self.task.set_epoch(epoch)
-        module = self._wrap(stage.module)
+        module = self._wrap(stage)
         module.train()
         self.task.keep_frozen_in_eval()
         desc = f"{stage.name} {epoch}/{stage.epochs}"
@@ -179,13 +179,16 @@ class Trainer:
                 improved.append(name)
         return improved
 
-    def _wrap(self, module: nn.Module) -> nn.Module:
+    def _wrap(self, stage: Stage) -> nn.Module:
         """The stage's module, under DistributedDataParallel when running under torchrun; one
-        wrapper per module, kept here (as a submodule of what it wraps it would form a cycle)."""
+        wrapper per module, kept here (as a submodule of what it wraps it would form a cycle).
+        DDP looks for unused parameters only where the stage has some (the task says)."""
+        module = stage.module
         if not self.ctx.distributed:
             return module
         if id(module) not in self._ddp:
-            self._ddp[id(module)] = wrap_ddp(module, self.ctx.device)
+            unused = self.task.has_unused_parameters(module, stage.params)
+            self._ddp[id(module)] = wrap_ddp(module, self.ctx.device, find_unused_parameters=unused)
         return self._ddp[id(module)]
 
     def _unwrap(self, module: nn.Module) -> None:
@@ -288,7 +291,7 @@ def first_batch_shape(loader) -> tuple:
         return tuple(next(iter(loader))[0].shape)
 
 
-def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bool = True) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
     ids = [device.index] if device.type == "cuda" else None
     # Buffers (BN statistics, CRD's memory bank) start equal (every rank builds them from the
@@ -300,7 +303,8 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
         no_forward_sync = {"forward_sync_buffers": False}
     else:
         no_forward_sync = {"broadcast_buffers": False}
-    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True, **no_forward_sync)
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters,
+                                   **no_forward_sync)
 
 
 def summary_line(desc: str, metrics: dict, best: Optional[float]) -> str:

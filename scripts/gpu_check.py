@@ -205,12 +205,13 @@ def one_process_group(device, folder: Path):
 
 
 def ddp_step(task, module, params, inputs, device, dtype, with_accuracy) -> tuple:
-    """One trainer step (engine.loop.train_epoch) of `module` with an lr-0 SGD over `params`,
-    as the trainer runs a stage; (means, flat gradient)."""
+    """Two trainer steps (engine.loop.train_epoch) of `module` with an lr-0 SGD over `params`,
+    as the trainer runs a stage (DDP reports a parameter it wrongly expected a gradient for at
+    the second step); (means, flat gradient of the second step)."""
     module.train()
     task.keep_frozen_in_eval()
     optimizer = torch.optim.SGD(params, lr=0.0)
-    means = train_epoch(module, [inputs], optimizer, grad_scaler(device, dtype), device=device, amp_dtype=dtype,
+    means = train_epoch(module, [inputs] * 2, optimizer, grad_scaler(device, dtype), device=device, amp_dtype=dtype,
                         channels_last=False, print_freq=10**9, desc="ddp", show_progress=False,
                         with_accuracy=with_accuracy)
     return means, torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).reshape(-1) for p in params])
@@ -224,7 +225,8 @@ def ddp_row(method, dtype, device) -> dict:
     for index in range(len(task.init_stages()) + 1):
         (plain, plain_grad), (wrapped, ddp_grad) = [ddp_stage(copy.deepcopy(task), index, wrap, inputs, device, dtype)
                                                     for wrap in (False, True)]
-        rows.append({"stage": wrapped["stage"], "loss": wrapped["train_loss"],
+        rows.append({"stage": wrapped["stage"], "find_unused_parameters": wrapped["find_unused_parameters"],
+                     "loss": wrapped["train_loss"],
                      "loss_rel_diff": abs(wrapped["train_loss"] - plain["train_loss"])
                      / max(abs(plain["train_loss"]), 1e-12),
                      "grad_max_abs_diff": (ddp_grad - plain_grad).abs().max().item()})
@@ -233,9 +235,10 @@ def ddp_row(method, dtype, device) -> dict:
 
 def ddp_stage(task, index, wrap, inputs, device, dtype):
     stage = (task.init_stages() + [Stage(MAIN_STAGE, 1, task, task.main_parameters())])[index]
-    module = wrap_ddp(stage.module, device) if wrap else stage.module
+    unused = task.has_unused_parameters(stage.module, stage.params)
+    module = wrap_ddp(stage.module, device, find_unused_parameters=unused) if wrap else stage.module
     means, grad = ddp_step(task, module, stage.params, inputs, device, dtype, stage.evaluate)
-    return {**means, "stage": stage.name}, grad
+    return {**means, "stage": stage.name, "find_unused_parameters": unused}, grad
 
 
 def check_ddp(opts, work) -> dict:

@@ -4,6 +4,7 @@ torch.compile, fused SGD, the execution choice for a CUDA device, the DDP wrappe
 process), the JPEG loader's fallback decoder, and the scaler's state across a resume."""
 import copy
 import io
+import sys
 import time
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ from torchvision.io import ImageReadMode
 
 import train_student
 import train_teacher
-from conftest import crash_after_checkpoint, fast_args
+from conftest import ROOT, crash_after_checkpoint, fast_args
 from core.distributed import Context
 from dataset.jpeg_decode import decode_rgb
 from engine.args import finalize_common_args
@@ -27,9 +28,11 @@ from engine.optim import build_sgd
 from engine.precision import grad_scaler, resolve_execution
 from engine.session import build_data
 from engine.task import SupervisedTask
-from engine.trainer import wrap_ddp
+from engine.trainer import Stage, wrap_ddp
 
 BATCH = 8
+sys.path.insert(0, str(ROOT / "scripts"))
+import gpu_check  # noqa: E402
 
 
 def distill_task(tmp_path, device, method_flags):
@@ -229,12 +232,33 @@ def test_a_finished_stage_releases_its_ddp_wrapper(gloo_group):
     import weakref
     from engine.trainer import Trainer
     trainer = Trainer.__new__(Trainer)  # only the wrapper cache is exercised
-    trainer.ctx, trainer._ddp = Context(device=torch.device("cpu"), world_size=2), {}
     net = build_model("resnet8", 10)
-    wrapper = trainer._wrap(net)
-    assert trainer._wrap(net) is wrapper  # one wrapper per module while its stage runs
+    trainer.ctx, trainer._ddp = Context(device=torch.device("cpu"), world_size=2), {}
+    trainer.task = SupervisedTask(net, 10)
+    stage = Stage("main", 1, net, list(net.parameters()))
+    wrapper = trainer._wrap(stage)
+    assert trainer._wrap(stage) is wrapper  # one wrapper per module while its stage runs
+    assert not wrapper.find_unused_parameters
     alive = weakref.ref(wrapper)
     del wrapper
     trainer._unwrap(net)
     gc.collect()
     assert alive() is None and trainer._ddp == {}
+
+
+@pytest.mark.parametrize("method,expected", [("kd", {"main": False}), ("ft", {"init_ft": True, "main": True}),
+                                             ("ab", {"init_ab": True, "main": False}),
+                                             ("fitnet:0", {"main": True})])
+def test_ddp_looks_for_unused_parameters_where_a_stage_has_some(method, expected):
+    """find_unused_parameters per stage, as the task decides it, is whether a step really leaves a
+    trainable parameter of the stage's module without a gradient (FT's paraphraser in the main
+    stage, the student's classifier in an init stage, a term switched off by a zero weight)."""
+    task, inputs = gpu_check.method_inputs(method, "resnet20", "resnet8", 2, torch.device("cpu"))
+    stages = task.init_stages() + [Stage("main", 1, task, task.main_parameters())]
+    decided, actual = {}, {}
+    for stage in stages:
+        trainable = [p for p in stage.module.parameters() if p.requires_grad]
+        loss = stage.module(*inputs)[0]["loss"]
+        actual[stage.name] = any(g is None for g in torch.autograd.grad(loss, trainable, allow_unused=True))
+        decided[stage.name] = task.has_unused_parameters(stage.module, stage.params)
+    assert decided == actual == expected
