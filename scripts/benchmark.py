@@ -68,6 +68,7 @@ from typing import List, Optional
 
 import numpy as np
 import torch
+import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -418,7 +419,6 @@ def training_set_size(opts) -> int:
     """Samples of the training split the runs will read (torchvision's CIFAR-100 reader)."""
     if opts.data == "synthetic":
         return opts.n_images
-    import torchvision
     return len(torchvision.datasets.CIFAR100(opts.data_folder, train=True, download=False))
 
 

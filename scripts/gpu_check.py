@@ -48,6 +48,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from PIL import Image
+from torch._dynamo.utils import counters
+from torchvision.io import read_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -181,7 +184,6 @@ def check_epochs(opts, work) -> list:
 
 
 def check_compile(opts, work) -> dict:
-    from torch._dynamo.utils import counters
     torch._dynamo.reset()
     counters.clear()
     row = epoch_row(opts, work["save"], work["teacher"], "kd", "--compile", "--trial", "compiled")
@@ -261,14 +263,12 @@ def check_ddp(opts, work) -> dict:
 
 def odd_files(folder: Path) -> None:
     """A CMYK JPEG and a PNG named .JPEG, as ImageNet holds them."""
-    from PIL import Image
     image = Image.frombytes("RGB", (64, 48), bytes(range(256)) * 36)
     image.convert("CMYK").save(folder / "cmyk.JPEG", "JPEG")
     image.save(folder / "png.JPEG", "PNG")
 
 
 def check_jpeg(opts, work) -> dict:
-    from torchvision.io import read_file
     tree = benchmark.write_jpeg_tree(work["tmp"] / "imagenet", opts.jpeg_images, 0)
     folder = next((tree / "train").iterdir())
     odd_files(folder)

@@ -3,9 +3,11 @@ is present, through the `device` fixture): fp16 autocast with an enabled gradien
 torch.compile, fused SGD, the execution choice for a CUDA device, the DDP wrapper (Gloo, one
 process), the JPEG loader's fallback decoder, and the scaler's state across a resume."""
 import copy
+import gc
 import io
 import sys
 import time
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -13,8 +15,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
-from torchvision.io import ImageReadMode
+from torchvision.io import ImageReadMode, decode_jpeg
 
+import engine.trainer
 import train_student
 import train_teacher
 from conftest import ROOT, crash_after_checkpoint, fast_args
@@ -28,7 +31,7 @@ from engine.optim import build_sgd
 from engine.precision import grad_scaler, resolve_execution
 from engine.session import build_data
 from engine.task import SupervisedTask
-from engine.trainer import Stage, wrap_ddp
+from engine.trainer import Stage, Trainer, wrap_ddp
 
 BATCH = 8
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -198,7 +201,6 @@ def test_jpeg_batch_with_a_png_and_a_cmyk_file_falls_back(device):
 
 
 def torchvision_decode_jpeg(files, device):
-    from torchvision.io import decode_jpeg
     return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
 
 
@@ -207,7 +209,6 @@ def test_scaler_state_is_saved_and_restored(tmp_path, monkeypatch):
     starts from it. The run is fp32 with the scaler forced on (fp16 convolutions are emulated
     on the CPU, 20x slower): the scaler's path is the same, and scaling fp32 gradients by a
     power of two and back changes no bit of them."""
-    import engine.trainer
     monkeypatch.setattr(engine.trainer, "grad_scaler", lambda device, dtype: torch.amp.GradScaler(device.type))
     real_load, loaded = torch.amp.GradScaler.load_state_dict, []
 
@@ -228,9 +229,6 @@ def test_scaler_state_is_saved_and_restored(tmp_path, monkeypatch):
 def test_a_finished_stage_releases_its_ddp_wrapper(gloo_group):
     """An init stage's DDP wrapper (over parameters the main stage's wrapper shares) is dropped
     when its stage ends, so it holds no gradient buckets or hooks through the main stage."""
-    import gc
-    import weakref
-    from engine.trainer import Trainer
     trainer = Trainer.__new__(Trainer)  # only the wrapper cache is exercised
     net = build_model("resnet8", 10)
     trainer.ctx, trainer._ddp = Context(device=torch.device("cpu"), world_size=2), {}
