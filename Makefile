@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # setup.py asks for ranges so the package installs anywhere.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install test demo clean
+.PHONY: install test test-slow demo clean
 
 install: $(STAMP)
 

@@ -336,6 +336,8 @@ def parse_args(argv=None):
     opts = parser.parse_args(argv)
     opts.methods = opts.methods.split(",") if opts.methods else (
         list(SMALL_METHODS) if opts.small else sorted(distiller_zoo.METHODS))
+    if opts.device == "cuda":  # DDP and NCCL need the device's index
+        opts.device = "cuda:0"
     opts.sections = opts.sections.split(",")
     unknown = set(opts.sections) - {n for n, _ in SECTIONS}
     if unknown:
