@@ -35,6 +35,7 @@ batch 8 for one step, no DataLoader workers, no torchrun run.
 import argparse
 import contextlib
 import copy
+import csv
 import json
 import os
 import subprocess
@@ -172,9 +173,8 @@ def epoch_row(opts, save, teacher_ckpt, method, *extra) -> dict:
     start = time.perf_counter()
     results = train_student.main(student_flags(opts, save, teacher_ckpt, method, *extra))
     run_dir = save / "students" / results["run_name"]
-    with open(run_dir / "metrics.csv") as f:
-        header, *lines = [line.strip().split(",") for line in f]
-    last = dict(zip(header, lines[-1]))
+    with open(run_dir / "metrics.csv", newline="") as f:
+        last = list(csv.DictReader(f))[-1]
     return {"method": method, "last_top1": results["last_top1"], "images_per_s": float(last["images_per_s"]),
             "wall_s": time.perf_counter() - start}
 
