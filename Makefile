@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 # setup.py asks for ranges so the package installs anywhere.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install lint test test-fast demo clean
+.PHONY: install lint test test-fast test-slow demo clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test-fast: install lint
 
 lint: install
 	$(PY) -m ruff check .
+
+# torch.compile's CPU twins: minutes of first compilation, so outside `make test`
+test-slow: install
+	$(PY) -m pytest -q --runslow -m slow tests
 
 demo: install
 	bash scripts/demo.sh

@@ -51,16 +51,15 @@ from core.distributed import all_gather_cat, all_reduce_sum, world_size
 DENSE_SCORING_RATIO = 8
 
 
-def last_occurrence(index: Tensor) -> Tensor:
-    """Positions in `index` of the last occurrence of each distinct value (all positions,
-    in order, when there is no duplicate)."""
-    n = index.numel()
-    positions = torch.arange(n, device=index.device)
-    distinct, inverse = torch.unique(index, return_inverse=True)
-    if distinct.numel() == n:
-        return positions
-    last = torch.full((distinct.numel(),), -1, dtype=torch.long, device=index.device)
-    return last.scatter_reduce(0, inverse, positions, reduce="amax", include_self=True)
+def last_occurrence(index: Tensor, size: int) -> Tensor:
+    """For every position of `index` (values in [0, size)), the position of the last occurrence
+    of its value. Rows taken from there are the same for every repeat of a value, so an
+    index_copy_ with repeated indices writes one value whatever order it runs in; the shapes do
+    not depend on the data, so nothing waits for the device (torch.unique would, every step)."""
+    positions = torch.arange(index.numel(), device=index.device)
+    last = torch.full((size,), -1, dtype=torch.long, device=index.device)
+    last.scatter_reduce_(0, index, positions, reduce="amax", include_self=True)
+    return last[index]
 
 
 class ContrastMemory(nn.Module):
@@ -145,9 +144,8 @@ class ContrastMemory(nn.Module):
         y = all_gather_cat(y.detach())
         v1 = all_gather_cat(v1.detach().float())
         v2 = all_gather_cat(v2.detach().float())
-        keep = last_occurrence(y)
-        if keep.numel() != y.numel():
-            y, v1, v2 = y[keep], v1[keep], v2[keep]
+        last = last_occurrence(y, self.n_data)
+        v1, v2 = v1[last], v2[last]
         for memory, v in ((self.memory_v1, v1), (self.memory_v2, v2)):
             rows = memory.index_select(0, y).mul_(self.momentum).add_(v, alpha=1.0 - self.momentum)
             rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)

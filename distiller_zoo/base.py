@@ -237,6 +237,18 @@ def pair_from_deepest(student: Sequence, teacher: Sequence) -> List[Tuple[int, i
     return [(len(student) - n + i, len(teacher) - n + i) for i in range(n)]
 
 
+def avg_pool_to(x: Tensor, size) -> Tensor:
+    """Adaptive average pooling of the last two axes to `size` (an int or (h, w)). Where each
+    input size is a multiple of the output's, adaptive pooling's windows are the fixed
+    non-overlapping ones of avg_pool2d, which gives the same values and, unlike adaptive
+    pooling, has a deterministic CUDA backward (for --deterministic)."""
+    out_h, out_w = (size, size) if isinstance(size, int) else size
+    h, w = x.shape[-2:]
+    if h % out_h or w % out_w:
+        return F.adaptive_avg_pool2d(x, (out_h, out_w))
+    return F.avg_pool2d(x, (h // out_h, w // out_w))
+
+
 def match_spatial(f_s: Tensor, f_t: Tensor) -> Tuple[Tensor, Tensor]:
     """Adaptive average pooling of the larger map down to the smaller one's size
     (RepDistiller's rule for AT, NST and VID, applied here to every spatial method)."""
@@ -246,9 +258,9 @@ def match_spatial(f_s: Tensor, f_t: Tensor) -> Tuple[Tensor, Tensor]:
         return f_s, f_t
     size = (min(hs, ht), min(ws, wt))
     if (hs, ws) != size:
-        f_s = F.adaptive_avg_pool2d(f_s, size)
+        f_s = avg_pool_to(f_s, size)
     if (ht, wt) != size:
-        f_t = F.adaptive_avg_pool2d(f_t, size)
+        f_t = avg_pool_to(f_t, size)
     return f_s, f_t
 
 

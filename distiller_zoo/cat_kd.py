@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.ranges import at_least
-from distiller_zoo.base import BuildContext, Distiller, register
+from distiller_zoo.base import BuildContext, Distiller, avg_pool_to, register
 from distiller_zoo.classifier import check_class_map, class_map
 from distiller_zoo.options import Option
 
@@ -60,7 +60,7 @@ FINE_NORMALISED = (("resnet32x4", "ShuffleV1"), ("wrn_40_2", "ShuffleV1"))
 def pooled_cams(fmap: Tensor, head: nn.Linear, resolution: int) -> Tensor:
     """The (B, K, R, R) class activation maps of `head`'s weights (its bias left out) on `fmap`,
     average-pooled to R x R."""
-    return torch.einsum("bchw,kc->bkhw", F.adaptive_avg_pool2d(fmap, resolution), head.weight)
+    return torch.einsum("bchw,kc->bkhw", avg_pool_to(fmap, resolution), head.weight)
 
 
 class CATLoss(nn.Module):

@@ -32,6 +32,10 @@ port, AberHu's Knowledge-Distillation-Zoo):
   neighbouring channel pairs, which is what the port does; it also covers ratios that are
   not 2, e.g. MobileNetV2's 48 -> 160, and a narrower later stage).
 - Normalisers (the maxima) are clamped at 1e-12 so a batch of identical samples gives 0.
+- The relation math (Gram products, distances, maxima) runs in float32 with autocast off: under
+  bf16 autocast the Gram product of near-collinear features loses every digit of their
+  distances. The features are centred on the batch mean before the Gram product (distances do
+  not change) so that a large common component does not cancel away the small differences.
 """
 from typing import Dict, Sequence, Tuple
 
@@ -46,9 +50,13 @@ _EPS = 1e-12
 
 
 def pool_channels(x: Tensor, channels: int) -> Tensor:
-    """Adaptive average pooling over the channel axis of a B x C x H x W map."""
+    """Adaptive average pooling over the channel axis of a B x C x H x W map: the mean of each
+    run of C / channels neighbouring channels where that divides (the same windows, with a
+    deterministic CUDA backward), else adaptive 3-d pooling."""
     if x.shape[1] == channels:
         return x
+    if x.shape[1] % channels == 0:
+        return x.unflatten(1, (channels, x.shape[1] // channels)).mean(2)
     return F.adaptive_avg_pool3d(x.unsqueeze(1), (channels, x.shape[2], x.shape[3])).squeeze(1)
 
 
@@ -74,6 +82,7 @@ def match_stages(early: Tensor, late: Tensor) -> Tuple[Tensor, Tensor]:
 def edge_matrix(f: Tensor, squared: bool = False) -> Tensor:
     """Pairwise Euclidean distances of the flattened samples, zero diagonal, divided by the max."""
     f = f.flatten(1).float()
+    f = f - f.mean(0, keepdim=True)
     sq = f.pow(2).sum(1)
     d = (sq[:, None] + sq[None, :] - 2.0 * f @ f.t()).clamp_min(_EPS)
     if not squared:
@@ -106,6 +115,10 @@ class IRGLoss(nn.Module):
         """layers_*: the features whose edge matrices are compared (pooled and the last two
         stages); pair_*: (earlier, later) stage of each network for the transformation term.
         Returns (loss, parts) with the weighted parts 'vertex', 'edge', 'transformation'."""
+        with torch.autocast(device_type=logits_s.device.type, enabled=False):
+            return self._terms(logits_s, logits_t, layers_s, layers_t, pair_s, pair_t)
+
+    def _terms(self, logits_s, logits_t, layers_s, layers_t, pair_s, pair_t):
         vertex = F.mse_loss(logits_s.float(), logits_t.float())
         edges = [F.mse_loss(edge_matrix(a, self.squared), edge_matrix(b, self.squared))
                  for a, b in zip(layers_s, layers_t)]

@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.ranges import at_least
-from distiller_zoo.base import BuildContext, WarmupDistiller, match_spatial, pair_from_deepest, register
+from distiller_zoo.base import BuildContext, WarmupDistiller, avg_pool_to, match_spatial, pair_from_deepest, register
 from distiller_zoo.options import Option
 
 DEFAULT_WARMUP = 20
@@ -94,7 +94,7 @@ def hcl_pair(f_s: Tensor, f_t: Tensor) -> Tensor:
             if level >= h:
                 continue
             weight /= 2.0
-            total = total + weight * F.mse_loss(F.adaptive_avg_pool2d(s, level), F.adaptive_avg_pool2d(t, level))
+            total = total + weight * F.mse_loss(avg_pool_to(s, level), avg_pool_to(t, level))
             weight_sum += weight
         return total / weight_sum
 

@@ -37,12 +37,11 @@ from dataclasses import replace
 from typing import Callable, Dict, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
 from core.ranges import NON_NEGATIVE, Parsed
-from distiller_zoo.base import BuildContext, Distiller, WarmupDistiller, register
+from distiller_zoo.base import BuildContext, Distiller, WarmupDistiller, avg_pool_to, register
 from distiller_zoo.classifier import check_class_map, class_map
 from distiller_zoo.dkd import DKD, DKDLoss
 from distiller_zoo.kd import DistillKL
@@ -68,8 +67,8 @@ SDD_DKD_BETA = {
 def scale_cells(fmap: Tensor, scales: Sequence[int]) -> Tensor:
     """(B, N, C): the cells of every scale, coarse to fine, each scale row-major. Coarser scales
     are pooled from the finest cells, as the official SPP does."""
-    finest = F.adaptive_avg_pool2d(fmap, max(scales))
-    grids = [finest if m == max(scales) else F.adaptive_avg_pool2d(finest, m) for m in sorted(scales)]
+    finest = avg_pool_to(fmap, max(scales))
+    grids = [finest if m == max(scales) else avg_pool_to(finest, m) for m in sorted(scales)]
     return torch.cat([g.flatten(2) for g in grids], dim=2).transpose(1, 2)
 
 

@@ -63,8 +63,11 @@ class SimilarityEmbed(nn.Module):
         self.linear2 = nn.Linear(2 * dim, dim)
 
     def forward(self, feature: Tensor) -> Tensor:
-        flat = feature.reshape(feature.shape[0], -1).float()
-        return F.normalize(self.linear2(F.relu(self.linear1(flat @ flat.t()))), dim=1)
+        # the batch Gram sums C*H*W products, far beyond fp16's 65,504: it and the layers it feeds
+        # run in float32 with autocast off
+        with torch.autocast(device_type=feature.device.type, enabled=False):
+            flat = feature.reshape(feature.shape[0], -1).float()
+            return F.normalize(self.linear2(F.relu(self.linear1(flat @ flat.t()))), dim=1)
 
 
 def projector(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -91,7 +94,9 @@ class SemanticCalibration(nn.Module):
     def attention(self, g_s: Sequence[Tensor], g_t: Sequence[Tensor]) -> Tensor:
         query = torch.stack([embed(f) for embed, f in zip(self.query, g_s)], dim=1)   # B x S x d
         key = torch.stack([embed(f) for embed, f in zip(self.key, g_t)], dim=2)       # B x d x T
-        return torch.softmax(torch.bmm(query, key) / self.soft, dim=-1)
+        # float32: the gradient reaching the softmax is the pairs' feature errors, beyond fp16's range
+        with torch.autocast(device_type=query.device.type, enabled=False):
+            return torch.softmax(torch.bmm(query, key) / self.soft, dim=-1)
 
     def forward(self, g_s: Sequence[Tensor], g_t: Sequence[Tensor]
                 ) -> Tuple[List[List[Tensor]], List[List[Tensor]], Tensor]:

@@ -110,6 +110,14 @@ class DistillTask(Task):
         feat_t = self.teacher_features(images)
         return feat_s, feat_t, weak_s, feat_t.rows(0, n)
 
+    def has_unused_parameters(self, module: nn.Module, params) -> bool:
+        """Also a term switched off by a zero weight: its connectors take no part in the step."""
+        idle = [d for name, d in self.distillers.items() if not self.weights[name]]
+        if not self.alpha and self.combine is not None:
+            idle.append(self.combine)
+        return super().has_unused_parameters(module, params) or any(
+            p.requires_grad for d in idle for p in d.parameters())
+
     # --- stages -----------------------------------------------------------------------------
     def _declared_init_stages(self):
         return [(name, stage) for name, d in self.distillers.items()

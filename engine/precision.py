@@ -227,6 +227,11 @@ def _step_function(trained, frozen, batch_shape, dtype, channels_last: bool):
     return step
 
 
+def grad_scaler(device: torch.device, dtype) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (its gradients underflow without it); a disabled scaler otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
 def autocast(device: torch.device, dtype):
     return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
 

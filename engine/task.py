@@ -18,6 +18,13 @@ class Task(nn.Module):
     def main_parameters(self) -> list:
         return [p for p in self.model.parameters() if p.requires_grad]
 
+    def has_unused_parameters(self, module: nn.Module, params) -> bool:
+        """Whether a step of `module` leaves one of its trainable parameters without a gradient
+        (DDP must then look for them every step: find_unused_parameters). A stage's own
+        parameters all get one; those it does not optimise (another stage's) do not."""
+        optimised = {id(p) for p in params}
+        return any(p.requires_grad and id(p) not in optimised for p in module.parameters())
+
     def set_epoch(self, epoch: int) -> None:
         """Called before each main epoch (warm-ups and schedules hook in here)."""
 

@@ -29,10 +29,11 @@ from engine import runs
 from core.errors import RunStopped
 from engine.checkpoint import save_checkpoint
 from core.distributed import average_buffers, broadcast_from_main
+from core.seeding import determinism_line
 from engine.loop import NonFiniteLoss, evaluate, train_epoch
 from engine.metrics_log import MAIN_STAGE, MetricsLog
 from engine.optim import build_optimizer, lr_at, set_lr
-from engine.precision import Execution, resolve_execution
+from engine.precision import Execution, grad_scaler, resolve_execution
 from engine.progress import run_line
 from engine.resume import load_resume_state
 from engine.signals import Interrupted, stop_on_signals
@@ -68,11 +69,13 @@ class Trainer:
         if ctx.is_main:
             run_line(self.run_dir.name, f"execution: {ctx.device}, {torch.get_num_threads()} threads, "
                                         f"{self.execution.describe()}")
+            if args.deterministic:
+                run_line(self.run_dir.name, determinism_line())
         if self.channels_last:
             task.to(memory_format=torch.channels_last)
         if args.compile:
             task.compile_networks()
-        self.scaler = torch.amp.GradScaler(ctx.device.type, enabled=self.amp_dtype == torch.float16)
+        self.scaler = grad_scaler(ctx.device, self.amp_dtype)
         self.best_acc, self.best_epoch, self.elapsed = 0.0, 0, 0.0
         self.side = task.side_networks()  # name -> (architecture, network)
         self.side_best = {name: 0.0 for name in self.side}
@@ -125,6 +128,7 @@ class Trainer:
             first = self._start_epoch(index, stages, optimizer)
             for epoch in range(first, stage.epochs + 1):
                 self._run_epoch(stage, epoch, epoch_offset + epoch, optimizer)
+            self._unwrap(stage.module)
             epoch_offset += stage.epochs
 
     def _run_epoch(self, stage: Stage, epoch: int, global_epoch: int, optimizer) -> None:
@@ -133,7 +137,7 @@ class Trainer:
         self.train_loader.set_epoch(global_epoch)
         if stage.name == MAIN_STAGE:
             self.task.set_epoch(epoch)
-        module = self._wrap(stage.module)
+        module = self._wrap(stage)
         module.train()
         self.task.keep_frozen_in_eval()
         desc = f"{stage.name} {epoch}/{stage.epochs}"
@@ -182,14 +186,23 @@ class Trainer:
                 improved.append(name)
         return improved
 
-    def _wrap(self, module: nn.Module) -> nn.Module:
+    def _wrap(self, stage: Stage) -> nn.Module:
         """The stage's module, under DistributedDataParallel when running under torchrun; one
-        wrapper per module, kept here (as a submodule of what it wraps it would form a cycle)."""
+        wrapper per module, kept here (as a submodule of what it wraps it would form a cycle).
+        DDP looks for unused parameters only where the stage has some (the task says)."""
+        module = stage.module
         if not self.ctx.distributed:
             return module
         if id(module) not in self._ddp:
-            self._ddp[id(module)] = wrap_ddp(module, self.ctx.device)
+            unused = self.task.has_unused_parameters(module, stage.params)
+            self._ddp[id(module)] = wrap_ddp(module, self.ctx.device, find_unused_parameters=unused)
         return self._ddp[id(module)]
+
+    def _unwrap(self, module: nn.Module) -> None:
+        """Drop a finished stage's DDP wrapper: an init stage's module shares the student's
+        parameters with the main stage's, and a live wrapper would keep its gradient buckets
+        and its hooks on them through the main stage."""
+        self._ddp.pop(id(module), None)
 
     # --- stopping early ----------------------------------------------------------------------
     @contextmanager
@@ -288,7 +301,7 @@ def first_batch_shape(loader) -> tuple:
         return tuple(next(iter(loader))[0].shape)
 
 
-def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
+def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bool = True) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
     ids = [device.index] if device.type == "cuda" else None
     # Buffers (BN statistics, CRD's memory bank) start equal (every rank builds them from the
@@ -300,7 +313,8 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
         no_forward_sync = {"forward_sync_buffers": False}
     else:
         no_forward_sync = {"broadcast_buffers": False}
-    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=True, **no_forward_sync)
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=find_unused_parameters,
+                                   **no_forward_sync)
 
 
 def summary_line(desc: str, metrics: dict, best: Optional[float]) -> str:

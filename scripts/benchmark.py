@@ -34,7 +34,9 @@ the data set is small, so the DataLoader's worker start-up is not counted in the
 Data (`--data`): `cifar100` reads CIFAR-100 from `--data_folder`; `synthetic` (the default when
 there is no cifar-100-python/ there) writes `--n_images` random uint8 32x32 RGB images with random
 labels into a temporary folder in CIFAR-100's own on-disk format (Python 2 pickles), so both paths
-read it through the real loaders. torchvision checks each CIFAR file's md5 against the real
+read it through the real loaders. The default, 50,000 images, is CIFAR-100's training set, so CRD
+runs with its real memory bank and its default 16,384 negatives; on a smaller set CRD draws
+`--nce_k` negatives, by default as many as the set allows (its size - 1), and the header says so. torchvision checks each CIFAR file's md5 against the real
 archive's; for that temporary folder only, the check is replaced by an existence check.
 
 Printed per configuration: plain and fast images/s, their ratio, the peak memory of each path
@@ -66,6 +68,7 @@ from typing import List, Optional
 
 import numpy as np
 import torch
+import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -77,8 +80,10 @@ from engine.checkpoint import save_checkpoint  # noqa: E402
 from core.distributed import setup  # noqa: E402
 from engine.loop import train_epoch  # noqa: E402
 from engine.optim import build_sgd  # noqa: E402
+from core.errors import exits_cleanly  # noqa: E402
+from distiller_zoo.crd import CRD  # noqa: E402
 from core.seeding import seed_everything  # noqa: E402
-from engine.precision import cpu_name, resolve_execution  # noqa: E402
+from engine.precision import cpu_name, grad_scaler, resolve_execution  # noqa: E402
 from engine.trainer import first_batch_shape  # noqa: E402
 from engine.session import build_data  # noqa: E402
 from engine.task import SupervisedTask  # noqa: E402
@@ -91,6 +96,7 @@ BATCHES = (64, 128)
 EPOCHS, EPOCH_IMAGES = 240, 50_000
 NUM_CLASSES = 100
 PATHS = ("plain", "fast")
+CRD_NCE_K = next(o.default for o in CRD.options if o.name == "nce_k")
 
 
 # --------------------------------------------------------------------------- configurations
@@ -261,8 +267,9 @@ def build_path(path: str, opts, config: Config, data_folder: str, work: Path):
         args = finalize_common_args(train_teacher.parse_args(flags + ["--model", config.teacher]), config.teacher)
     else:
         ckpt = random_teacher_checkpoint(config.teacher, work, opts.seed)
+        method_flags = ["--nce_k", str(opts.nce_k)] if config.method == "crd" else []
         args = train_student.parse_args(flags + ["--distill", config.method, "--model_s", config.student,
-                                                 "--path_t", str(ckpt), "--model_t", config.teacher])
+                                                 "--path_t", str(ckpt), "--model_t", config.teacher] + method_flags)
         plan = train_student.resolve_run(args)
         args = finalize_common_args(args, config.student)
     ctx = setup(args.device)
@@ -315,7 +322,7 @@ def measure(path: str, opts, config: Config, data_folder: str, work: Path) -> di
         task.to(memory_format=torch.channels_last)
     if args.compile:
         task.compile_networks()
-    scaler = torch.amp.GradScaler(ctx.device.type, enabled=amp_dtype == torch.float16)
+    scaler = grad_scaler(ctx.device, amp_dtype)
     if path == "plain":
         optimizer = torch.optim.SGD(task.main_parameters(), lr=args.learning_rate, momentum=args.momentum,
                                     weight_decay=args.weight_decay, foreach=False)
@@ -384,7 +391,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--data", choices=("synthetic", "cifar100"), default=None,
                         help="default: cifar100 when --data_folder holds cifar-100-python/, else synthetic")
     parser.add_argument("--data_folder", default="./data")
-    parser.add_argument("--n_images", type=int, default=5000, help="training images of the synthetic data set")
+    parser.add_argument("--n_images", type=int, default=50_000,
+                        help="training images of the synthetic data set (default: CIFAR-100's 50,000)")
+    parser.add_argument("--nce_k", type=int, default=None,
+                        help=f"CRD's negatives; default {CRD_NCE_K}, or the training set's size - 1 when smaller")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON")
     parser.add_argument("--imagenet_loader", action="store_true",
@@ -398,6 +408,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     if opts.steps < 1 or opts.warmup < 0 or opts.n_images < 2:
         parser.error("--steps must be >= 1, --warmup >= 0 and --n_images >= 2")
     return opts
+
+
+def default_nce_k(n_train: int) -> int:
+    """CRD's default negatives where the training set holds more, else all the other samples."""
+    return min(CRD_NCE_K, n_train - 1)
+
+
+def training_set_size(opts) -> int:
+    """Samples of the training split the runs will read (torchvision's CIFAR-100 reader)."""
+    if opts.data == "synthetic":
+        return opts.n_images
+    return len(torchvision.datasets.CIFAR100(opts.data_folder, train=True, download=False))
 
 
 def write_jpeg_tree(root: Path, n_images: int, seed: int) -> Path:
@@ -438,6 +460,7 @@ def measure_imagenet_loader(opts, work: Path) -> List[dict]:
     return rows
 
 
+@exits_cleanly
 def main(argv=None) -> List[dict]:
     opts = parse_args(argv)
     if opts.imagenet_loader:
@@ -457,6 +480,10 @@ def main(argv=None) -> List[dict]:
             data_folder, data_desc = str(work), f"synthetic CIFAR-100 format, {opts.n_images} images"
         else:
             data_folder, data_desc = opts.data_folder, f"CIFAR-100 from {opts.data_folder}"
+        if any(c.method == "crd" for c in configs) and opts.nce_k is None:
+            opts.nce_k = default_nce_k(training_set_size(opts))
+            if opts.nce_k < CRD_NCE_K:
+                data_desc += f"; crd with --nce_k {opts.nce_k} (the set is smaller than {CRD_NCE_K} + 1)"
         device_name = torch.cuda.get_device_name(opts.device) if cuda else cpu_name()
         print(f"device {opts.device} ({device_name}), torch {torch.__version__}, {torch.get_num_threads()} threads; "
               f"{data_desc}; {opts.warmup} warm-up + {opts.steps} timed steps per path; "
@@ -477,7 +504,7 @@ def main(argv=None) -> List[dict]:
     if opts.json:
         meta = {"device": opts.device, "device_name": device_name, "torch": torch.__version__,
                 "threads": torch.get_num_threads(), "data": data_desc, "steps": opts.steps, "warmup": opts.warmup,
-                "num_workers": opts.num_workers, "compile": opts.compile, "seed": opts.seed,
+                "num_workers": opts.num_workers, "compile": opts.compile, "seed": opts.seed, "nce_k": opts.nce_k,
                 "projection": f"{EPOCHS} epochs x {EPOCH_IMAGES} images at the fast rate, training steps only",
                 "time": time.strftime("%Y-%m-%d %H:%M:%S")}
         Path(opts.json).parent.mkdir(parents=True, exist_ok=True)

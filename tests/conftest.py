@@ -3,6 +3,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 import engine.trainer
 
@@ -62,18 +63,34 @@ def speed_probe_cache(tmp_path_factory):
         os.environ["DISTILLBENCH_CACHE"] = previous
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Each device a device-generic test runs on: the CPU always, CUDA where there is one."""
+    return torch.device(request.param)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run the tests marked slow")
+
+
 # Test modules whose every test trains networks, starts processes or builds the wheel. With the
 # tests that use a digits teacher, they are marked e2e, which `make test-fast` leaves out.
 E2E_MODULES = {
     "test_chaos", "test_deploy", "test_evaluate", "test_execution_record", "test_fast_path", "test_fetch_teachers",
-    "test_first_contact", "test_imagenet_training", "test_multi_teacher", "test_packaging", "test_reliability",
-    "test_slurm", "test_table_scripts", "test_torchrun", "test_train_mutual", "test_train_self",
+    "test_first_contact", "test_gpu_check", "test_imagenet_training", "test_multi_teacher", "test_packaging",
+    "test_reliability", "test_slurm", "test_table_scripts", "test_torchrun", "test_train_mutual", "test_train_self",
     "test_train_student", "test_train_teacher",
 }
 E2E_FIXTURES = {"digits_teacher"}
 
 
 def pytest_collection_modifyitems(config, items):
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow (make test-slow)")
     for item in items:
         if item.module.__name__ in E2E_MODULES or E2E_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.e2e)
+        if "slow" in item.keywords and not config.getoption("--runslow"):
+            item.add_marker(skip_slow)

@@ -146,3 +146,21 @@ def test_config_names():
         "kd:vgg13-MobileNetV2:64", "kd:vgg13-MobileNetV2:128", "teacher:resnet32x4:128"]
     with pytest.raises(SystemExit):
         benchmark.parse_configs("kd:resnet32x4")
+
+
+def test_benchmark_crd_on_a_small_synthetic_set(tmp_path, capsys):
+    """The synthetic set is smaller than CRD's 16,384 negatives + 1: the benchmark draws as many
+    as the set allows and says so, instead of ending in CRD's error; a --nce_k above the set is
+    the trainers' one-line error with status 2."""
+    flags = ["--device", "cpu", "--configs", "crd:resnet8-resnet8:8", "--steps", "1", "--warmup", "0",
+             "--n_images", "40", "--num_workers", "0", "--data_folder", str(tmp_path / "none")]
+    out = tmp_path / "bench.json"
+    (row,) = benchmark.main(flags + ["--json", str(out)])
+    assert "crd with --nce_k 39" in capsys.readouterr().out
+    assert json.loads(out.read_text())["meta"]["nce_k"] == 39
+    assert row["fast"]["images_per_s"] > 0
+    with pytest.raises(SystemExit) as stop:
+        benchmark.main(flags + ["--nce_k", "40"])
+    assert stop.value.code == 2
+    assert "--nce_k 40 negatives need a training set larger than its 40" in capsys.readouterr().err
+    assert benchmark.default_nce_k(50_000) == 16384 == benchmark.CRD_NCE_K

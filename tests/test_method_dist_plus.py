@@ -4,7 +4,6 @@ gradients to the student and the connector, unequal widths and sizes, and one di
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from conftest import read_json
 from core.errors import UserError

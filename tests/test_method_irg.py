@@ -150,6 +150,30 @@ def test_float32_under_bf16_autocast():
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 
+def near_collinear(batch=6, dim=512, spread=1e-2, seed=3):
+    """Samples that share one large component and differ by a small one: their distances are
+    small differences of large Gram entries."""
+    return rand(1, dim, seed=seed) + spread * rand(batch, dim, seed=seed + 1)
+
+
+def test_edges_of_near_collinear_features_in_float32_under_autocast():
+    """The edge matrices, and through them the loss, are the float32 ones under bf16 autocast
+    (before, the Gram product ran in bf16 and kept no digit of these distances), and the float32
+    edges match a float64 computation to 1e-5 (centring keeps the common component from
+    cancelling the differences away)."""
+    f_s, f_t = near_collinear(seed=3), near_collinear(seed=5)
+    reference = np_edges(f_s.double().numpy())
+    np.testing.assert_allclose(edge_matrix(f_s).numpy(), reference, atol=1e-5)
+    z = rand(6, 5)
+    args = (z, z + 1, (f_s,), (f_t,), (f_s, f_s * 2), (f_t, f_t * 2))
+    loss = IRGLoss()
+    fp32, fp32_parts = loss(*args)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        bf16, bf16_parts = loss(*args)
+    assert bf16_parts["edge"].item() == pytest.approx(fp32_parts["edge"].item(), rel=1e-6, abs=1e-9)
+    assert bf16.item() == pytest.approx(fp32.item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("s_name,t_name", [("resnet8", "resnet8x4"), ("MobileNetV2", "vgg13")])
 def test_distiller_on_real_models(s_name, t_name, capsys):
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import train_mutual
-from conftest import fast_args, read_json
+from conftest import fast_args
 from core.errors import UserError
 from engine.build import build_model
 from engine.teacher import build_teacher, read_teacher

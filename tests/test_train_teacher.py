@@ -55,10 +55,11 @@ def _rows(run_dir):
         return list(csv.DictReader(f))
 
 
-def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatch):
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatch, capsys):
     flags = ["--model", "resnet8", "--epochs", "3", "--deterministic", "--batch_size", "128"]
     full_dir = tmp_path / "full"
     train_teacher.main(fast_args(full_dir, *flags))
+    assert "deterministic: on, warn_only" in capsys.readouterr().out
 
     cut_dir = tmp_path / "cut"
     crash_after_checkpoint(train_teacher.main, fast_args(cut_dir, *flags), monkeypatch, epoch=2)
