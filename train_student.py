@@ -28,7 +28,7 @@ from distiller_zoo.base import BuildContext
 from distiller_zoo.multi_teacher import MODES, TeacherEnsemble
 from distiller_zoo.objective import Objective, parse_objective
 from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
-from engine.args import HelpFormatter, add_common_args, parse_with_config
+from engine.args import HelpFormatter, absolute_path, absolute_paths, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.distill_task import DistillTask
 from engine.dot import DEFAULT_DELTA
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Distil a student network from a teacher.",
                                      formatter_class=HelpFormatter, epilog=methods_help() + "\n\n" + EXAMPLES)
     m = parser.add_argument_group("distillation (RepDistiller's flags)")
-    m.add_argument("--path_t", type=str, default=None,
+    m.add_argument("--path_t", type=absolute_paths, default=None,
                    help="teacher checkpoint (ours or RepDistiller's), or several, comma-separated; "
                         "default: the best teacher run")
     m.add_argument("--model_t", type=str, default=None,
@@ -88,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of distilling: N epochs of int8 fake-quantised training of --init_student, "
                         "with KD from the teacher at --kd_T (default 1) when -a > 0; writes best.pth and "
                         "int8.onnx into its own run directory, and continues an interrupted one")
-    q.add_argument("--init_student", type=str, default=None, help="the distilled student's checkpoint QAT starts from")
+    q.add_argument("--init_student", type=absolute_path, default=None, help="the distilled student's checkpoint QAT starts from")
     q.add_argument("--qat_lr", type=float, default=1e-3, help="QAT's constant learning rate")
     m.add_argument("--dot", action="store_true",
                    help="train the main stage with DOT (Zhao et al., ICCV 2023): task and distillation momenta "

@@ -69,9 +69,12 @@ class Objective:
 
     def resolve_options(self, args, pair: Pair) -> None:
         """Every method's typed options from the parsed flags (published per-pair values where a
-        flag is not given); written back to `args` so args.json records them."""
+        flag is not given); written back to `args` with where each came from (`option_sources`),
+        so args.json records them and a resumed run describes them as the run did."""
+        recorded = getattr(args, "option_sources", None) or {}
         for term in self.methods:
-            term.options, term.option_sources = resolve_options(term.spec.options, args, pair)
+            term.options, term.option_sources = resolve_options(term.spec.options, args, pair, recorded)
+        args.option_sources = {k: v for term in self.methods for k, v in term.option_sources.items()}
 
     def kd_term(self, temperature) -> Tuple[str, DistillKL]:
         """The -a term, KD at the run's temperature, and the name it is logged under."""

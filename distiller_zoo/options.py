@@ -85,15 +85,17 @@ def resolve_value(option_or_table, given, default, pair: Pair):
     return default, "default"
 
 
-def resolve_options(options: Tuple[Option, ...], args, pair: Pair) -> Tuple[SimpleNamespace, Dict[str, str]]:
+def resolve_options(options: Tuple[Option, ...], args, pair: Pair,
+                    recorded: Dict[str, str] = None) -> Tuple[SimpleNamespace, Dict[str, str]]:
     """A method's typed options from the parsed flags (None where the flag was not given), and
     where each value came from. The resolved values are written back to `args`, so args.json
-    records what ran."""
+    records what ran; `recorded` holds the sources a resumed run recorded (its stored values all
+    look given)."""
     values, sources = {}, {}
     for opt in options:
         value, source = resolve_value(opt.per_pair, getattr(args, opt.name, None), opt.default, pair)
         values[opt.name] = None if value is None else opt.type(value)
-        sources[opt.name] = source
+        sources[opt.name] = (recorded or {}).get(opt.name, source)
         setattr(args, opt.name, values[opt.name])
     return SimpleNamespace(**values), sources
 

@@ -76,7 +76,8 @@ class Trainer:
 
     # --- resume -----------------------------------------------------------------------------
     def _load_resume(self) -> dict:
-        state = load_resume_state(self.run_dir, self.ctx.world_size, self.args.batch_size)
+        state = load_resume_state(self.run_dir, self.ctx.world_size, self.args.batch_size, self.task.model,
+                                  self.model_name)
         self.task.model.load_state_dict(state["model"])
         self.task.load_extra_state(state.get("extra", {}))
         self.best_acc, self.best_epoch = state["best_acc"], state.get("best_epoch", 0)
@@ -217,7 +218,7 @@ class Trainer:
                  "best_acc": self.best_acc, "best_epoch": self.best_epoch, "optimizer": optimizer.state_dict(),
                  "extra": self.task.extra_state(), "rows": self.log.rows, "elapsed": self.elapsed,
                  "seed": self.args.seed, "world_size": self.ctx.world_size, "side_best": self.side_best,
-                 **self._identity()}
+                 "skipped_images": self._skipped_images(), **self._identity()}
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         save_checkpoint(state, self.run_dir / runs.LAST_CKPT)
@@ -229,6 +230,15 @@ class Trainer:
             # the full state, so a run whose ckpt_last.pth is damaged can resume from it
             save_checkpoint({**state, "accuracy": self.last_metrics["test_top1"]},
                             self.run_dir / f"ckpt_epoch_{epoch}.pth")
+
+    def _skipped_images(self) -> list:
+        """The unreadable image files skipped so far (--skip_bad_images), this start's and, on a
+        resume, those the checkpoint records."""
+        skipped = set(self.resume_state.get("skipped_images", [])) if self.resume_state else set()
+        for loader in (self.train_loader, self.test_loader):
+            bad_images = getattr(loader, "bad_images", None)
+            skipped.update(bad_images.seen if bad_images is not None else ())
+        return sorted(skipped)
 
     def _save_side(self, epoch: int, improved: list) -> None:
         for name in improved:
@@ -249,6 +259,7 @@ class Trainer:
             "params": sum(p.numel() for p in self.task.model.parameters()),
             "wall_time_s": round(self.elapsed, 2), "code_version": runs.code_version(),
             "world_size": self.ctx.world_size, "effective_batch": self.ctx.world_size * self.args.batch_size,
+            "skipped_images": len(self._skipped_images()),
             **{f"best_top1_{name}": best for name, best in self.side_best.items()},
             **self.describe,
         }
