@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of distilling: N epochs of int8 fake-quantised training of --init_student, "
                         "with KD from the teacher at --kd_T (default 1) when -a > 0; writes best.pth and "
                         "int8.onnx into its own run directory, and continues an interrupted one")
-    q.add_argument("--init_student", type=absolute_path, default=None, help="the distilled student's checkpoint QAT starts from")
+    q.add_argument("--init_student", type=absolute_path, default=None,
+                   help="the distilled student's checkpoint QAT starts from")
     q.add_argument("--qat_lr", type=float, default=1e-3, help="QAT's constant learning rate")
     m.add_argument("--dot", action="store_true",
                    help="train the main stage with DOT (Zhao et al., ICCV 2023): task and distillation momenta "

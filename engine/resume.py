@@ -1,7 +1,7 @@
 """Choosing the checkpoint a run resumes from: ckpt_last.pth, or, when that is unreadable, not
 a resume checkpoint (RepDistiller's format has no training position) or holds another
-architecture, the newest good ckpt_epoch_<k>.pth, saying which. A resume with another number of processes is allowed
-but said: the effective batch and the data order change."""
+architecture, the newest good ckpt_epoch_<k>.pth, saying which. A resume with another number
+of processes is allowed but said: the effective batch and the data order change."""
 import sys
 from pathlib import Path
 
@@ -14,7 +14,8 @@ from engine.checkpoint import load_checkpoint, misfit
 RESUME_KEYS = ("model", "stage", "epoch", "rows", "optimizer", "best_acc")
 
 
-def load_resume_state(run_dir: Path, world_size: int, batch_size: int, model: nn.Module, model_name: str) -> dict:
+def load_resume_state(run_dir: Path, world_size: int, batch_size: int, model: nn.Module,
+                      model_name: str) -> dict:
     problems = []
     for path in runs.checkpoints(run_dir):
         try:

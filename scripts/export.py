@@ -12,7 +12,8 @@ Writes into --out (default: <checkpoint folder>/export):
                    first --check_images test images, and with --int8 the test top-1 of fp32 and int8
 
 The data set and data folder are those the checkpoint's run trained on (as evaluate.py takes
-them), unless --dataset and --data_folder say. Exits with status 1 when an export's logits leave the stated tolerance, 2 on a user mistake.
+them), unless --dataset and --data_folder say. Exits with status 1 when an export's logits
+leave the stated tolerance, 2 on a user mistake.
 """
 import argparse
 import sys

@@ -12,6 +12,7 @@ import torch
 import train_student
 import train_teacher
 from conftest import ROOT, crash_after_checkpoint, fast_args, read_json
+from deploy.network import run_data
 from engine.build import build_model
 
 TEACHER = ["--model", "resnet8", "--epochs", "1", "--trial", "0"]  # digits_teacher's run
@@ -115,6 +116,7 @@ def test_paths_are_stored_absolute_so_a_run_resumes_from_any_folder(resumed_stud
     assert stored["path_t"] == results["path_t"] == str(run_dir.parent.parent.parent / "teacher" / "best.pth")
     assert stored["save_dir"] == str(run_dir.parent.parent) and stored["data_folder"].startswith("/")
     assert "command_line" not in stored and results["epochs"] == 2
+    assert run_data(run_dir / "best.pth", {}) == ("digits", stored["data_folder"])  # what evaluate/export read
 
 
 def test_chaos_resolves_a_relative_save_dir_against_the_current_folder(tmp_path):
