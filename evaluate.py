@@ -19,7 +19,7 @@ logits unless --amp asks otherwise.
 The architecture is --model, else the checkpoint's 'arch', else the run's args.json ('model',
 or a student run's 'model_s'), else RepDistiller's folder-name rule. The data set is --dataset,
 else the checkpoint's 'dataset', else the run's args.json, else CIFAR-100 (RepDistiller's
-checkpoints say nothing).
+checkpoints say nothing); --data_folder, else the run's (stored absolute), else ./data.
 """
 from core.errors import UserError, exit_quietly_on_ctrl_c, exits_cleanly
 
@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from dataset.loaders import build_loaders
 from deploy import data as deploy_data
 from deploy import extras
-from deploy.network import load_network, read_network
+from deploy.network import load_network, read_network, run_data
 from deploy.quantize import CALIBRATION_IMAGES
 from deploy.report import deployment_rows, markdown_rows
 from deploy.runtime import latency_stats
@@ -64,7 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", type=str, default=None, help="write every number to this JSON file")
     parser.add_argument("--markdown", type=str, default=None, help="write the table to this Markdown file")
     parser.add_argument("--batch_size", type=int, default=256, help="test batch size")
-    parser.add_argument("--data_folder", type=str, default="./data")
+    parser.add_argument("--data_folder", type=str, default=None,
+                        help="default: the folder the checkpoint's run read (its args.json), else ./data")
     parser.add_argument("--loader", type=str, default="auto", choices=("auto", "memory", "torch"))
     parser.add_argument("--num_workers", type=int, default=8, help="DataLoader workers (torch loader only)")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:<k>")
@@ -280,30 +281,11 @@ def write_outputs(report: dict, table: str, args) -> None:
         Path(args.markdown).write_text(table)
 
 
-def trained_dataset(path: Path, state: dict):
-    """The data set a checkpoint was trained on, where the checkpoint or its run says."""
-    if "dataset" in state:
-        return state["dataset"]
-    if (path.parent / runs.ARGS_FILE).is_file():
-        return runs.load_run_args(path.parent).get("dataset")
-    return None
-
-
-def resolve_dataset(args, path: Path, state: dict) -> str:
-    trained = trained_dataset(path, state)
-    if args.dataset is None:
-        return trained or "cifar100"
-    if trained is not None and trained != args.dataset:
-        raise UserError(f"{path} was trained on {trained}, not {args.dataset}; "
-                        f"leave out --dataset or pass --dataset {trained}")
-    return args.dataset
-
-
 def read_networks(args) -> dict:
     """Both checkpoints read, their architectures named and the data set settled, before any data loads."""
     path = Path(args.checkpoint)
     state, arch = read_network(path, args.model)
-    args.dataset = resolve_dataset(args, path, state)
+    args.dataset, args.data_folder = run_data(path, state, args.dataset, args.data_folder)
     found = {"path": path, "state": state, "arch": arch}
     if args.teacher:
         found["state_t"], found["arch_t"] = read_network(args.teacher, args.model_t, "--model_t")

@@ -28,7 +28,7 @@ from distiller_zoo.base import BuildContext, DeployedNetwork
 from distiller_zoo.multi_teacher import MODES, TeacherEnsemble, ensemble_weights
 from distiller_zoo.objective import DISTILL_SPEC, Objective, parse_objective
 from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
-from engine.args import Parser, add_common_args, parse_with_config
+from engine.args import Parser, absolute_path, absolute_paths, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.distill_task import DistillTask
 from engine.dot import DEFAULT_DELTA
@@ -55,7 +55,7 @@ def methods_help() -> str:
 def build_parser() -> Parser:
     parser = Parser(description="Distil a student network from a teacher.", epilog=methods_help() + "\n\n" + EXAMPLES)
     m = parser.add_argument_group("distillation (RepDistiller's flags)")
-    m.add_argument("--path_t", type=str, default=None,
+    m.add_argument("--path_t", type=absolute_paths, default=None,
                    help="teacher checkpoint (ours or RepDistiller's), or several, comma-separated; "
                         "default: the best teacher run")
     m.add_argument("--model_t", type=str, default=None,
@@ -93,7 +93,8 @@ def build_parser() -> Parser:
                    help="instead of distilling: N epochs of int8 fake-quantised training of --init_student, "
                         "with KD from the teacher at --kd_T (default 1) when -a > 0; writes best.pth and "
                         "int8.onnx into its own run directory, and continues an interrupted one", valid=at_least(1))
-    q.add_argument("--init_student", type=str, default=None, help="the distilled student's checkpoint QAT starts from")
+    q.add_argument("--init_student", type=absolute_path, default=None,
+                   help="the distilled student's checkpoint QAT starts from")
     q.add_argument("--qat_lr", type=float, default=1e-3, help="QAT's constant learning rate", valid=POSITIVE)
     m.add_argument("--dot", action="store_true",
                    help="train the main stage with DOT (Zhao et al., ICCV 2023): task and distillation momenta "

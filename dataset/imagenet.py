@@ -6,7 +6,8 @@
 (`<data_folder>/imagenet/` resp. `<data_folder>/tiny-imagenet-200/` are tried too, so the
 default ./data works with the data set in a subfolder.) Tiny-ImageNet's own download keeps its
 validation images flat in val/images/ with labels in val/val_annotations.txt; that layout is
-read as it is. Samples are (img, target, index); the transforms are the standard ones with
+read as it is. Samples are (img, target, index), img an `Unreadable` marker for a file that does
+not decode (dataset/unreadable.py); the transforms are the standard ones with
 ImageNet's mean/std:
 - ImageNet: RandomResizedCrop(224) + flip for training, Resize(256) + CenterCrop(224) for test;
 - Tiny-ImageNet: RandomCrop(64, padding=4) + flip for training, the 64x64 image for test.
@@ -18,6 +19,7 @@ from torchvision import datasets, transforms
 from torchvision.datasets.folder import default_loader
 
 from dataset import IMAGENET_MEAN, IMAGENET_STD
+from dataset.unreadable import DECODE_ERRORS, Unreadable, reason
 from core.errors import UserError
 
 _TITLES = {"imagenet": "ImageNet", "tinyimagenet": "Tiny-ImageNet"}
@@ -34,12 +36,21 @@ def image_transform(name: str, train: bool) -> transforms.Compose:
     return transforms.Compose(steps + [transforms.ToTensor(), normalize])
 
 
+def load_sample(loader, transform, path, target, index):
+    """(img, target, index), with an Unreadable marker as img where the file does not decode."""
+    try:
+        img = loader(path)
+    except DECODE_ERRORS as err:
+        return Unreadable(path, reason(err)), target, index
+    return (img if transform is None else transform(img)), target, index
+
+
 class ImageFolderInstance(datasets.ImageFolder):
     """ImageFolder whose samples are (img, target, index)."""
 
     def __getitem__(self, index):
-        img, target = super().__getitem__(index)
-        return img, target, index
+        path, target = self.samples[index]
+        return load_sample(self.loader, self.transform, path, target, index)
 
 
 class AnnotatedValInstance(Dataset):
@@ -67,10 +78,7 @@ class AnnotatedValInstance(Dataset):
 
     def __getitem__(self, index):
         path, target = self.samples[index]
-        img = default_loader(path)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, target, index
+        return load_sample(default_loader, self.transform, path, target, index)
 
 
 def find_root(name: str, data_folder) -> Path:

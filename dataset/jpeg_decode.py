@@ -14,10 +14,11 @@ batch), so an epoch's crops do not depend on the number of workers. Resizing is 
 antialiasing, like PIL's, and rounds to 8-bit values as the PIL path does; the distribution of
 crops equals the PIL path's (tests/test_jpeg_decode.py compares their statistics). Files that
 decode_jpeg cannot read (ImageNet holds a PNG and some CMYK JPEGs) are decoded one by one with
-`decode_image` on the CPU.
+`decode_image` on the CPU; a file neither reads goes to the run's bad-image policy
+(dataset/unreadable.py).
 """
 import math
-from typing import List, Tuple
+from typing import List, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,7 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
 from dataset.imagenet import image_folder
 from dataset.order import TRANSFORM_STREAM, mix_seed
+from dataset.unreadable import Unreadable, reason
 
 CROP_SIZE = 224
 RESIZE_SIZE = 256
@@ -60,12 +62,20 @@ def encoded_folder(name: str, data_folder, train: bool):
     return dataset
 
 
-def decode_rgb(files: List[Tensor], device: torch.device) -> List[Tensor]:
-    """3 x H x W uint8 images on `device`, decoded there in one call where the files allow it."""
+def decode_rgb(files: List[Tensor], device: torch.device) -> List[Union[Tensor, str]]:
+    """3 x H x W uint8 images on `device`, decoded there in one call where the files allow it;
+    in the place of a file that does not decode, why not."""
     try:
         return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
     except RuntimeError:
-        return [decode_image(f, mode=ImageReadMode.RGB).to(device) for f in files]
+        return [_decode_one(f, device) for f in files]
+
+
+def _decode_one(file: Tensor, device: torch.device) -> Union[Tensor, str]:
+    try:
+        return decode_image(file, mode=ImageReadMode.RGB).to(device)
+    except RuntimeError as err:
+        return reason(err)
 
 
 def random_resized_crop_box(height: int, width: int, gen: torch.Generator) -> Tuple[int, int, int, int]:
@@ -144,19 +154,37 @@ class JpegLoader:
     def dataset(self):
         return self.files.dataset
 
+    @property
+    def bad_images(self):
+        return self.files.bad_images
+
     def __len__(self) -> int:
         return len(self.files)
 
     def set_epoch(self, epoch: int) -> None:
         self.files.set_epoch(epoch)
 
-    def images(self, encoded: EncodedImages, gen: torch.Generator) -> Tensor:
-        decoded = decode_rgb(encoded.files, self.device)
+    def images(self, decoded: List[Tensor], gen: torch.Generator) -> Tensor:
         views = [train_view(img, gen) if self.train else eval_view(img) for img in decoded]
         return (torch.stack(views) - self.mean) / self.std
+
+    def readable(self, decoded: list, rest: list):
+        """The decoded images and the batch's other fields without the files that did not
+        decode, each reported to the run's bad-image policy."""
+        keep = [not isinstance(img, str) for img in decoded]
+        for img, index in zip(decoded, rest[1].tolist()):
+            if isinstance(img, str):
+                self.bad_images.report(Unreadable(self.dataset.samples[index][0], img))
+        mask = torch.tensor(keep)
+        return [img for img in decoded if not isinstance(img, str)], [field[mask] for field in rest]
 
     def __iter__(self):
         words = (self.files.seed, self.files.epoch, self.files.rank)
         for step, (encoded, *rest) in enumerate(self.files):
             gen = torch.Generator().manual_seed(mix_seed(*words, TRANSFORM_STREAM, step))
-            yield (self.images(encoded, gen), *rest)
+            decoded = decode_rgb(encoded.files, self.device)
+            if not all(torch.is_tensor(img) for img in decoded):
+                decoded, rest = self.readable(decoded, rest)
+                if self.bad_images.too_small(len(decoded), self.train):
+                    continue
+            yield (self.images(decoded, gen), *rest)

@@ -24,7 +24,7 @@ import math
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 
 from dataset import DATASETS, DatasetInfo, get_info
 from dataset.cifar100 import cifar_instance_dataset, eval_transform, load_cifar, train_transform
@@ -35,6 +35,7 @@ from dataset.jpeg_decode import JpegLoader, collate_encoded, encoded_folder
 from dataset.memory import InMemoryLoader
 from dataset.order import CONTRAST_STREAM, TRANSFORM_STREAM, WORKER_STREAM, epoch_indices, mix_seed, shard_length
 from dataset.strong import two_view_transform
+from dataset.unreadable import BadImages, collate_readable
 from core.errors import UserError
 
 LOADERS = ("auto", "memory", "torch", "jpeg")
@@ -53,12 +54,15 @@ class TorchLoader:
 
     A dataset whose transform returns two views (`dataset.strong.TwoViews`) yields batches whose
     images are the two views concatenated: 2B x C x H x W, weak first.
+
+    Samples whose image is an `Unreadable` marker go to `bad_images` (stop, or skip: the batch
+    is then one sample shorter) in the main process, whichever process read them.
     """
 
     def __init__(self, dataset, *, batch_size: int, train: bool, shuffle: Optional[bool] = None,
                  drop_last: bool = False, num_workers: int = 0, seed: int = 0, rank: int = 0,
                  world_size: int = 1, even_shards: Optional[bool] = None, contrast: Optional[ContrastSampler] = None,
-                 pin_memory: bool = False, collate_fn=None):
+                 pin_memory: bool = False, collate_fn=None, bad_images: Optional[BadImages] = None):
         if batch_size < 1:
             raise ValueError("batch_size must be positive")
         self.dataset = dataset
@@ -74,7 +78,8 @@ class TorchLoader:
             raise ValueError("the torch loader draws contrast indices on the CPU")
         self.contrast = contrast
         self.pin_memory = pin_memory
-        self.collate_fn = collate_fn
+        self.collate_fn = collate_readable(collate_fn or default_collate)
+        self.bad_images = bad_images or BadImages()
         self.epoch = 0
 
     @property
@@ -104,9 +109,14 @@ class TorchLoader:
             if self.num_workers == 0:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(mix_seed(*words, TRANSFORM_STREAM, step))
-                    images, targets, indices = next(batches)
+                    batch, unreadable = next(batches)
             else:
-                images, targets, indices = next(batches)
+                batch, unreadable = next(batches)
+            for bad in unreadable:
+                self.bad_images.report(bad)
+            if batch is None or (unreadable and self.bad_images.too_small(len(batch[1]), self.train)):
+                continue
+            images, targets, indices = batch
             if isinstance(images, (list, tuple)):
                 images = torch.cat(list(images))
             if self.contrast is not None:
@@ -207,7 +217,8 @@ def resolve_loader(name: str, loader: str, device="cpu", strong_view: bool = Fal
 def build_loaders(name: str, data_folder="./data", batch_size: int = 64, *, loader: str = "auto",
                   device="cpu", num_workers: int = 8, seed: int = 0, download: bool = False,
                   contrast=None, rank: int = 0, world_size: int = 1, channels_last: bool = False,
-                  test_batch_size: Optional[int] = None, strong_view: bool = False):
+                  test_batch_size: Optional[int] = None, strong_view: bool = False,
+                  skip_bad_images: bool = False):
     """(train_loader, test_loader, info) for data set `name`.
 
     info: the registry's DatasetInfo with n_train/n_test as loaded (and, for digits, the mean/std
@@ -218,6 +229,8 @@ def build_loaders(name: str, data_folder="./data", batch_size: int = 64, *, load
     strong_view: the training batches carry a second, strongly augmented view of every sample
     (see the module docstring); the weak views are those of a loader without it (in memory,
     bit for bit; the torch path, draw for draw).
+    skip_bad_images: an image file that does not decode is skipped (warned once, counted in
+    `loader.bad_images.seen`) instead of stopping the run with one line (dataset/unreadable.py).
     """
     info: DatasetInfo = get_info(name)
     kind = resolve_loader(name, loader, device, strong_view)
@@ -242,6 +255,7 @@ def build_loaders(name: str, data_folder="./data", batch_size: int = 64, *, load
     per_rank = shard_length(n_train, rank, world_size, even=True)
     drop_last = per_rank % batch_size == 1
     common = dict(seed=seed, rank=rank, world_size=world_size)
+    bad_images = BadImages(skip_bad_images)
 
     if kind == "memory":
         sampler = ContrastSampler(train_y.to(device), *contrast) if contrast else None
@@ -253,7 +267,7 @@ def build_loaders(name: str, data_folder="./data", batch_size: int = 64, *, load
     elif kind == "jpeg":
         targets = torch.as_tensor(list(train_targets), dtype=torch.long)
         sampler = ContrastSampler(targets, *contrast) if contrast else None
-        files = dict(num_workers=num_workers, collate_fn=collate_encoded, **common)
+        files = dict(num_workers=num_workers, collate_fn=collate_encoded, bad_images=bad_images, **common)
         train_loader = JpegLoader(TorchLoader(train_set, batch_size=batch_size, train=True, drop_last=drop_last,
                                               contrast=sampler, **files),
                                   train=True, device=device, mean=mean, std=std)
@@ -266,8 +280,9 @@ def build_loaders(name: str, data_folder="./data", batch_size: int = 64, *, load
         sampler = ContrastSampler(targets, *contrast) if contrast else None
         pin = device.type == "cuda"
         train_loader = TorchLoader(train_set, batch_size=batch_size, train=True, drop_last=drop_last,
-                                   num_workers=num_workers, contrast=sampler, pin_memory=pin, **common)
+                                   num_workers=num_workers, contrast=sampler, pin_memory=pin,
+                                   bad_images=bad_images, **common)
         test_loader = TorchLoader(test_set, batch_size=test_batch_size, train=False, num_workers=num_workers,
-                                  pin_memory=pin, **common)
+                                  pin_memory=pin, bad_images=bad_images, **common)
     info = info.with_sizes(n_train, n_test, mean=tuple(mean), std=tuple(std), num_classes=num_classes)
     return train_loader, test_loader, info

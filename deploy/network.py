@@ -1,6 +1,11 @@
 """A trained network from its checkpoint (ours, or RepDistiller's {'model': state_dict}), its
 architecture found as evaluate.py finds it: --model, the checkpoint's 'arch', the run's
-args.json, RepDistiller's folder-name rule."""
+args.json, RepDistiller's folder-name rule; its data set and data folder as the checkpoint or
+its run recorded them."""
+from pathlib import Path
+
+from core.errors import UserError
+from engine import runs
 from engine.build import check_model_name
 from engine.teacher import build_teacher, read_teacher
 
@@ -15,3 +20,18 @@ def load_network(path, model, num_classes: int, dataset: str):
     """(the network in eval mode with the checkpoint's weights, its architecture name)."""
     state, arch = read_network(path, model)
     return build_teacher(state, arch, num_classes, path, dataset), arch
+
+
+def run_data(path, state: dict, dataset=None, data_folder=None):
+    """(data set, data folder) to evaluate a checkpoint on: those given, else what the checkpoint
+    or its run's args.json records (the data folder is stored absolute, so this works from any
+    directory), else CIFAR-100 and ./data (RepDistiller's checkpoints record nothing). A data
+    set other than the one it was trained on is one line."""
+    path = Path(path)
+    needed = "dataset" not in state or data_folder is None
+    stored = runs.load_run_args(path.parent) if needed and (path.parent / runs.ARGS_FILE).is_file() else {}
+    trained = state.get("dataset", stored.get("dataset"))
+    if dataset is not None and trained is not None and trained != dataset:
+        raise UserError(f"{path} was trained on {trained}, not {dataset}; "
+                        f"leave out --dataset or pass --dataset {trained}")
+    return dataset or trained or "cifar100", data_folder or stored.get("data_folder", "./data")

@@ -70,14 +70,16 @@ class Objective:
 
     def resolve_options(self, args, pair: Pair) -> None:
         """Every method's typed options from the parsed flags (published per-pair values where a
-        flag is not given); written back to `args` so args.json records them. A flag two methods
-        share (sdd_dkd and dkd: --dkd_beta) has one value: where their published values for the
-        pair differ, the user must give it."""
+        flag is not given); written back to `args` with where each came from (`option_sources`),
+        so args.json records them and a resumed run describes them as the run did. A flag two
+        methods share (sdd_dkd and dkd: --dkd_beta) has one value: where their published values
+        for the pair differ, the user must give it."""
+        recorded = getattr(args, "option_sources", None) or {}
         resolved: Dict[str, Tuple[object, str]] = {}
         for term in self.methods:
             flags = SimpleNamespace(**{opt.name: getattr(args, opt.name, None) for opt in term.spec.options})
             others = tuple(t.spec.name for t in self.methods if t is not term)
-            term.options, term.option_sources = resolve_options(term.spec.options, flags, pair, others)
+            term.options, term.option_sources = resolve_options(term.spec.options, flags, pair, others, recorded)
             for name, value in vars(term.options).items():
                 first, owner = resolved.setdefault(name, (value, term.spec.name))
                 if first != value:
@@ -85,6 +87,7 @@ class Objective:
                                     f"published values for {pair[0]} -> {pair[1]}); give --{name} to choose one")
         for name, (value, _) in resolved.items():
             setattr(args, name, value)
+        args.option_sources = {k: v for term in self.methods for k, v in term.option_sources.items()}
 
     def kd_term(self, temperature) -> Tuple[str, DistillKL]:
         """The -a term, KD at the run's temperature, and the name it is logged under."""

@@ -110,16 +110,17 @@ def resolve_option(opt: Option, given, pair: Pair, others: Tuple[str, ...]):
     return resolve_value(opt.per_pair, given, opt.default, pair)
 
 
-def resolve_options(options: Tuple[Option, ...], args, pair: Pair,
-                    others: Tuple[str, ...] = ()) -> Tuple[SimpleNamespace, Dict[str, str]]:
+def resolve_options(options: Tuple[Option, ...], args, pair: Pair, others: Tuple[str, ...] = (),
+                    recorded: Dict[str, str] = None) -> Tuple[SimpleNamespace, Dict[str, str]]:
     """A method's typed options from the parsed flags (None where the flag was not given), and
     where each value came from; `others` names the run's other methods. The resolved values are
-    written back to `args`, so args.json records what ran."""
+    written back to `args`, so args.json records what ran; `recorded` holds the sources a
+    resumed run recorded (its stored values all look given)."""
     values, sources = {}, {}
     for opt in options:
         value, source = resolve_option(opt, getattr(args, opt.name, None), pair, others)
         values[opt.name] = None if value is None else opt.type(value)
-        sources[opt.name] = source
+        sources[opt.name] = (recorded or {}).get(opt.name, source)
         setattr(args, opt.name, values[opt.name])
     return SimpleNamespace(**values), sources
 

@@ -10,11 +10,29 @@ from core.errors import UserError
 from core.ranges import NAME, NON_NEGATIVE, POSITIVE, at_least, check_value, within
 from engine.build import default_lr
 from engine.recipe import apply_imagenet_recipe
+from engine.torchvision_teacher import is_torchvision_spec
 
 REFERENCE_EPOCHS = 240
 REFERENCE_DECAY_EPOCHS = (150, 180, 210)
 REFERENCE_BATCH_SIZE = 64
 REFERENCE_WEIGHT_DECAY = 5e-4
+
+
+def path_text(value) -> str:
+    if not isinstance(value, str):  # a number or a list from a --config file
+        raise argparse.ArgumentTypeError(f"a path wanted, got {value!r}")
+    return value
+
+
+def absolute_path(text: str) -> str:
+    """A path flag's value, made absolute where it is given: a run's args.json then names the
+    same files from any working directory (a resume, evaluate.py, scripts/export.py)."""
+    return os.path.abspath(path_text(text))
+
+
+def absolute_paths(text: str) -> str:
+    """Comma-separated paths made absolute; torchvision:<name> entries are names, kept."""
+    return ",".join(p if is_torchvision_spec(p) else absolute_path(p) for p in path_text(text).split(","))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -98,15 +116,19 @@ def add_common_args(parser: Parser) -> None:
     r.add_argument("--seed", type=int, default=None, help="default: derived from --trial", valid=at_least(0))
     r.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels; with --resume, an interrupted run ends bit-identical")
-    r.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+    r.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR", type=absolute_path,
                    help="continue the run from its ckpt_last.pth (the run named by the flags, or RUN_DIR)")
     r.add_argument("--auto_resume", action="store_true",
                    help="for table scripts: skip a finished run, resume an interrupted one, else start it")
-    r.add_argument("--data_folder", type=str, default="./data")
+    r.add_argument("--data_folder", type=absolute_path, default="./data",
+                   help="stored absolute; on --resume the run's, unless given")
     r.add_argument("--download", action="store_true", help="download the data set if missing")
-    r.add_argument("--save_dir", type=str, default="./save")
+    r.add_argument("--save_dir", type=absolute_path, default="./save")
     r.add_argument("--run_name", type=str, default=None, help="override the run directory's name (under --save_dir)",
                    valid=NAME)
+    r.add_argument("--skip_bad_images", action="store_true", default=None,
+                   help="an image file that does not decode is skipped (warned, counted in results.json) "
+                        "instead of stopping the run; on --resume the run's, unless given")
 
     s = parser.add_argument_group("speed")
     s.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:<k>")
@@ -139,6 +161,7 @@ def finalize_common_args(args: argparse.Namespace, trained_model: str) -> argpar
         args.lr_decay_epochs = [round(m * args.epochs / REFERENCE_EPOCHS) for m in REFERENCE_DECAY_EPOCHS]
     if args.seed is None:
         args.seed = seed_from_trial(args.trial)
+    args.skip_bad_images = bool(args.skip_bad_images)
     return args
 
 
@@ -147,16 +170,21 @@ def seed_from_trial(trial: str) -> int:
 
 
 def parse_with_config(parser: argparse.ArgumentParser, argv=None,
-                      derived=("method", "beta_label", "world_size", "effective_batch")):
+                      derived=("method", "beta_label", "world_size", "effective_batch", "option_sources")):
     """Parse `argv`, with `--config FILE` (YAML, or a run's args.json) setting any flag first and
-    the command line overriding it. `derived` names keys an args.json records that are not flags."""
-    parser.add_argument("--config", default=None, metavar="FILE",
+    the command line overriding it. `derived` names keys an args.json records that are not flags.
+    `args.command_line` lists the flags the command line or the config file set (what a resume
+    says it ignores); it is not stored in args.json."""
+    parser.add_argument("--config", default=None, metavar="FILE", type=absolute_path,
                         help="YAML file (or a run's args.json) setting any of these flags; the command line wins")
     known, _ = parser.parse_known_args(argv)
+    configured = {}
     if known.config:
-        parser.set_defaults(**read_config(known.config, parser, derived))
+        configured = read_config(known.config, parser, derived)
+        parser.set_defaults(**configured)
     args = parser.parse_args(argv)
     check_ranges(parser, args)
+    args.command_line = sorted(given_flags(parser, argv) | set(configured))
     return args
 
 
@@ -167,6 +195,15 @@ def check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         if action.option_strings:
             check_value("/".join(action.option_strings), getattr(args, action.dest, None),
                         getattr(action, "valid", None), action.choices, action.type)
+
+
+def given_flags(parser: argparse.ArgumentParser, argv=None) -> set:
+    """The destinations the command line sets: argparse fills a default only where the namespace
+    lacks the attribute, so what still holds the placeholder afterwards was not given."""
+    unset = object()
+    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    parser.parse_known_args(argv, namespace=namespace)
+    return {k for k, v in vars(namespace).items() if v is not unset}
 
 
 def read_config(path: str, parser: argparse.ArgumentParser, derived=()) -> dict:

@@ -42,13 +42,18 @@ def load_model_weights(model: torch.nn.Module, state_dict: dict, model_name: str
     try:
         model.load_state_dict(state_dict, strict=True)
     except RuntimeError:
-        expected = model.state_dict()
-        missing = sorted(set(expected) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(expected))
-        mismatched = sorted(k for k in set(expected) & set(state_dict)
-                            if expected[k].shape != state_dict[k].shape)
-        detail = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                           for what, keys in (("missing", missing), ("unexpected", unexpected),
-                                              ("wrong shape", mismatched)) if keys)
-        raise UserError(f"checkpoint {path} does not fit architecture {model_name} ({detail}); "
+        raise UserError(f"checkpoint {path} does not fit architecture {model_name} "
+                        f"({misfit(model, state_dict) or 'unloadable values'}); "
                         "name the right architecture or number of classes") from None
+
+
+def misfit(model: torch.nn.Module, state_dict: dict) -> str:
+    """The keys by which `state_dict` does not fit `model` (missing, unexpected, wrong shape),
+    a few of each; empty when it fits."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(state_dict) if expected[k].shape != state_dict[k].shape)
+    return "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                     for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                        ("wrong shape", mismatched)) if keys)

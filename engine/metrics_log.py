@@ -38,10 +38,20 @@ class MetricsLog:
             self._keep_first_rows(self.rows)
 
     def _keep_first_rows(self, n: int) -> None:
+        """Keep the rows the resumed checkpoint counts, less any torn row (cut short by an
+        interruption: DictReader fills its missing columns with None), said in a warning."""
         if not self.path.exists():
             return
         rows, fields = self._read()
-        self._rewrite(rows[:n], fields)
+        kept, torn = [], []
+        for row in rows[:n]:
+            (torn if None in row.values() or None in row else kept).append(row)
+        if torn:
+            where = ", ".join(f"{row['stage']} epoch {row['epoch']}" for row in torn)
+            print(f"warning: {self.path} holds torn rows ({where}), cut short when the run was "
+                  "interrupted; dropped, so those epochs' figures are missing from it", file=sys.stderr)
+        self._rewrite(kept, fields)
+        self.rows = len(kept)
 
     def _read(self):
         """(rows, field names) of metrics.csv; an unreadable file is moved aside with a warning

@@ -1,18 +1,21 @@
-"""Choosing the checkpoint a run resumes from: ckpt_last.pth, or, when that is unreadable or
-not a resume checkpoint (RepDistiller's format has no training position), the newest good
-ckpt_epoch_<k>.pth, saying which. A resume with another number of processes is allowed
-but said: the effective batch and the data order change."""
+"""Choosing the checkpoint a run resumes from: ckpt_last.pth, or, when that is unreadable, not
+a resume checkpoint (RepDistiller's format has no training position) or holds another
+architecture, the newest good ckpt_epoch_<k>.pth, saying which. A resume with another number
+of processes is allowed but said: the effective batch and the data order change."""
 import sys
 from pathlib import Path
 
+from torch import nn
+
 from core.errors import UserError
 from engine import runs
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint, misfit
 
 RESUME_KEYS = ("model", "stage", "epoch", "rows", "optimizer", "best_acc")
 
 
-def load_resume_state(run_dir: Path, world_size: int, batch_size: int) -> dict:
+def load_resume_state(run_dir: Path, world_size: int, batch_size: int, model: nn.Module,
+                      model_name: str) -> dict:
     problems = []
     for path in runs.checkpoints(run_dir):
         try:
@@ -24,6 +27,10 @@ def load_resume_state(run_dir: Path, world_size: int, batch_size: int) -> dict:
         if missing:
             problems.append(f"{path.name} has no {', '.join(missing)} (not a resume checkpoint of this code, "
                             "e.g. RepDistiller's format)")
+            continue
+        wrong = misfit(model, state["model"])
+        if wrong:
+            problems.append(f"{path.name} does not fit architecture {model_name} ({wrong})")
             continue
         if problems:
             print(f"warning: {'; '.join(problems)}; resuming from {path.name} "

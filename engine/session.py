@@ -17,10 +17,13 @@ from core.seeding import seed_everything
 from engine.precision import set_threads
 
 # Flags that say how to run, not what to compute: on --resume the command line's values win,
-# those of SPEED_FLAGS only where the command line gives them (else the run keeps its own).
+# those of KEPT_UNLESS_GIVEN only where the command line gives them (else the run keeps its own).
+# Any other flag the command line gives is ignored on --resume, and named in a warning.
 EXECUTION_FLAGS = ("device", "num_workers", "print_freq", "data_folder", "download", "resume", "save_dir",
-                   "auto_resume", "amp", "channels_last", "compile", "threads")
-SPEED_FLAGS = ("amp", "channels_last", "compile", "threads")
+                   "auto_resume", "amp", "channels_last", "compile", "threads", "skip_bad_images")
+KEPT_UNLESS_GIVEN = ("amp", "channels_last", "compile", "threads", "data_folder", "skip_bad_images")
+# derived at start-up, never stored in args.json
+UNSTORED = ("resume", "command_line")
 # what a run cannot be resumed without; a flag added to the code after a run started takes its default
 REQUIRED = ("dataset", "epochs", "batch_size", "learning_rate", "lr_decay_epochs", "seed", "trial")
 TRAINED = {"teachers": "model", "students": "model_s", "mutual": "models", "self": "model"}
@@ -31,17 +34,31 @@ def restore_args(args: argparse.Namespace, kind: str, default_name) -> argparse.
     by_directory = isinstance(args.resume, str)  # a run directory needs no name
     run_dir = runs.locate_run_dir(args, kind, "" if by_directory else default_name(args))
     stored = runs.load_run_args(run_dir, REQUIRED + (TRAINED[kind],))
-    given = {k: getattr(args, k) for k in EXECUTION_FLAGS if not (k in SPEED_FLAGS and getattr(args, k) is None)}
+    command_line = set(getattr(args, "command_line", vars(args)))
+    warn_ignored(args, stored, command_line, run_dir)
+    given = {k: getattr(args, k) for k in EXECUTION_FLAGS if k not in KEPT_UNLESS_GIVEN or k in command_line}
     merged = argparse.Namespace(**{**vars(args), **stored, **given})
     merged.run_name = run_dir.name
     merged.save_dir = str(run_dir.parent.parent)
     return merged
 
 
+def warn_ignored(args, stored: dict, command_line: set, run_dir: Path) -> None:
+    """One warning line naming the flags given with --resume that the run's stored values
+    override (what a resume computes is the run's, not the command line's)."""
+    ignored = [f"--{k} {getattr(args, k)} (the run's: {stored[k]})" for k in sorted(command_line)
+               if k not in EXECUTION_FLAGS and k in stored and getattr(args, k) != stored[k]]
+    if ignored:
+        print(f"warning: resuming {run_dir} with its own arguments; ignored: {', '.join(ignored)}; "
+              "start a new run (another --trial or --run_name) to change them", file=sys.stderr)
+
+
 def resume_if_interrupted(run_dir: Path) -> bool:
     """--auto_resume: True when the run has a checkpoint to continue from; a finished run
-    ends the process here with status 0, so a table script moves on."""
-    if (run_dir / runs.RESULTS_FILE).is_file():
+    ends the process here with status 0, so a table script moves on. A finished run whose
+    results.json is unreadable is resumed: its last checkpoint and metrics.csv write it again."""
+    results = run_dir / runs.RESULTS_FILE
+    if results.is_file() and runs.read_results(results) is not None:
         runs.tell_launcher(run_dir)
         print(f"finished already, skipped: {run_dir}")
         sys.exit(0)
@@ -84,7 +101,7 @@ def create_run_dir(args, ctx, run_dir: Path) -> None:
         runs.check_run_dir(run_dir, bool(args.resume))
     if ctx.is_main and not args.resume:
         runs.clear_unfinished(run_dir)
-        runs.write_json(Path(run_dir) / runs.ARGS_FILE, {k: v for k, v in vars(args).items() if k != "resume"})
+        runs.write_json(Path(run_dir) / runs.ARGS_FILE, {k: v for k, v in vars(args).items() if k not in UNSTORED})
 
 
 def build_data(args, ctx, needs: DataNeeds = DataNeeds()):
@@ -93,7 +110,8 @@ def build_data(args, ctx, needs: DataNeeds = DataNeeds()):
     return build_loaders(args.dataset, args.data_folder, args.batch_size, loader=args.loader,
                          device=ctx.device, num_workers=args.num_workers, seed=args.seed,
                          download=args.download, contrast=needs.contrast, rank=ctx.rank,
-                         world_size=ctx.world_size, channels_last=False, strong_view=needs.strong_view)
+                         world_size=ctx.world_size, channels_last=False, strong_view=needs.strong_view,
+                         skip_bad_images=bool(args.skip_bad_images))
 
 
 @torch.no_grad()

@@ -58,7 +58,8 @@ class Trainer:
         self.model_name = model_name
         self.train_loader, self.test_loader = train_loader, test_loader
         self.describe = describe or {}
-        self.resume_state = load_resume_state(run_dir, ctx.world_size, args.batch_size) if args.resume else None
+        self.resume_state = (load_resume_state(run_dir, ctx.world_size, args.batch_size, task.model, model_name)
+                             if args.resume else None)
         # every rank must run the same precision: rank 0's measurement decides; a resumed run keeps
         # the choice it started with, whatever a new measurement under another load would say
         recorded = (self.resume_state or {}).get("execution")
@@ -239,7 +240,7 @@ class Trainer:
                  "best_acc": self.best_acc, "best_epoch": self.best_epoch, "optimizer": optimizer.state_dict(),
                  "extra": self.task.extra_state(), "rows": self.log.rows, "elapsed": self.elapsed,
                  "seed": self.args.seed, "world_size": self.ctx.world_size, "side_best": self.side_best,
-                 "execution": self.execution.record(),
+                 "execution": self.execution.record(), "skipped_images": self._skipped_images(),
                  **self._identity()}
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
@@ -252,6 +253,15 @@ class Trainer:
             # the full state, so a run whose ckpt_last.pth is damaged can resume from it
             save_checkpoint({**state, "accuracy": self.last_metrics["test_top1"]},
                             self.run_dir / f"ckpt_epoch_{epoch}.pth")
+
+    def _skipped_images(self) -> list:
+        """The unreadable image files skipped so far (--skip_bad_images), this start's and, on a
+        resume, those the checkpoint records."""
+        skipped = set(self.resume_state.get("skipped_images", [])) if self.resume_state else set()
+        for loader in (self.train_loader, self.test_loader):
+            bad_images = getattr(loader, "bad_images", None)
+            skipped.update(bad_images.seen if bad_images is not None else ())
+        return sorted(skipped)
 
     def _save_side(self, epoch: int, improved: list) -> None:
         for name in improved:
@@ -272,6 +282,7 @@ class Trainer:
             "params": sum(p.numel() for p in self.task.deployed_network().parameters()),
             "wall_time_s": round(self.elapsed, 2), "code_version": runs.code_version(),
             "world_size": self.ctx.world_size, "effective_batch": self.ctx.world_size * self.args.batch_size,
+            "skipped_images": len(self._skipped_images()),
             **{f"best_top1_{name}": best for name, best in self.side_best.items()},
             **self.describe,
         }

@@ -16,6 +16,9 @@ runs the entry point as a submitit job instead (scripts/slurm.py, submitit's loc
 and preempts it N times, as Slurm does: its notice (SIGUSR2) to every process of the job, then
 the requeue; alternately once the run has trained an epoch since its start and while it starts
 (its imports, its data). The local executor restarts a job at most 5 times.
+
+Relative paths (--save_dir, the entry point's --path_t, --data_folder) are the current
+directory's: the runs start in it, whichever directory holds this script.
 """
 import argparse
 import csv
@@ -61,7 +64,7 @@ def child(entry: str, argv: list) -> None:
 
 def start(entry: str, argv: list, save: Path) -> subprocess.Popen:
     command = [sys.executable, __file__, "--child", entry, *argv, "--save_dir", str(save), "--auto_resume"]
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 def run_dir_of(save: Path):
@@ -190,8 +193,9 @@ def survive_preemptions(entry: str, argv: list, save: Path, preemptions: int, se
     began = time.monotonic()
     finish(entry, argv, save / "reference")
     duration_s = time.monotonic() - began
-    line = shlex.join([sys.executable, entry, *argv, "--save_dir", str(save / "chaos"), "--auto_resume"])
-    job = local_executor(save / "jobs").submit(slurm.training_job(line))
+    command = [sys.executable, str(ROOT / entry), *argv, "--save_dir", str(save / "chaos"), "--auto_resume"]
+    job = local_executor(save / "jobs").submit(slurm.TrainingJob(command, {}, os.getcwd()))
+    line = shlex.join(command)
 
     def running():
         return not job.done()
@@ -231,7 +235,8 @@ def main(argv=None) -> int:
     parser.add_argument("--preemptions", type=int, default=0,
                         help=f"instead of kills: run it as a submitit job and preempt it (at most {MAX_PREEMPTIONS})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save_dir", type=Path, default=Path("save/chaos"))
+    parser.add_argument("--save_dir", type=lambda text: Path(text).absolute(), default="save/chaos",
+                        help="relative to the current directory")
     parser.add_argument("entry", choices=("train_teacher.py", "train_student.py"))
     parser.add_argument("args", nargs=argparse.REMAINDER, help="the entry point's flags (no --save_dir)")
     args = parser.parse_args(raw)

@@ -1,7 +1,7 @@
 """Export a trained checkpoint for deployment and check every file against PyTorch.
 
-    python scripts/export.py save/students/<run>/best.pth --dataset digits
-    python scripts/export.py save/students/<run>/best.pth --dataset digits --int8 --calib_images 512
+    python scripts/export.py save/students/<run>/best.pth
+    python scripts/export.py save/students/<run>/best.pth --int8 --calib_images 512
 
 Writes into --out (default: <checkpoint folder>/export):
   model.onnx       ONNX, opset 18, dynamic batch, run with ONNX Runtime (deploy/export.py)
@@ -11,7 +11,9 @@ Writes into --out (default: <checkpoint folder>/export):
   export.json      the checks: max |logit difference| and top-1 agreement with PyTorch on the
                    first --check_images test images, and with --int8 the test top-1 of fp32 and int8
 
-Exits with status 1 when an export's logits leave the stated tolerance, 2 on a user mistake.
+The data set and data folder are those the checkpoint's run trained on (as evaluate.py takes
+them), unless --dataset and --data_folder say. Exits with status 1 when an export's logits
+leave the stated tolerance, 2 on a user mistake.
 """
 import argparse
 import sys
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deploy import data, extras  # noqa: E402
 from deploy.export import ATOL, OPSET, RTOL, check_exports, export_onnx, export_program  # noqa: E402
-from deploy.network import load_network, read_network  # noqa: E402
+from deploy.network import load_network, read_network, run_data  # noqa: E402
 from deploy.quantize import CALIBRATION_IMAGES, quantize_int8  # noqa: E402
 from deploy.runtime import batched_logits, ort_runner, ort_session, torch_runner  # noqa: E402
 from engine import runs  # noqa: E402
@@ -31,10 +33,12 @@ from core.errors import UserError, exits_cleanly  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Export a checkpoint to ONNX and torch.export, checked.")
     parser.add_argument("checkpoint", help="a checkpoint file: ours, or RepDistiller's")
-    parser.add_argument("--dataset", default="cifar100", help="the data set it was trained on (real images for the checks)")
+    parser.add_argument("--dataset", default=None,
+                        help="the data set it was trained on (real images for the checks); default: the run's, "
+                             "else cifar100")
     parser.add_argument("--model", default=None, help="architecture, if the checkpoint does not say")
     parser.add_argument("--out", default=None, help="output folder (default: <checkpoint folder>/export)")
-    parser.add_argument("--data_folder", default="./data")
+    parser.add_argument("--data_folder", default=None, help="default: the run's, else ./data")
     parser.add_argument("--check_images", type=int, default=256, help="test images the exports are checked on")
     parser.add_argument("--int8", action="store_true", help="also write the int8 model (post-training quantisation)")
     parser.add_argument("--calib_images", type=int, default=CALIBRATION_IMAGES, help="training images to calibrate on")
@@ -62,7 +66,8 @@ def quantize(model, onnx_path, out: Path, train_loader, test_split, calib_images
 def main(argv=None) -> dict:
     args = parse_args(argv)
     extras.require()
-    read_network(args.checkpoint, args.model)  # a wrong path or architecture fails before the data loads
+    state, _ = read_network(args.checkpoint, args.model)  # a wrong path or architecture fails before the data loads
+    args.dataset, args.data_folder = run_data(args.checkpoint, state, args.dataset, args.data_folder)
     train_loader, test_loader, info = data.loaders(args.dataset, args.data_folder)
     model, arch = load_network(args.checkpoint, args.model, info.num_classes, args.dataset)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "export"

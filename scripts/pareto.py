@@ -11,7 +11,6 @@ Runtime (after --warmup untimed ones, random input of the data set's image size)
 the Pareto front when no other run is both at least as fast and more accurate.
 """
 import argparse
-import json
 import sys
 import tempfile
 from pathlib import Path
@@ -52,14 +51,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def find_runs(folders) -> list:
-    """Run directories (results.json and best.pth) under `folders`, sorted."""
+    """Run directories (results.json and best.pth) under `folders`, sorted; their results, read
+    (an unreadable results.json is skipped with a warning, as make_table.py skips it)."""
     missing = [f for f in folders if not Path(f).is_dir()]
     if missing:
         raise UserError(f"no folder {', '.join(missing)}; name folders that hold run directories")
-    found = {p.parent for f in folders for p in Path(f).rglob(runs.RESULTS_FILE) if (p.parent / runs.BEST_CKPT).is_file()}
+    paths = sorted({p for f in folders for p in Path(f).rglob(runs.RESULTS_FILE)
+                    if (p.parent / runs.BEST_CKPT).is_file()})
+    found = [(path.parent, results) for path in paths if (results := runs.read_results(path)) is not None]
     if not found:
-        raise UserError(f"no run directory (results.json with best.pth) under {', '.join(folders)}; train one first")
-    return sorted(found)
+        raise UserError(f"no run directory (readable results.json with best.pth) under {', '.join(folders)}; "
+                        "train one first")
+    return found
 
 
 def pareto_front(points: list) -> list:
@@ -80,8 +83,7 @@ def latency_ms(model, input_shape, args) -> float:
         return median_ms(ort_runner(ort_session(path, args.cpu_threads)), inputs, args.runs, args.warmup)
 
 
-def measure(run_dir: Path, args) -> dict:
-    results = json.loads((run_dir / runs.RESULTS_FILE).read_text())
+def measure(run_dir: Path, results: dict, args) -> dict:
     info = get_info(results["dataset"])
     model, arch = load_network(run_dir / runs.BEST_CKPT, results.get("model"), info.num_classes, results["dataset"])
     return {"run": str(run_dir), "model": arch, "method": results.get("method", "?"),
@@ -122,12 +124,12 @@ def markdown(points: list) -> str:
 @exits_cleanly
 def main(argv=None) -> list:
     args = parse_args(argv)
-    run_dirs = find_runs(args.folders)
+    found = find_runs(args.folders)
     if args.runtime == "onnxruntime":
         extras.require()
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
-    points = [measure(run_dir, args) for run_dir in run_dirs]
+    points = [measure(run_dir, results, args) for run_dir, results in found]
     for point, on_front in zip(points, pareto_front([(p["latency_ms"], p["top1"]) for p in points])):
         point["pareto"] = on_front
     print(markdown(points), end="")

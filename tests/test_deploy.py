@@ -145,6 +145,16 @@ def test_pareto_script_draws_students_and_teacher(digits_student, tmp_path):
     assert len(read_json(tmp_path / "p.json")["points"]) == len(points)
 
 
+def test_pareto_script_skips_an_unreadable_results_json(digits_teacher, tmp_path, capsys):
+    _, teacher_dir = digits_teacher
+    shutil.copytree(teacher_dir, tmp_path / "teachers" / teacher_dir.name)
+    shutil.copytree(teacher_dir, tmp_path / "teachers" / "broken")
+    (tmp_path / "teachers" / "broken" / "results.json").write_text('{"best_top1": ')
+    points = pareto.main([str(tmp_path), "--runs", "1", "--warmup", "0"])
+    assert [p["run"] for p in points] == [str(tmp_path / "teachers" / teacher_dir.name)]
+    assert "warning: skipping unreadable" in capsys.readouterr().err
+
+
 def test_pareto_script_without_runs(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         pareto.main([str(tmp_path)])
@@ -154,8 +164,9 @@ def test_pareto_script_without_runs(tmp_path, capsys):
 
 def test_export_script_writes_checked_files(digits_student, tmp_path):
     out = tmp_path / "export"
-    report = export_script.main([str(digits_student / "best.pth"), "--dataset", "digits", "--out", str(out),
+    report = export_script.main([str(digits_student / "best.pth"), "--out", str(out),  # the run's data set
                                  "--check_images", "64", "--int8", "--calib_images", "128"])
+    assert report["dataset"] == "digits"
     assert {p.name for p in out.iterdir()} == {"model.onnx", "model.pt2", "model.int8.onnx", "export.json"}
     assert read_json(out / "export.json")["opset"] == 18
     assert all(check["within_tolerance"] for check in report["checks"].values())
