@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from core.distributed import setup
 from dataset.loaders import build_loaders
 from deploy import data as deploy_data
 from deploy import extras
@@ -42,7 +43,6 @@ from deploy.quantize import CALIBRATION_IMAGES
 from deploy.report import deployment_rows, markdown_rows
 from deploy.runtime import latency_stats
 from engine import runs
-from core.distributed import setup
 from engine.loop import move_batch, topk_correct
 from engine.precision import autocast, resolve_amp
 from engine.teacher import build_teacher

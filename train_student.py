@@ -21,7 +21,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-
 import distiller_zoo
 from core.ranges import NON_NEGATIVE, POSITIVE, at_least
 from distiller_zoo.base import BuildContext, DeployedNetwork

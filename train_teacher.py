@@ -16,7 +16,6 @@ from engine.session import build_data, create_run_dir, start
 from engine.task import SupervisedTask
 from engine.trainer import Trainer
 
-
 EXAMPLES = """examples:
   python train_teacher.py --model resnet32x4                      # CIFAR-100, RepDistiller's recipe
   python train_teacher.py --model resnet8 --dataset digits --epochs 2

@@ -44,7 +44,6 @@ from torch import Tensor, nn
 
 from core.distributed import all_gather_cat, all_reduce_sum, world_size
 
-
 # Scoring multiplies the anchors by the whole bank while it holds at most this many times the
 # K+1 rows a batch needs (CIFAR with 16,384 negatives; ImageNet's 1.28 M rows are gathered):
 # 15-30x faster forward and backward on CPU at CIFAR's sizes, the same numbers up to rounding.

@@ -22,8 +22,8 @@ import torch
 from PIL import Image
 from torchvision import datasets, transforms
 
-from dataset import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from core.errors import UserError
+from dataset import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 
 _CLASSES = {"cifar100": datasets.CIFAR100, "cifar10": datasets.CIFAR10}
 _TITLES = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10"}

@@ -18,9 +18,9 @@ from torch.utils.data import Dataset
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import default_loader
 
+from core.errors import UserError
 from dataset import IMAGENET_MEAN, IMAGENET_STD
 from dataset.unreadable import DECODE_ERRORS, Unreadable, reason
-from core.errors import UserError
 
 _TITLES = {"imagenet": "ImageNet", "tinyimagenet": "Tiny-ImageNet"}
 _SUBFOLDERS = {"imagenet": ("imagenet",), "tinyimagenet": ("tiny-imagenet-200", "tinyimagenet")}

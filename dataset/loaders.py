@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader, default_collate
 
+from core.errors import UserError
 from dataset import DATASETS, DatasetInfo, get_info
 from dataset.cifar100 import cifar_instance_dataset, eval_transform, load_cifar, train_transform
 from dataset.contrast import ContrastSampler, check_mode
@@ -36,7 +37,6 @@ from dataset.memory import InMemoryLoader
 from dataset.order import CONTRAST_STREAM, TRANSFORM_STREAM, WORKER_STREAM, epoch_indices, mix_seed, shard_length
 from dataset.strong import two_view_transform
 from dataset.unreadable import BadImages, collate_readable
-from core.errors import UserError
 
 LOADERS = ("auto", "memory", "torch", "jpeg")
 JPEG_DATASETS = ("imagenet",)

@@ -31,7 +31,6 @@ from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.loop import evaluate, train_epoch
 from engine.metrics_log import MetricsLog
 
-
 STAGE = "qat"
 # what ckpt_last.pth keeps of a run's progress
 POSITION = ("epoch", "best_acc", "best_epoch", "elapsed", "last_top1")

@@ -19,8 +19,14 @@ from pathlib import Path
 import torch
 
 try:  # the optional deploy extra; deploy.extras.require() names the install command when missing
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quant_pre_process, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
 except ImportError:
     CalibrationDataReader = object
 

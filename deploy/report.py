@@ -15,6 +15,7 @@ from deploy.export import export_onnx
 from deploy.quantize import quantize_int8
 from deploy.runtime import batched_logits, median_ms, ort_runner, ort_session, random_batch, torch_runner
 
+
 def top1(run, images: torch.Tensor, targets: torch.Tensor) -> float:
     return 100.0 * float(batched_logits(run, images).argmax(1).eq(targets).double().mean())
 

@@ -51,8 +51,17 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor, nn
 
-from distiller_zoo.base import (INIT_EPOCHS, BuildContext, Distiller, InitStage, describe_pairing,
-                                feature_parameters, match_spatial, pair_from_deepest, register)
+from distiller_zoo.base import (
+    INIT_EPOCHS,
+    BuildContext,
+    Distiller,
+    InitStage,
+    describe_pairing,
+    feature_parameters,
+    match_spatial,
+    pair_from_deepest,
+    register,
+)
 from distiller_zoo.fitnet import ConvReg
 from distiller_zoo.options import Option
 from models.features import Features

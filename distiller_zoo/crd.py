@@ -21,11 +21,11 @@ Data needs: each sample's dataset index and its contrast indices (nce_k negative
 banks and the normalisation constants are buffers: checkpointed, restored on --resume.
 Under torchrun the memory update sees every rank's samples (see crd/memory.py).
 """
+from core.errors import UserError
+from core.ranges import POSITIVE, at_least, within
 from crd.criterion import CRDLoss
 from distiller_zoo.base import BuildContext, Distiller, register
 from distiller_zoo.options import DataNeeds, Option
-from core.errors import UserError
-from core.ranges import POSITIVE, at_least, within
 
 
 @register("crd", family="contrastive", gamma=1.0, alpha=0.0, beta=0.8,

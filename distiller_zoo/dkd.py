@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.errors import UserError
 from core.ranges import NON_NEGATIVE, at_least
 from distiller_zoo.base import BuildContext, WarmupDistiller, register
 from distiller_zoo.options import Option
 from distiller_zoo.temperature import prepare_logits
-from core.errors import UserError
 
 DEFAULT_ALPHA = 1.0
 DEFAULT_BETA = 8.0

@@ -37,9 +37,9 @@ from typing import Dict, Sequence, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.errors import UserError
 from distiller_zoo.base import BuildContext, Distiller, describe_pairing, register
 from distiller_zoo.options import Option
-from core.errors import UserError
 
 
 class ConvReg(nn.Module):

@@ -31,9 +31,18 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor, nn
 
-from distiller_zoo.base import (INIT_EPOCHS, BuildContext, Distiller, InitStage, describe_pairing,
-                                feature_parameters, match_spatial, pair_from_deepest, register)
 from core.errors import UserError
+from distiller_zoo.base import (
+    INIT_EPOCHS,
+    BuildContext,
+    Distiller,
+    InitStage,
+    describe_pairing,
+    feature_parameters,
+    match_spatial,
+    pair_from_deepest,
+    register,
+)
 from models.features import Features
 
 

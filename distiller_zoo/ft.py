@@ -40,8 +40,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
-from distiller_zoo.base import (INIT_EPOCHS, BuildContext, Distiller, InitStage, describe_pairing, match_spatial,
-                                register)
+from distiller_zoo.base import (
+    INIT_EPOCHS,
+    BuildContext,
+    Distiller,
+    InitStage,
+    describe_pairing,
+    match_spatial,
+    register,
+)
 from distiller_zoo.options import Option
 from models import MODELS
 from models.features import Features

@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distiller_zoo.base import BuildContext, Distiller, match_spatial, register
 from core.errors import UserError
+from distiller_zoo.base import BuildContext, Distiller, match_spatial, register
 
 _EPS = 1e-12
 

@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distiller_zoo.base import BuildContext, Distiller, describe_pairing, pair_from_deepest, register
 from core.errors import UserError
+from distiller_zoo.base import BuildContext, Distiller, describe_pairing, pair_from_deepest, register
 from models.features import Features
 
 

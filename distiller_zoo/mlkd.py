@@ -63,10 +63,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from core.errors import UserError
 from distiller_zoo.base import BuildContext, Distiller, register
 from distiller_zoo.options import DataNeeds
 from distiller_zoo.temperature import prepare_logits
-from core.errors import UserError
 
 EXTRA_TEMPERATURES = (3.0, 5.0, 2.0, 6.0)   # beside the shared temperature (official KD_ours.py)
 

@@ -37,10 +37,9 @@ from typing import List, Sequence
 import torch
 from torch import Tensor, nn
 
-from distiller_zoo.ab import conv_bn_connector
-from distiller_zoo.base import (BuildContext, Distiller, describe_pairing, match_spatial,
-                                pair_from_deepest, register)
 from core.errors import UserError
+from distiller_zoo.ab import conv_bn_connector
+from distiller_zoo.base import BuildContext, Distiller, describe_pairing, match_spatial, pair_from_deepest, register
 from models.features import Features
 
 

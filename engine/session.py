@@ -6,14 +6,14 @@ from pathlib import Path
 
 import torch
 
+from core.distributed import barrier, setup
+from core.seeding import seed_everything
 from dataset.loaders import build_loaders
 from distiller_zoo.options import DataNeeds
 from engine import runs
-from engine.loop import move_batch
 from engine.args import finalize_common_args
 from engine.lock import lock_run_dir
-from core.distributed import barrier, setup
-from core.seeding import seed_everything
+from engine.loop import move_batch
 from engine.precision import set_threads
 
 # Flags that say how to run, not what to compute: on --resume the command line's values win,

@@ -4,14 +4,13 @@ named by --model_t, the checkpoint, the run's args.json, a torchvision weights f
 the folder name as RepDistiller does."""
 from pathlib import Path
 
-from engine import runs
-from distiller_zoo.base import deployed_network
-from engine.build import build_model
-from models import arch_from_folder as registry_arch_from_folder
-from engine.checkpoint import load_checkpoint, load_model_weights
 from core.errors import UserError
+from distiller_zoo.base import deployed_network
+from engine import runs
+from engine.build import build_model
+from engine.checkpoint import load_checkpoint, load_model_weights
 from engine.torchvision_teacher import arch_from_weights_file, is_torchvision_spec, read_torchvision_teacher
-
+from models import arch_from_folder as registry_arch_from_folder
 
 # RepDistiller's teachers: its download script's <arch>_vanilla/ and its train_teacher.py's
 # <arch>_cifar100_lr_..._trial_<k>/ folders, both under save/models/; all are CIFAR-100 networks.

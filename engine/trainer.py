@@ -25,11 +25,11 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-from engine import runs
-from core.errors import RunStopped
-from engine.checkpoint import save_checkpoint
 from core.distributed import average_buffers, broadcast_from_main
+from core.errors import RunStopped
 from core.seeding import determinism_line
+from engine import runs
+from engine.checkpoint import save_checkpoint
 from engine.loop import NonFiniteLoss, evaluate, train_epoch
 from engine.metrics_log import MAIN_STAGE, MetricsLog
 from engine.optim import build_optimizer, lr_at, set_lr

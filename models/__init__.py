@@ -15,8 +15,7 @@ from .imagenet_shufflenetv2 import imagenet_shufflenet_v2_x1_0
 from .mobilenetv1 import imagenet_mobilenet_v1
 from .mobilenetv2 import mobile_half
 from .registry import MODELS, ModelEntry, arch_from_folder, register_model
-from .resnet import (resnet8, resnet8x4, resnet14, resnet20, resnet32,
-                     resnet32x4, resnet44, resnet56, resnet110)
+from .resnet import resnet8, resnet8x4, resnet14, resnet20, resnet32, resnet32x4, resnet44, resnet56, resnet110
 from .resnetv2 import ResNet18, ResNet34, ResNet50
 from .shufflenetv1 import ShuffleV1
 from .shufflenetv2 import ShuffleV2

@@ -74,20 +74,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import train_student  # noqa: E402
 import train_teacher  # noqa: E402
+from core.distributed import setup  # noqa: E402
+from core.errors import exits_cleanly  # noqa: E402
+from core.seeding import seed_everything  # noqa: E402
+from dataset.loaders import build_loaders  # noqa: E402
+from distiller_zoo.crd import CRD  # noqa: E402
 from engine.args import finalize_common_args  # noqa: E402
 from engine.build import build_model  # noqa: E402
 from engine.checkpoint import save_checkpoint  # noqa: E402
-from core.distributed import setup  # noqa: E402
 from engine.loop import train_epoch  # noqa: E402
 from engine.optim import build_sgd  # noqa: E402
-from core.errors import exits_cleanly  # noqa: E402
-from distiller_zoo.crd import CRD  # noqa: E402
-from core.seeding import seed_everything  # noqa: E402
 from engine.precision import cpu_name, grad_scaler, resolve_execution  # noqa: E402
-from engine.trainer import first_batch_shape  # noqa: E402
 from engine.session import build_data  # noqa: E402
 from engine.task import SupervisedTask  # noqa: E402
-from dataset.loaders import build_loaders  # noqa: E402
+from engine.trainer import first_batch_shape  # noqa: E402
 
 METHODS = ("kd", "crd", "at", "fitnet", "ofd")
 PAIRS = (("resnet32x4", "resnet8x4"), ("vgg13", "MobileNetV2"))

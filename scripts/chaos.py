@@ -203,10 +203,10 @@ def survive_preemptions(entry: str, argv: list, save: Path, preemptions: int, se
     for k in range(preemptions):
         # submitit's handler is installed as the job starts; the notice comes after it, either
         # while the run starts (imports, data) or once it has trained an epoch in this start
-        wait_for(running, lambda: log_count(job, "Starting with") > k, duration_s)
+        wait_for(running, lambda k=k: log_count(job, "Starting with") > k, duration_s)
         if PREEMPTION_MOMENTS[k % len(PREEMPTION_MOMENTS)] == "training":
             trained = epochs_done(save / "chaos")
-            wait_for(running, lambda: epochs_done(save / "chaos") > trained, duration_s)
+            wait_for(running, lambda trained=trained: epochs_done(save / "chaos") > trained, duration_s)
             time.sleep(rng.uniform(0, 0.5))
         else:
             time.sleep(rng.uniform(0.2, 1.0))
@@ -214,7 +214,7 @@ def survive_preemptions(entry: str, argv: list, save: Path, preemptions: int, se
             break
         notify(job)
         delivered += 1
-        wait_for(running, lambda: log_count(job, "Requeued job") > k, 2 * duration_s)
+        wait_for(running, lambda k=k: log_count(job, "Requeued job") > k, 2 * duration_s)
     wait_for(running, lambda: False, 4 * duration_s)
     outcome = slurm.job_state(save / "jobs", {"job": job.job_id, "cluster": "local", "command": line, "submitted": 0})
     if outcome[0] != "finished":

@@ -21,13 +21,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.errors import UserError, exits_cleanly  # noqa: E402
 from deploy import data, extras  # noqa: E402
 from deploy.export import ATOL, OPSET, RTOL, check_exports, export_onnx, export_program  # noqa: E402
 from deploy.network import load_network, read_network, run_data  # noqa: E402
 from deploy.quantize import CALIBRATION_IMAGES, quantize_int8  # noqa: E402
 from deploy.runtime import batched_logits, ort_runner, ort_session, torch_runner  # noqa: E402
 from engine import runs  # noqa: E402
-from core.errors import UserError, exits_cleanly  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

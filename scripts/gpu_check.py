@@ -66,8 +66,8 @@ import train_teacher  # noqa: E402
 from dataset.jpeg_decode import decode_rgb  # noqa: E402
 from dataset.loaders import build_loaders  # noqa: E402
 from engine.loop import train_epoch  # noqa: E402
-from engine.precision import autocast, cpu_name, grad_scaler  # noqa: E402
 from engine.metrics_log import MAIN_STAGE  # noqa: E402
+from engine.precision import autocast, cpu_name, grad_scaler  # noqa: E402
 from engine.trainer import Stage, wrap_ddp  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -23,13 +23,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.errors import UserError, exits_cleanly  # noqa: E402
 from dataset import get_info  # noqa: E402
 from deploy import extras  # noqa: E402
 from deploy.export import export_onnx  # noqa: E402
 from deploy.network import load_network  # noqa: E402
 from deploy.runtime import median_ms, ort_runner, ort_session, random_batch, torch_runner  # noqa: E402
 from engine import runs  # noqa: E402
-from core.errors import UserError, exits_cleanly  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import engine.trainer
-
 import train_teacher
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,13 +15,13 @@ from torchvision import transforms
 
 import dataset
 import dataset.cifar100 as cifar_mod
+from core.errors import UserError
 from dataset import DATASETS, get_info
 from dataset.cifar100 import cifar_instance_dataset, load_cifar
 from dataset.digits import digits_mean_std, load_digits_split
 from dataset.loaders import TorchLoader, build_loaders
 from dataset.memory import InMemoryLoader, crop_flip, draw_crop_flip, normalize
 from dataset.order import AUGMENT_STREAM, epoch_indices, mix_seed
-from core.errors import UserError
 
 # chi-square critical values at p = 1e-6: a fixed seed makes these tests deterministic, and the
 # bounds are loose enough that a correct sampler passes whatever the seed

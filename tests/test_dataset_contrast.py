@@ -5,12 +5,11 @@ from itertools import islice
 import pytest
 import torch
 
+from core.errors import UserError
 from dataset.contrast import ContrastSampler
 from dataset.digits import digits_mean_std, load_digits_split
 from dataset.loaders import build_loaders
 from dataset.memory import InMemoryLoader
-from core.errors import UserError
-
 
 
 def chi2_bound(df: int) -> float:
@@ -126,7 +125,7 @@ def test_loaders_yield_contrast_indices(loader):
     train.set_epoch(2)
     batches = list(islice(train, 2))
     assert all(len(b) == 4 for b in batches) and len(next(iter(test))) == 3
-    for images, y, idx, contrast in batches:
+    for _, y, idx, contrast in batches:
         assert contrast.shape == (len(idx), 33) and torch.equal(contrast[:, 0], idx)
         assert (targets[contrast[:, 1:]] != y.unsqueeze(1)).all()
     again = [b[3] for b in islice(train, 2)]

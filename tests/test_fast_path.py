@@ -30,10 +30,10 @@ import torch.nn.functional as F
 
 import train_student
 from conftest import ROOT
+from core.distributed import Context
 from engine.args import finalize_common_args
 from engine.build import build_model
 from engine.checkpoint import save_checkpoint
-from core.distributed import Context
 from engine.loop import train_epoch
 from engine.session import build_data
 

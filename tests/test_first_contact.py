@@ -13,8 +13,8 @@ import evaluate
 import train_student
 import train_teacher
 from conftest import ROOT, fast_args
-from engine import precision, session
 from core.errors import UserError
+from engine import precision, session
 from models import model_dict
 
 CPU = torch.device("cpu")

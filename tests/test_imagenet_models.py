@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
-from models import FeatureModel, imagenet_model_dict, model_dict
 from model_helpers import randomise_bn
+from models import FeatureModel, imagenet_model_dict, model_dict
 
 TORCHVISION = ["resnet18", "resnet34", "resnet50", "mobilenet_v2", "shufflenet_v2_x1_0"]
 POST_ACTIVATION = {"imagenet_resnet18", "imagenet_resnet34", "imagenet_resnet50", "imagenet_mobilenet_v1"}

@@ -12,13 +12,13 @@ import torchvision
 from torchvision.models import ResNet34_Weights
 
 import train_student
+from core.errors import UserError
 from distiller_zoo.base import BuildContext
+from distiller_zoo.objective import parse_objective
 from distiller_zoo.temperature import Temperature
 from engine.args import Parser, add_common_args, finalize_common_args
 from engine.build import check_fits_dataset
 from engine.distill_task import DistillTask
-from core.errors import UserError
-from distiller_zoo.objective import parse_objective
 from engine.teacher import build_teacher, read_teacher
 from models import model_dict
 from tests.imagenet_tree import write_tree

@@ -9,11 +9,11 @@ import torchvision.transforms as T
 from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
+from core.errors import UserError
 from dataset import IMAGENET_MEAN, IMAGENET_STD
 from dataset.imagenet import image_transform
 from dataset.jpeg_decode import eval_view, random_resized_crop_box, train_view
 from dataset.loaders import build_loaders, resolve_loader
-from core.errors import UserError
 from tests.imagenet_tree import write_tree
 
 

@@ -4,9 +4,8 @@ gradient flow, the init stage, and the main-stage zero term."""
 import pytest
 import torch
 
-from distiller_zoo.base import Batch
 from distiller_zoo.ab import AB, ABLoss, alternative_l2
-from distiller_zoo.base import InitStage, resolve
+from distiller_zoo.base import Batch, InitStage, resolve
 from distiller_zoo.fitnet import ConvReg
 from method_helpers import make_ctx
 

@@ -11,14 +11,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from core.errors import UserError
 from crd.criterion import ContrastLoss, CRDLoss, Embed
 from crd.memory import ContrastMemory, last_occurrence
-from distiller_zoo.base import BuildContext, resolve
+from distiller_zoo.base import Batch, BuildContext, resolve
 from distiller_zoo.crd import CRD
-from distiller_zoo.base import Batch
-from core.errors import UserError
-from models import Features, model_dict
 from method_helpers import make_args as default_options
+from models import Features, model_dict
 
 
 def make_args(**kw):

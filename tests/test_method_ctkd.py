@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distiller_zoo.base import BuildContext, resolve
-from distiller_zoo.ctkd import CTKD, cosine_lambda, kd_with_temperature, reverse_gradient
-from distiller_zoo.base import Batch
 from core.errors import UserError
-from models import Features, model_dict
+from distiller_zoo.base import Batch, BuildContext, resolve
+from distiller_zoo.ctkd import CTKD, cosine_lambda, kd_with_temperature, reverse_gradient
 from method_helpers import make_args
+from models import Features, model_dict
 
 
 def logit_features(logits):

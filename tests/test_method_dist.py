@@ -6,12 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from distiller_zoo.base import BuildContext, resolve
+from distiller_zoo.base import Batch, BuildContext, resolve
 from distiller_zoo.dist import DIST, DISTLoss
 from distiller_zoo.temperature import Temperature
-from distiller_zoo.base import Batch
-from models import Features, model_dict
 from method_helpers import make_args
+from models import Features, model_dict
 
 
 def logit_features(logits):

@@ -7,13 +7,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from distiller_zoo.base import BuildContext, resolve
-from distiller_zoo.dkd import DKD, DKDLoss, dkd_terms
-from distiller_zoo.base import Batch
-from distiller_zoo.options import pair_key, resolve_options
 from core.errors import UserError
-from models import Features, model_dict
+from distiller_zoo.base import Batch, BuildContext, resolve
+from distiller_zoo.dkd import DKD, DKDLoss, dkd_terms
+from distiller_zoo.options import pair_key, resolve_options
 from method_helpers import make_args
+from models import Features, model_dict
 
 
 def logit_features(logits):

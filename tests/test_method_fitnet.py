@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from distiller_zoo.base import METHODS, BuildContext, resolve
 from distiller_zoo.fitnet import ConvReg, FitNet, HintLoss, hint_indices
-from core.errors import UserError
-from models import Features
 from method_helpers import make_args, make_ctx, step_on_real_models
+from models import Features
 
 
 def hand_features(shapes, requires_grad=False, seed=0):

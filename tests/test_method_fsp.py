@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from distiller_zoo.base import InitStage, resolve
 from distiller_zoo.fsp import FSP, FSPLoss, fsp_matrix
-from core.errors import UserError
-from models.features import Features
 from method_helpers import make_ctx
+from models.features import Features
 
 
 def np_pool(x, size):

@@ -5,16 +5,16 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from distiller_zoo.ab import AB
 from distiller_zoo.base import InitStage, resolve
 from distiller_zoo.ft import FT, FactorTransferLoss, Paraphraser, Translator
-from distiller_zoo.temperature import Temperature
-from engine.distill_task import DistillTask
-from core.errors import UserError
 from distiller_zoo.kd import DistillKL
 from distiller_zoo.objective import parse_objective
-from models.features import Features
+from distiller_zoo.temperature import Temperature
+from engine.distill_task import DistillTask
 from method_helpers import make_ctx
+from models.features import Features
 
 
 def with_last_stage(feat, last):

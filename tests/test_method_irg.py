@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from distiller_zoo.base import BuildContext, resolve
-from distiller_zoo.irg import IRG, IRGLoss, edge_matrix, pool_channels, transformation_vector
-from distiller_zoo.base import Batch
 from core.errors import UserError
-from models import Features, model_dict
+from distiller_zoo.base import Batch, BuildContext, resolve
+from distiller_zoo.irg import IRG, IRGLoss, edge_matrix, pool_channels, transformation_vector
 from method_helpers import make_args
+from models import Features, model_dict
 
 
 def np_dist(a, b, squared=False):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from distiller_zoo.base import resolve
 from distiller_zoo.kdsvd import KDSVD, KDSVDLoss, TopRightSingular
-from core.errors import UserError
 from method_helpers import make_ctx
 
 

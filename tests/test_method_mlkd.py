@@ -9,20 +9,19 @@ import numpy as np
 import pytest
 import torch
 
+from core.errors import UserError
 from dataset.digits import digits_mean_std, load_digits_split
 from dataset.loaders import build_loaders
 from dataset.memory import InMemoryLoader
 from dataset.strong import Cutout, cutout, cutout_boxes, two_view_transform
-from distiller_zoo.base import BuildContext, resolve
+from distiller_zoo.base import Batch, BuildContext, resolve
 from distiller_zoo.dist import DIST
 from distiller_zoo.kd import DistillKL
 from distiller_zoo.mlkd import MLKD, MLKDLoss, batch_term, class_term, instance_term, mask_fractions
 from distiller_zoo.temperature import Temperature
-from distiller_zoo.base import Batch
 from engine.distill_task import DistillTask
-from core.errors import UserError
-from models import Features, model_dict
 from method_helpers import make_args
+from models import Features, model_dict
 
 TEMPS = (4.0, 3.0, 5.0, 2.0, 6.0)
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from scipy.stats import norm
 
+from core.errors import UserError
 from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.ofd import OFD, OFDLoss, ofd_margin, partial_l2
-from core.errors import UserError
 from models import model_dict
 from models.features import Features
 

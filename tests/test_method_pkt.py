@@ -6,8 +6,8 @@ import torch
 
 from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.pkt import PKT, PKTLoss
-from models import Features
 from method_helpers import make_args, make_ctx, step_on_real_models
+from models import Features
 
 
 def hand_features(dim, requires_grad=False, seed=0, b=5):

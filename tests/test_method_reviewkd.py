@@ -7,13 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from distiller_zoo.base import BuildContext, resolve
+from core.errors import UserError
+from distiller_zoo.base import Batch, BuildContext, resolve
 from distiller_zoo.objective import parse_objective
 from distiller_zoo.reviewkd import ABF, ReviewKD, hcl_pair
-from distiller_zoo.base import Batch
-from core.errors import UserError
-from models import Features, model_dict
 from method_helpers import make_args
+from models import Features, model_dict
 
 
 def hand_features(stage_shapes, pooled_dim, requires_grad=False, seed=0, batch=2):

@@ -18,8 +18,8 @@ from deploy.network import load_network
 from distiller_zoo.base import DEPLOYED_LOGITS, BuildContext, DeployedNetwork, resolve
 from distiller_zoo.classifier import last_linear
 from distiller_zoo.simkd import SimKD, SimKDHead, SimKDLoss
-from engine.distill_task import DistillTask
 from engine.checkpoint import load_checkpoint
+from engine.distill_task import DistillTask
 from method_helpers import make_args, make_ctx, step_on_real_models
 from models.features import Features
 

@@ -7,8 +7,8 @@ import torch
 
 from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.sp import SP, Similarity
-from models import Features
 from method_helpers import make_args, make_ctx, step_on_real_models
+from models import Features
 
 
 def hand_features(shapes, requires_grad=False, seed=0):

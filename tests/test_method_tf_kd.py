@@ -12,8 +12,16 @@ import train_self
 from conftest import fast_args, read_json
 from core.errors import UserError
 from distiller_zoo.kd import DistillKL
-from distiller_zoo.tf_kd import (PUBLISHED_REG, PUBLISHED_SELF, Setting, VirtualTeacherLoss, check_reg, resolve_reg,
-                                 self_kd_weights, virtual_teacher)
+from distiller_zoo.tf_kd import (
+    PUBLISHED_REG,
+    PUBLISHED_SELF,
+    Setting,
+    VirtualTeacherLoss,
+    check_reg,
+    resolve_reg,
+    self_kd_weights,
+    virtual_teacher,
+)
 from method_helpers import quarter_digits
 
 

@@ -13,8 +13,17 @@ from scipy.optimize import linprog
 from core.errors import UserError
 from distiller_zoo.base import Batch, resolve
 from distiller_zoo.objective import parse_objective
-from distiller_zoo.wkd import (WKDF, WKDL, WKDFeatureLoss, WKDLogitLoss, classifier_distance, cosine_decay,
-                               sharpened_cost, sinkhorn_distance, sinkhorn_plan)
+from distiller_zoo.wkd import (
+    WKDF,
+    WKDL,
+    WKDFeatureLoss,
+    WKDLogitLoss,
+    classifier_distance,
+    cosine_decay,
+    sharpened_cost,
+    sinkhorn_distance,
+    sinkhorn_plan,
+)
 from method_helpers import make_ctx, step_on_real_models
 
 

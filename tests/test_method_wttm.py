@@ -9,8 +9,8 @@ import torch
 from core.errors import UserError
 from distiller_zoo.base import BuildContext, resolve
 from distiller_zoo.wttm import WTTM, WTTMLoss
+from method_helpers import make_args, make_ctx, step_on_real_models
 from models import Features
-from method_helpers import make_ctx, make_args, step_on_real_models
 
 
 def logit_features(z):

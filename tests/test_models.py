@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model_helpers import randomise_bn
 from models import MODELS as REGISTRY
 from models import FeatureModel, Features, model_dict
-from model_helpers import randomise_bn
 
 HERE = Path(__file__).resolve().parent
 REF_PATH = HERE / "data" / "repdistiller_models.json"

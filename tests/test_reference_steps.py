@@ -288,7 +288,7 @@ def reference_steps(model_s, model_t, connectors, criterion, weights, batches):
 def assert_close(ours, theirs, what):
     for (key, a), b in zip(ours.items(), theirs):
         if a.is_floating_point():
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6, msg=lambda m: f"{what} {key}: {m}")
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6, msg=lambda m, key=key: f"{what} {key}: {m}")
         else:
             assert torch.equal(a, b), f"{what} {key}"
 

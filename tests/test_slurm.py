@@ -21,9 +21,10 @@ import pytest
 from conftest import ROOT
 
 pytest.importorskip("submitit")
+from submitit.core.utils import JobPaths, cloudpickle_dump  # noqa: E402
+
 from engine import lock  # noqa: E402
 from scripts import chaos, slurm  # noqa: E402
-from submitit.core.utils import JobPaths, cloudpickle_dump  # noqa: E402
 
 EPOCHS = 4
 TEACHER = [sys.executable, "train_teacher.py", "--model", "resnet8", "--dataset", "digits", "--epochs", str(EPOCHS),

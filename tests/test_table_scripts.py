@@ -11,8 +11,8 @@ import pytest
 import train_student
 import train_teacher
 from conftest import ROOT
-from engine.build import check_model_name
 from distiller_zoo.objective import parse_objective
+from engine.build import check_model_name
 
 ENTRY_POINTS = {"train_student.py": train_student, "train_teacher.py": train_teacher}
 SCRIPTS = ("run_cifar_vanilla.sh", "run_cifar_distill.sh", "run_cifar_dkd.sh", "run_digits_table.sh",

@@ -7,8 +7,8 @@ import torch
 
 from distiller_zoo.dkd import DKDLoss
 from distiller_zoo.kd import DistillKL
-from distiller_zoo.temperature import Temperature, standardize
 from distiller_zoo.objective import parse_objective
+from distiller_zoo.temperature import Temperature, standardize
 
 
 @pytest.mark.parametrize("schedule, expected", [
