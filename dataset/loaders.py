@@ -1,6 +1,6 @@
 """The one entry the trainers use: `build_loaders(...) -> (train_loader, test_loader, info)`.
 
-Two loader kinds with one interface (`set_epoch(epoch)`, `len()` = batches per epoch,
+Three loader kinds with one interface (`set_epoch(epoch)`, `len()` = batches per epoch,
 `batch_size`, `rank`, `world_size`) and one batch format:
 
     (images float32 B x C x H x W, targets int64 B, indices int64 B)
@@ -18,7 +18,7 @@ dataset/strong.py); targets, indices and contrast indices stay B. The test loade
 - "jpeg" (imagenet only; the default there on CUDA): workers read file bytes, the batch is
   decoded and augmented on the training device (dataset/jpeg_decode.py).
 
-Both visit the same indices for the same (seed, epoch, rank), see dataset.order.
+All three visit the same indices for the same (seed, epoch, rank), see dataset.order.
 """
 import math
 from typing import Optional

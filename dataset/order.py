@@ -1,5 +1,6 @@
-"""Epoch order and seeds shared by both loaders, so that the in-memory loader and the torch
-DataLoader path visit the same indices for the same (seed, epoch, rank)."""
+"""Epoch order and seeds shared by the three loaders, so that the in-memory loader and the torch
+DataLoader paths (--loader torch, and jpeg, which batches through the same DataLoader) visit the
+same indices for the same (seed, epoch, rank)."""
 import math
 
 import numpy as np

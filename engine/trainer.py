@@ -1,5 +1,6 @@
-"""The training driver both entry points share: stages, epochs, evaluation,
-checkpoints, resume, logging and the final results file.
+"""The training driver the four training entry points share (train_teacher, train_student,
+train_mutual, train_self): stages, epochs, evaluation, checkpoints, resume, logging and the
+final results file.
 
 A *task* is an nn.Module whose forward(images, targets, indices, ...) returns
 (loss terms, logits); terms['loss'] is what is minimised. It owns the trained

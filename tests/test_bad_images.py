@@ -1,5 +1,5 @@
 """Unreadable files in an ImageFolder tree (a truncated JPEG, a text file named .JPEG): one line
-naming the file, or with --skip_bad_images skipped and counted, in both loaders, with and
+naming the file, or with --skip_bad_images skipped and counted, in both ImageFolder loaders (torch, jpeg), with and
 without DataLoader workers; scripts/verify_data.py finds them before a run."""
 import sys
 

@@ -1,5 +1,5 @@
 """CRD's contrastive sampling (dataset.contrast): shapes, modes, class exclusion, uniformity,
-reproducibility, errors, and its use by both loaders."""
+reproducibility, errors, and its use by the memory and torch loaders."""
 from itertools import islice
 
 import pytest

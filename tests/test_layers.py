@@ -1,4 +1,4 @@
-"""The layering of DESIGN.md: the import contract (.importlinter) holds, no module imports one
+"""The layering of docs/design.md (Layers): the import contract (.importlinter) holds, no module imports one
 of the project's packages inside a function (the way a cycle is dodged), and the run wiring
 (engine/) reaches the methods only through the registry's interface, never by a method's module."""
 import ast
