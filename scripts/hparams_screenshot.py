@@ -4,9 +4,9 @@
 
 Starts TensorBoard on a free localhost port, opens the HParams table in headless Chromium
 (Playwright driving the system's /usr/bin/chromium: `apt install chromium`,
-`pip install playwright`), shows the columns a comparison needs (method, teacher, student,
-trial, weights, best and last top-1), and saves a PNG. A documentation
-tool, not part of the package's dependencies.
+`pip install playwright`) and saves a PNG of it as a user first sees it: no column ticked or
+unticked by hand (the runs mark student, teacher, method, alpha and beta as the leading
+columns, engine/metrics_log.py). A documentation tool, not part of the package's dependencies.
 """
 import argparse
 import socket
@@ -16,7 +16,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-SHOWN = ("method", "teacher", "model", "trial", "alpha", "beta", "hparam/best_top1", "hparam/last_top1")
 
 
 def free_port() -> int:
@@ -38,18 +37,6 @@ def start_tensorboard(logdir: str, port: int) -> subprocess.Popen:
     raise RuntimeError("TensorBoard did not start")
 
 
-def choose_columns(page) -> None:
-    """Tick the comparison's hyper-parameters in the left panel, untick the rest (each click
-    re-renders the panel, so each box is looked up again by its label)."""
-    labels = [box.inner_text().strip() for box in page.locator("paper-checkbox.hparam-checkbox").all()]
-    for label in labels:
-        box = page.locator("paper-checkbox.hparam-checkbox", has_text=label).filter(
-            has=page.get_by_text(label, exact=True)).first
-        if (label in SHOWN) != (box.get_attribute("aria-checked") == "true"):
-            box.click()
-            page.wait_for_timeout(300)
-
-
 def screenshot(url: str, out: Path, browser_path: str) -> None:
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
@@ -57,7 +44,6 @@ def screenshot(url: str, out: Path, browser_path: str) -> None:
         page = browser.new_page(viewport={"width": 2000, "height": 1100})
         page.goto(url)
         page.wait_for_selector("text=Trial ID", timeout=60000)
-        choose_columns(page)
         page.wait_for_timeout(1500)
         page.screenshot(path=str(out), full_page=False)
         browser.close()
