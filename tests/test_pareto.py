@@ -119,6 +119,7 @@ def test_a_run_without_the_metric_is_skipped_with_a_warning(tmp_path, timings, c
     assert "no last_top1" in capsys.readouterr().err
 
 
+@pytest.mark.e2e  # exports to ONNX: seconds, not milliseconds
 def test_onnxruntime_latency_through_the_library(tmp_path):
     make_run(tmp_path / "teachers", "resnet8_digits_trial0", method="vanilla")
     point, = pareto.main([str(tmp_path), "--runtime", "onnxruntime", "--runs", "3", "--warmup", "0",
