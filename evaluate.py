@@ -9,12 +9,9 @@ prediction entropy; with --teacher also top-1 agreement with the teacher and KL(
 With --deploy (or --qat CKPT) a second table: fp32, int8-PTQ and int8-QAT rows with test top-1,
 size on disk and latency in PyTorch and ONNX Runtime (deploy/report.py; needs pip install '.[deploy]').
 
-MACs are torch.utils.flop_counter.FlopCounterMode's FLOPs / 2: torch counts a multiply-add as two
-FLOPs, and counts only convolutions and matrix products (not BatchNorm, activations or pooling).
-ECE is Guo et al. (2017): 15 equal-width confidence bins (lo, hi], sum over bins of
-|bin|/n * |accuracy - mean confidence|, as a fraction. Entropy and KL are in nats, at T = 1,
-averaged over the test images. Accuracy, loss, ECE, entropy and KL come from full-precision
-logits unless --amp asks otherwise.
+The measurements are deploy/metrics.py's (MACs: FlopCounterMode's FLOPs / 2, convolutions and
+matrix products only; ECE: Guo et al. 2017, 15 equal-width bins; entropy and KL in nats at T = 1).
+Accuracy, loss, ECE, entropy and KL come from full-precision logits unless --amp asks otherwise.
 
 The architecture is --model, else the checkpoint's 'arch', else the run's args.json ('model',
 or a student run's 'model_s'), else RepDistiller's folder-name rule. The data set is --dataset,
@@ -30,25 +27,24 @@ import copy
 import tempfile
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
-
 from core.distributed import setup
 from dataset.loaders import build_loaders
 from deploy import data as deploy_data
 from deploy import extras
+from deploy.metrics import (
+    LATENCY_BATCHES,
+    collect_logits,
+    cost_metrics,
+    markdown_table,
+    prediction_metrics,
+    teacher_metrics,
+)
 from deploy.network import load_network, read_network, run_data
 from deploy.quantize import CALIBRATION_IMAGES
 from deploy.report import deployment_rows, markdown_rows
-from deploy.runtime import latency_stats
 from engine import runs
-from engine.loop import move_batch, topk_correct
-from engine.precision import autocast, resolve_amp
+from engine.precision import resolve_amp
 from engine.teacher import build_teacher
-
-ECE_BINS = 15
-LATENCY_BATCHES = (1, 64)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -92,168 +88,6 @@ def _check_args(args: argparse.Namespace) -> argparse.Namespace:
         if value is not None and value < low:
             raise UserError(f"--{flag} must be at least {low}, got {value}")
     return args
-
-
-# --- the networks ---------------------------------------------------------------------------
-# --- one pass over the test split ------------------------------------------------------------
-@torch.inference_mode()
-def collect_logits(models: list, loader, device, amp_dtype):
-    """(float32 CPU logits of each model, targets, shape of one input image) over `loader`."""
-    outputs, targets, shape = [[] for _ in models], [], None
-    for batch in loader:
-        images, labels, *_ = move_batch(batch, device, False)
-        shape = tuple(images.shape[1:])
-        with autocast(device, amp_dtype):
-            for out, model in zip(outputs, models):
-                out.append(model(images).float().cpu())
-        targets.append(labels.cpu())
-    return [torch.cat(out) for out in outputs], torch.cat(targets), shape
-
-
-# --- metrics on tensors -----------------------------------------------------------------------
-def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> list:
-    """Top-k accuracies in %, counted as the training loop counts them."""
-    hits = topk_correct(logits, targets, ks).tolist()
-    return [100.0 * h / targets.shape[0] for h in hits]
-
-
-def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> float:
-    """Guo et al. (2017): equal-width bins (lo, hi] of the top-1 confidence, as a fraction."""
-    confidence, prediction = probs.max(1)
-    correct = prediction.eq(targets).double()
-    edges = torch.linspace(0, 1, bins + 1, dtype=confidence.dtype)[1:]
-    index = torch.bucketize(confidence, edges).clamp(max=bins - 1)
-    hits = torch.bincount(index, weights=correct, minlength=bins)
-    confidence_sum = torch.bincount(index, weights=confidence.double(), minlength=bins)
-    gap = (hits - confidence_sum).abs()
-    return float(gap.sum() / targets.shape[0])
-
-
-def mean_entropy(probs: torch.Tensor) -> float:
-    """Mean over samples of -sum_c p_c log p_c, in nats (0 log 0 = 0)."""
-    return float(torch.special.entr(probs.double()).sum(1).mean())
-
-
-def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> float:
-    """% of samples on which the two top-1 predictions agree."""
-    same = student_logits.argmax(1).eq(teacher_logits.argmax(1))
-    return 100.0 * same.double().mean().item()
-
-
-def kl_teacher_student(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> float:
-    """KL(teacher || student) at T = 1 in nats, summed over classes, averaged over samples."""
-    log_s = F.log_softmax(student_logits.double(), 1)
-    log_t = F.log_softmax(teacher_logits.double(), 1)
-    return float(F.kl_div(log_s, log_t, reduction="batchmean", log_target=True))
-
-
-# --- cost -------------------------------------------------------------------------------------
-def count_params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.inference_mode()
-def count_macs(model, input_shape) -> int:
-    """Multiply-adds of one forward pass on one input: FlopCounterMode's FLOPs / 2."""
-    with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, *input_shape))
-    return counter.get_total_flops() // 2
-
-
-def latencies(cpu_model, cuda_model, input_shape, amp_dtype, runs: int, warmup: int) -> dict:
-    """CPU latency (float32) at batch 1 and 64, and CUDA latency (under --amp) given a GPU model."""
-    out = {}
-    for kind, model, dtype in (("cpu", cpu_model, None), ("cuda", cuda_model, amp_dtype)):
-        for batch in LATENCY_BATCHES:
-            median, q1, q3 = (None,) * 3 if model is None else _latency(model, batch, input_shape, dtype, runs, warmup)
-            out[f"{kind}_latency_ms_b{batch}"] = median
-            out[f"{kind}_latency_iqr_ms_b{batch}"] = None if median is None else [q1, q3]
-    return out
-
-
-def _latency(model, batch: int, input_shape, amp_dtype, runs: int, warmup: int) -> tuple:
-    device = next(model.parameters()).device
-    inputs = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0)).to(device)
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    with autocast(device, amp_dtype), torch.inference_mode():
-        return latency_stats(model, inputs, runs, warmup, sync)
-
-
-# --- the report -------------------------------------------------------------------------------
-def _cell(value, fmt: str) -> str:
-    return "n/a" if value is None else format(value, fmt)
-
-
-def _escape(value) -> str:
-    """A table cell's text, with any '|' (say, in a path) escaped."""
-    return str(value).replace("|", "\\|")
-
-
-def _latency_rows(r: dict) -> list:
-    rows = []
-    threads = r["cpu_threads"]
-    for kind, label in (("cpu", f"CPU, {threads} thread{'s' * (threads != 1)}"), ("cuda", "CUDA")):
-        for batch in LATENCY_BATCHES:
-            value = r[f"{kind}_latency_ms_b{batch}"]
-            if value is not None:
-                q1, q3 = r[f"{kind}_latency_iqr_ms_b{batch}"]
-                name = f"latency, batch {batch} ({label}; ms, median and interquartile range of {r['latency_runs']})"
-                rows.append((name, f"{value:.3f} ({q1:.3f}–{q3:.3f})"))
-    return rows
-
-
-def _teacher_rows(r: dict) -> list:
-    if r["teacher"] is None:
-        return []
-    return [("teacher", f"{r['model_t']} ({r['teacher']})"),
-            ("top-1 agreement with the teacher (%)", _cell(r["agreement"], ".2f")),
-            ("KL(teacher ‖ student), T=1 (nats)", _cell(r["kl_teacher_student"], ".4f"))]
-
-
-def markdown_table(r: dict) -> str:
-    """The report as a two-column Markdown table."""
-    rows = [("model", r["model"]), ("checkpoint", r["checkpoint"]),
-            ("data set", f"{r['dataset']} (test split, {r['n_test']} images)"),
-            ("top-1 (%)", _cell(r["top1"], ".2f")), ("top-5 (%)", _cell(r["top5"], ".2f")),
-            ("test loss (cross-entropy)", _cell(r["test_loss"], ".4f")),
-            ("parameters", f"{r['params']:,}"),
-            ("MACs / image (FlopCounterMode FLOPs / 2)", f"{r['macs']:,}"),
-            *_latency_rows(r),
-            (f"ECE ({r['ece_bins']} bins)", _cell(r["ece"], ".4f")),
-            ("mean prediction entropy (nats)", _cell(r["mean_entropy"], ".4f")),
-            *_teacher_rows(r)]
-    lines = ["| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {_escape(value)} |" for name, value in rows]
-    return "\n".join(lines) + "\n"
-
-
-def prediction_metrics(logits: torch.Tensor, targets: torch.Tensor) -> dict:
-    probs = F.softmax(logits.double(), 1)
-    top1, top5 = topk_accuracy(logits, targets)
-    return {"top1": top1, "top5": top5, "test_loss": float(F.cross_entropy(logits, targets)),
-            "ece": expected_calibration_error(probs, targets), "ece_bins": ECE_BINS,
-            "mean_entropy": mean_entropy(probs), "n_test": int(targets.shape[0])}
-
-
-def teacher_metrics(logits: torch.Tensor, teacher_logits) -> dict:
-    if teacher_logits is None:
-        return {"agreement": None, "kl_teacher_student": None}
-    return {"agreement": agreement(logits, teacher_logits),
-            "kl_teacher_student": kl_teacher_student(logits, teacher_logits)}
-
-
-def cost_metrics(model, device, input_shape, amp_dtype, args) -> dict:
-    cpu_model = model if device.type == "cpu" else copy.deepcopy(model).cpu()
-    cuda_model = model if device.type == "cuda" else None
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.cpu_threads or threads)
-    try:
-        timed = latencies(cpu_model, cuda_model, input_shape, amp_dtype, args.latency_runs, args.latency_warmup)
-    finally:
-        torch.set_num_threads(threads)
-    return {"params": count_params(model), "macs": count_macs(cpu_model, input_shape),
-            "input_shape": list(input_shape), "cpu_threads": args.cpu_threads or threads,
-            "latency_runs": args.latency_runs, "latency_warmup": args.latency_warmup, **timed}
 
 
 def deployment(model, report: dict, args) -> list:
@@ -314,7 +148,8 @@ def main(argv=None) -> dict:
               "device": str(ctx.device), "amp": args.amp, "teacher": args.teacher, "model_t": found.get("arch_t"),
               **prediction_metrics(logits[0], targets),
               **teacher_metrics(logits[0], logits[1] if args.teacher else None),
-              **cost_metrics(model, ctx.device, shape, amp_dtype, args)}
+              **cost_metrics(model, ctx.device, shape, amp_dtype, args.latency_runs, args.latency_warmup,
+                             args.cpu_threads)}
     table = markdown_table(report)
     if args.deploy:
         report["deployment"] = deployment(model, report, args)

@@ -23,6 +23,19 @@ HERE = Path(__file__).resolve().parent
 PUBLISHED = {"cifar100": HERE / "published_cifar100.csv", "imagenet": HERE / "published_imagenet.csv"}
 REFERENCE_ROWS = ("teacher", "vanilla")
 FROM_LABELS = ("vanilla", "teacher")  # results.json's method of train_teacher.py runs (older runs: 'teacher')
+# the top-1 a table ranks by, by its results.json key: RepDistiller's tables report the last
+# epoch (the default), mdistiller's the best
+METRICS = {"last": "last_top1", "best": "best_top1"}
+
+
+def add_metric_flag(parser) -> None:
+    """--metric, the same in every script that ranks runs (this one and pareto.py)."""
+    parser.add_argument("--metric", choices=tuple(METRICS), default="last",
+                        help="last epoch (RepDistiller's tables, the default) or best epoch (mdistiller's)")
+
+
+def metric_label(metric: str) -> str:
+    return f"{metric}-epoch top-1 (%)"
 
 
 def load_runs(folders) -> pd.DataFrame:
@@ -34,10 +47,10 @@ def load_runs(folders) -> pd.DataFrame:
                 continue
             records.append({"dataset": r.get("dataset"), "model": r.get("model"), "teacher": r.get("teacher"),
                             "method": r.get("method", "teacher"), "beta": str(r.get("beta", "")),
-                            "trial": r.get("trial"), "best": r.get("best_top1"), "last": r.get("last_top1"),
+                            "trial": r.get("trial"), **{m: r.get(key) for m, key in METRICS.items()},
                             "run": str(path.parent)})
     return pd.DataFrame.from_records(records, columns=["dataset", "model", "teacher", "method", "beta", "trial",
-                                                      "best", "last", "run"])
+                                                      *METRICS, "run"])
 
 
 def label_weights(students: pd.DataFrame) -> pd.DataFrame:
@@ -111,9 +124,8 @@ def wide(summary: pd.DataFrame, latex: bool = False) -> pd.DataFrame:
 
 
 def header(dataset: str, metric: str) -> str:
-    epoch = "last-epoch" if metric == "last" else "best-epoch"
     note = " [published, ours − published]" if dataset in PUBLISHED else ""
-    return f"{dataset}: {epoch} top-1 (%), mean ± std over trials (number of trials){note}"
+    return f"{dataset}: {metric_label(metric)}, mean ± std over trials (number of trials){note}"
 
 
 def render(summary: pd.DataFrame, metric: str, fmt: str) -> str:
@@ -186,15 +198,14 @@ def draw_pair(ax, summary: pd.DataFrame, pair, metric: str) -> None:
     ax.set_yticks(list(y), list(methods["method"]))
     ax.set_ylim(-0.7, len(methods) - 0.3)
     ax.set_title(f"{teacher} → {student} ({dataset})")
-    ax.set_xlabel(f"{metric}-epoch top-1 (%)")
+    ax.set_xlabel(metric_label(metric))
     ax.grid(axis="x", alpha=0.3)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folders", nargs="+", help="folders to search for results.json")
-    parser.add_argument("--metric", choices=("last", "best"), default="last",
-                        help="last epoch (RepDistiller's tables, the default) or best epoch (mdistiller's)")
+    add_metric_flag(parser)
     parser.add_argument("--format", choices=("markdown", "csv", "latex"), default="markdown")
     parser.add_argument("--out", type=str, default=None, help="write the table here instead of stdout")
     parser.add_argument("--figure", type=str, default=None,

@@ -3,16 +3,23 @@
     python scripts/pareto.py save --figure pareto.png
     python scripts/pareto.py save/students save/teachers --runtime onnxruntime --batch 64 --json pareto.json
 
-A run is a directory under FOLDERS holding results.json and best.pth (students, and the
-teachers and vanilla networks under a teachers/ folder, drawn as stars). Top-1 is results.json's
-best_top1, the accuracy of best.pth. Latency is measured here, on this machine: the median of
+A run is a directory under FOLDERS holding results.json and best.pth. Top-1 is the tables'
+--metric (scripts/make_table.py): results.json's last_top1, RepDistiller's last epoch (the
+default), or best_top1. Latency is measured here, on this machine, once per architecture and data
+set (runs of one architecture share it: the weights do not change an fp32 network's speed):
 --runs forward passes of best.pth's fp32 network at --batch on the CPU, in PyTorch or ONNX
-Runtime (after --warmup untimed ones, random input of the data set's image size). A run is on
-the Pareto front when no other run is both at least as fast and more accurate.
+Runtime, after --warmup untimed ones, on a random input of the data set's image size; reported as
+the median and the interquartile range (deploy/metrics.py). A run is on the Pareto front when no
+other run is both at least as fast (median) and more accurate.
+
+Each run has a role. A distilled student is a run of any method but train_teacher.py's
+('vanilla', older runs 'teacher'). A network trained from labels alone is a teacher when a
+distilled run found names its best.pth in path_t; otherwise it is the vanilla student when it
+lies under students/ or its architecture is the student of a distilled run found on its data set;
+otherwise a teacher. Teachers are drawn as stars, students (distilled and vanilla) as dots.
 """
 import argparse
 import sys
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -25,11 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from core.errors import UserError, exits_cleanly  # noqa: E402
 from dataset import get_info  # noqa: E402
-from deploy import extras  # noqa: E402
-from deploy.export import export_onnx  # noqa: E402
-from deploy.network import load_network  # noqa: E402
-from deploy.runtime import median_ms, ort_runner, ort_session, random_batch, torch_runner  # noqa: E402
+from deploy import extras, metrics  # noqa: E402
+from deploy.network import load_network, read_network  # noqa: E402
 from engine import runs  # noqa: E402
+from scripts.make_table import FROM_LABELS, METRICS, add_metric_flag, metric_label  # noqa: E402
+
+ROLES = {"student": ("o", 40, "distilled student"), "vanilla": ("o", 40, "vanilla student (labels only)"),
+         "teacher": ("*", 140, "teacher")}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,9 +46,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("folders", nargs="+", help="folders searched for run directories")
     parser.add_argument("--figure", default=None, help="write the scatter plot to this PNG")
     parser.add_argument("--json", default=None, help="write every point to this JSON file")
+    add_metric_flag(parser)
     parser.add_argument("--runtime", default="pytorch", choices=("pytorch", "onnxruntime"))
     parser.add_argument("--batch", type=int, default=1, help="batch size of the timed forward passes")
-    parser.add_argument("--runs", type=int, default=20, help="timed forward passes per network")
+    parser.add_argument("--runs", type=int, default=20, help="timed forward passes per architecture")
     parser.add_argument("--warmup", type=int, default=5, help="untimed forward passes first")
     parser.add_argument("--cpu_threads", type=int, default=None, help="CPU threads (default: torch's own setting)")
     args = parser.parse_args(argv)
@@ -50,19 +60,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def find_runs(folders) -> list:
+def find_runs(folders, metric: str) -> list:
     """Run directories (results.json and best.pth) under `folders`, sorted; their results, read
-    (an unreadable results.json is skipped with a warning, as make_table.py skips it)."""
+    (an unreadable results.json, or one without the metric, is skipped with a warning, as
+    make_table.py skips it)."""
     missing = [f for f in folders if not Path(f).is_dir()]
     if missing:
         raise UserError(f"no folder {', '.join(missing)}; name folders that hold run directories")
     paths = sorted({p for f in folders for p in Path(f).rglob(runs.RESULTS_FILE)
                     if (p.parent / runs.BEST_CKPT).is_file()})
-    found = [(path.parent, results) for path in paths if (results := runs.read_results(path)) is not None]
+    found = [(path.parent, results) for path in paths
+             if (results := runs.read_results(path)) is not None and has_metric(path, results, metric)]
     if not found:
         raise UserError(f"no run directory (readable results.json with best.pth) under {', '.join(folders)}; "
                         "train one first")
     return found
+
+
+def has_metric(path: Path, results: dict, metric: str) -> bool:
+    if results.get(METRICS[metric]) is None:
+        print(f"warning: skipping {path} (no {METRICS[metric]})", file=sys.stderr)
+        return False
+    return True
+
+
+def roles(found: list) -> list:
+    """'student', 'vanilla' or 'teacher' for each (run directory, results) (the module's rule)."""
+    distilled = [r for _, r in found if r.get("method", "teacher") not in FROM_LABELS]
+    used = {Path(p).resolve() for r in distilled for p in str(r.get("path_t") or "").split(",") if p}
+    student_archs = {(r.get("dataset"), r.get("model")) for r in distilled}
+    out = []
+    for run_dir, r in found:
+        if r.get("method", "teacher") not in FROM_LABELS:
+            out.append("student")
+        elif (run_dir / runs.BEST_CKPT).resolve() in used:
+            out.append("teacher")
+        elif run_dir.parent.name == "students" or (r.get("dataset"), r.get("model")) in student_archs:
+            out.append("vanilla")
+        else:
+            out.append("teacher")
+    return out
 
 
 def pareto_front(points: list) -> list:
@@ -74,38 +111,54 @@ def pareto_front(points: list) -> list:
     return flags
 
 
-def latency_ms(model, input_shape, args) -> float:
-    inputs = random_batch(args.batch, input_shape)
+def architecture(run_dir: Path, results: dict) -> tuple:
+    """(architecture, data set): what the latency of a run depends on."""
+    return results.get("model") or read_network(run_dir / runs.BEST_CKPT)[1], results["dataset"]
+
+
+def time_network(run_dir: Path, arch: str, dataset: str, args) -> tuple:
+    """(median, first quartile, third quartile) in ms of the run's fp32 network."""
+    info = get_info(dataset)
+    model, _ = load_network(run_dir / runs.BEST_CKPT, arch, info.num_classes, dataset)
+    shape = (3, info.image_size, info.image_size)
     if args.runtime == "pytorch":
-        return median_ms(torch_runner(model), inputs, args.runs, args.warmup)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(model, random_batch(2, input_shape), Path(tmp) / "model.onnx")
-        return median_ms(ort_runner(ort_session(path, args.cpu_threads)), inputs, args.runs, args.warmup)
+        return metrics.torch_latency(model, args.batch, shape, args.runs, args.warmup)
+    return metrics.onnxruntime_latency(model, args.batch, shape, args.runs, args.warmup, args.cpu_threads)
 
 
-def measure(run_dir: Path, results: dict, args) -> dict:
-    info = get_info(results["dataset"])
-    model, arch = load_network(run_dir / runs.BEST_CKPT, results.get("model"), info.num_classes, results["dataset"])
-    return {"run": str(run_dir), "model": arch, "method": results.get("method", "?"),
-            "teacher": run_dir.parent.name == "teachers", "top1": results["best_top1"],
-            "latency_ms": latency_ms(model, (3, info.image_size, info.image_size), args)}
+def measure(found: list, args) -> list:
+    """One point per run; each (architecture, data set) timed once, on its first run's network."""
+    timed, points = {}, []
+    for (run_dir, results), role in zip(found, roles(found)):
+        key = architecture(run_dir, results)
+        if key not in timed:
+            timed[key] = time_network(run_dir, *key, args)
+        median, q1, q3 = timed[key]
+        points.append({"run": str(run_dir), "model": key[0], "dataset": key[1], "method": results.get("method", "?"),
+                       "role": role, "top1": results[METRICS[args.metric]], "latency_ms": median,
+                       "latency_iqr_ms": [q1, q3]})
+    return points
 
 
 def draw(points: list, path: str, args) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for teacher, marker, label in ((False, "o", "student"), (True, "*", "teacher / from scratch")):
-        chosen = [p for p in points if p["teacher"] == teacher]
+    for role, (marker, size, label) in ROLES.items():
+        chosen = [p for p in points if p["role"] == role]
         if chosen:
-            ax.scatter([p["latency_ms"] for p in chosen], [p["top1"] for p in chosen], marker=marker,
-                       s=90 if teacher else 40, label=label, zorder=3)
+            x = [p["latency_ms"] for p in chosen]
+            spread = [[p["latency_ms"] - p["latency_iqr_ms"][0] for p in chosen],
+                      [p["latency_iqr_ms"][1] - p["latency_ms"] for p in chosen]]
+            ax.errorbar(x, [p["top1"] for p in chosen], xerr=spread, fmt=marker, markersize=size ** 0.5,
+                        capsize=2, elinewidth=0.8, label=label, zorder=3)
     front = sorted((p for p in points if p["pareto"]), key=lambda p: p["latency_ms"])
     ax.step([p["latency_ms"] for p in front], [p["top1"] for p in front], where="post", color="black",
             linewidth=1, label="Pareto front", zorder=2)
     for p in points:
         ax.annotate(f"{p['model']} ({p['method']})", (p["latency_ms"], p["top1"]), fontsize=7,
                     xytext=(4, 2), textcoords="offset points")
-    ax.set_xlabel(f"latency, batch {args.batch}, {args.runtime} CPU (ms, median of {args.runs})")
-    ax.set_ylabel("top-1 (%)")
+    ax.set_xlabel(f"latency, batch {args.batch}, {args.runtime} CPU (ms; median and interquartile range "
+                  f"of {args.runs})")
+    ax.set_ylabel(metric_label(args.metric))
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -113,30 +166,34 @@ def draw(points: list, path: str, args) -> None:
     plt.close(fig)
 
 
-def markdown(points: list) -> str:
-    lines = ["| run | model | method | top-1 (%) | latency (ms) | Pareto |", "|---|---|---|---|---|---|"]
+def markdown(points: list, metric: str) -> str:
+    lines = [f"| run | model | method | role | {metric_label(metric)} | latency, median (ms) "
+             "| interquartile range (ms) | Pareto |", "|---|---|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: p["latency_ms"]):
-        lines.append(f"| {Path(p['run']).name} | {p['model']} | {p['method']} | {p['top1']:.2f} "
-                     f"| {p['latency_ms']:.3f} | {'yes' if p['pareto'] else ''} |")
+        q1, q3 = p["latency_iqr_ms"]
+        lines.append(f"| {Path(p['run']).name} | {p['model']} | {p['method']} | {p['role']} | {p['top1']:.2f} "
+                     f"| {p['latency_ms']:.3f} | {q1:.3f}–{q3:.3f} | {'yes' if p['pareto'] else ''} |")
     return "\n".join(lines) + "\n"
 
 
 @exits_cleanly
 def main(argv=None) -> list:
     args = parse_args(argv)
-    found = find_runs(args.folders)
+    found = find_runs(args.folders, args.metric)
     if args.runtime == "onnxruntime":
         extras.require()
     if args.cpu_threads:
         torch.set_num_threads(args.cpu_threads)
-    points = [measure(run_dir, results, args) for run_dir, results in found]
+    points = measure(found, args)
     for point, on_front in zip(points, pareto_front([(p["latency_ms"], p["top1"]) for p in points])):
         point["pareto"] = on_front
-    print(markdown(points), end="")
+    print(markdown(points, args.metric), end="")
     if args.figure:
         draw(points, args.figure, args)
     if args.json:
-        runs.write_json(Path(args.json), {"runtime": args.runtime, "batch": args.batch, "points": points})
+        runs.write_json(Path(args.json), {"runtime": args.runtime, "batch": args.batch, "metric": args.metric,
+                                          "runs": args.runs, "warmup": args.warmup,
+                                          "cpu_threads": args.cpu_threads, "points": points})
     return points
 
 

@@ -139,7 +139,8 @@ def test_pareto_script_draws_students_and_teacher(digits_student, tmp_path):
     save = digits_student.parent.parent
     points = pareto.main([str(save), "--figure", str(tmp_path / "pareto.png"), "--json", str(tmp_path / "p.json"),
                           "--runs", "2", "--warmup", "0"])
-    assert {p["teacher"] for p in points} == {True, False}
+    roles = {p["run"]: p["role"] for p in points}
+    assert roles[str(digits_student)] == "student" and "teacher" in roles.values()
     assert any(p["pareto"] for p in points)
     assert (tmp_path / "pareto.png").stat().st_size > 0
     assert len(read_json(tmp_path / "p.json")["points"]) == len(points)

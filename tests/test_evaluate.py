@@ -9,6 +9,7 @@ from torch import nn
 
 import evaluate
 from conftest import ROOT, read_json
+from deploy import metrics
 from models import model_dict
 
 FAST = ["--dataset", "digits", "--device", "cpu", "--latency_runs", "2", "--latency_warmup", "1",
@@ -52,7 +53,7 @@ def two_class(confidences, correct):
 def test_ece_of_a_hand_made_case():
     # bin (13/15, 14/15]: confidence 0.9, accuracy 1/2 -> 2/4 * 0.4; bin (9/15, 10/15]: 0.62 vs 1 -> 2/4 * 0.38
     probs, targets = two_class([0.9, 0.9, 0.62, 0.62], [True, False, True, True])
-    assert evaluate.expected_calibration_error(probs, targets) == pytest.approx(0.39, abs=1e-12)
+    assert metrics.expected_calibration_error(probs, targets) == pytest.approx(0.39, abs=1e-12)
 
 
 def test_ece_matches_the_loop_version_on_random_probabilities():
@@ -60,8 +61,8 @@ def test_ece_matches_the_loop_version_on_random_probabilities():
     probs = torch.softmax(3 * torch.randn(500, 7, generator=gen), 1)
     targets = torch.randint(0, 7, (500,), generator=gen)
     expected = ece_by_loops(probs.numpy(), targets.numpy())
-    assert evaluate.expected_calibration_error(probs, targets) == pytest.approx(expected, abs=1e-6)
-    assert evaluate.expected_calibration_error(probs.double(), targets, bins=4) == pytest.approx(
+    assert metrics.expected_calibration_error(probs, targets) == pytest.approx(expected, abs=1e-6)
+    assert metrics.expected_calibration_error(probs.double(), targets, bins=4) == pytest.approx(
         ece_by_loops(probs.numpy(), targets.numpy(), bins=4), abs=1e-12)
 
 
@@ -71,7 +72,7 @@ def test_ece_of_a_calibrated_predictor_is_zero():
     confidences = [c for c, n, _ in groups for _ in range(n)]
     correct = [i < k for _, n, k in groups for i in range(n)]
     probs, targets = two_class(confidences, correct)
-    assert evaluate.expected_calibration_error(probs, targets) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.expected_calibration_error(probs, targets) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_ece_of_a_sampled_calibrated_predictor_is_small():
@@ -79,14 +80,14 @@ def test_ece_of_a_sampled_calibrated_predictor_is_small():
     conf = 0.5 + 0.5 * torch.rand(100_000, generator=gen, dtype=torch.float64)
     correct = torch.rand(100_000, generator=gen, dtype=torch.float64) < conf
     probs, targets = torch.stack([conf, 1 - conf], 1), (~correct).long()
-    assert evaluate.expected_calibration_error(probs, targets) < 0.01
+    assert metrics.expected_calibration_error(probs, targets) < 0.01
 
 
 def test_mean_entropy_against_loops():
     probs = [[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.5, 0.25, 0.25], [0.7, 0.2, 0.1]]
-    assert evaluate.mean_entropy(torch.tensor(probs)) == pytest.approx(entropy_by_loops(probs), abs=1e-6)
-    assert evaluate.mean_entropy(torch.tensor([[0.25] * 4])) == pytest.approx(math.log(4), abs=1e-6)
-    assert evaluate.mean_entropy(torch.tensor([[0.0, 1.0]])) == 0.0
+    assert metrics.mean_entropy(torch.tensor(probs)) == pytest.approx(entropy_by_loops(probs), abs=1e-6)
+    assert metrics.mean_entropy(torch.tensor([[0.25] * 4])) == pytest.approx(math.log(4), abs=1e-6)
+    assert metrics.mean_entropy(torch.tensor([[0.0, 1.0]])) == 0.0
 
 
 def test_agreement_and_kl_against_numpy():
@@ -95,16 +96,16 @@ def test_agreement_and_kl_against_numpy():
     p_s = np.exp(student.double().numpy()); p_s /= p_s.sum(1, keepdims=True)
     p_t = np.exp(teacher.double().numpy()); p_t /= p_t.sum(1, keepdims=True)
     kl = np.mean(np.sum(p_t * (np.log(p_t) - np.log(p_s)), axis=1))
-    assert evaluate.kl_teacher_student(student, teacher) == pytest.approx(kl, abs=1e-9)
-    assert evaluate.kl_teacher_student(teacher, teacher) == pytest.approx(0.0, abs=1e-12)
+    assert metrics.kl_teacher_student(student, teacher) == pytest.approx(kl, abs=1e-9)
+    assert metrics.kl_teacher_student(teacher, teacher) == pytest.approx(0.0, abs=1e-12)
     same = np.mean(p_s.argmax(1) == p_t.argmax(1)) * 100
-    assert evaluate.agreement(student, teacher) == pytest.approx(same)
-    assert evaluate.agreement(teacher, teacher) == 100.0
+    assert metrics.agreement(student, teacher) == pytest.approx(same)
+    assert metrics.agreement(teacher, teacher) == 100.0
 
 
 def test_topk_accuracy_in_percent():
     logits = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.9, 0.0], [0.5, 0.3, 0.2], [0.0, 0.1, 0.9]])
-    top1, top2 = evaluate.topk_accuracy(logits, torch.tensor([0, 0, 1, 2]), ks=(1, 2))
+    top1, top2 = metrics.topk_accuracy(logits, torch.tensor([0, 0, 1, 2]), ks=(1, 2))
     assert (top1, top2) == (50.0, 100.0)
 
 
@@ -114,7 +115,7 @@ def test_topk_accuracy_in_percent():
     (nn.Conv2d(4, 8, 3, stride=2, groups=2, bias=False), (4, 9, 9), 8 * 4 * 4 * 2 * 3 * 3),
 ])
 def test_macs_of_small_modules_equal_the_hand_count(module, shape, macs):
-    assert evaluate.count_macs(module, shape) == macs
+    assert metrics.count_macs(module, shape) == macs
 
 
 def test_end_to_end_on_the_digits_teacher(digits_teacher, tmp_path, capsys):
