@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import read_json
+import train_student
+from conftest import fast_args, read_json
 from core.errors import UserError
 from dataset.digits import digits_mean_std, load_digits_split
 from dataset.loaders import build_loaders
@@ -219,3 +220,16 @@ def test_one_digits_epoch(digits_teacher, monkeypatch):
     assert list(metrics["lr"][:2]) == pytest.approx([0.05, 0.005])
     main = metrics.iloc[-1]
     assert float(main["train_sskd_tf"]) > 0 and float(main["train_sskd_ss"]) > 0 and float(main["train_ce"]) > 0
+
+
+@pytest.mark.parametrize("flags,message", [(["--distill", "sskd", "--loader", "torch"], "in-memory loader"),
+                                           (["--distill", "sskd,mlkd"], "cannot share a batch"),
+                                           (["--distill", "sskd", "--sskd_ss_ratio", "0"], "--sskd_ss_ratio")])
+def test_mistakes_stop_train_student_with_one_line_before_any_run_directory(digits_teacher, capsys, flags, message):
+    save, teacher_dir = digits_teacher
+    with pytest.raises(SystemExit) as exit_info:
+        train_student.main(fast_args(save, "--path_t", str(teacher_dir / "best.pth"), "--num_workers", "0",
+                                     "--trial", "bad_sskd", *flags))
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert not list((save / "students").glob("*bad_sskd*"))
