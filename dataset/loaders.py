@@ -8,7 +8,9 @@ Three loader kinds with one interface (`set_epoch(epoch)`, `len()` = batches per
 
 With strong_view=True the training batches' images are 2B x C x H x W: the B weak views (the
 usual augmentation) followed by the B strongly augmented views of the same samples (MLKD;
-dataset/strong.py); targets, indices and contrast indices stay B. The test loader is unchanged.
+dataset/strong.py); targets, indices and contrast indices stay B. With rotations=True (SSKD;
+the in-memory loader only) they are 4B x C x H x W, the four rotated views in blocks of B
+(dataset/memory.py). The test loader is unchanged.
 
 - "memory" (default for cifar100, cifar10, digits): `InMemoryLoader`, the split as uint8 on the
   training device, augmented there in batches.
@@ -218,7 +220,7 @@ def build_loaders(name: str, data_folder="./data", batch_size: int = 64, *, load
                   device="cpu", num_workers: int = 8, seed: int = 0, download: bool = False,
                   contrast=None, rank: int = 0, world_size: int = 1, channels_last: bool = False,
                   test_batch_size: Optional[int] = None, strong_view: bool = False,
-                  skip_bad_images: bool = False):
+                  rotations: bool = False, skip_bad_images: bool = False):
     """(train_loader, test_loader, info) for data set `name`.
 
     info: the registry's DatasetInfo with n_train/n_test as loaded (and, for digits, the mean/std
@@ -229,11 +231,16 @@ def build_loaders(name: str, data_folder="./data", batch_size: int = 64, *, load
     strong_view: the training batches carry a second, strongly augmented view of every sample
     (see the module docstring); the weak views are those of a loader without it (in memory,
     bit for bit; the torch path, draw for draw).
+    rotations: the training batches carry each sample rotated by 0, 90, 180 and 270 degrees
+    (SSKD; in-memory loader only; dataset/memory.py).
     skip_bad_images: an image file that does not decode is skipped (warned once, counted in
     `loader.bad_images.seen`) instead of stopping the run with one line (dataset/unreadable.py).
     """
     info: DatasetInfo = get_info(name)
     kind = resolve_loader(name, loader, device, strong_view)
+    if rotations and kind != "memory":
+        raise UserError(f"the rotated views (sskd) are built by the in-memory loader, which {name} with "
+                        f"--loader {loader} does not use; use cifar100, cifar10 or digits with --loader memory (or auto)")
     contrast = _parse_contrast(contrast)
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
@@ -261,7 +268,8 @@ def build_loaders(name: str, data_folder="./data", batch_size: int = 64, *, load
         sampler = ContrastSampler(train_y.to(device), *contrast) if contrast else None
         train_loader = InMemoryLoader(train_x, train_y, batch_size=batch_size, mean=mean, std=std, train=True,
                                       drop_last=drop_last, device=device, channels_last=channels_last,
-                                      contrast=sampler, strong_view=strong_view, **common)
+                                      contrast=sampler, strong_view=strong_view, rotations=rotations,
+                                      **common)
         test_loader = InMemoryLoader(test_x, test_y, batch_size=test_batch_size, mean=mean, std=std, train=False,
                                      device=device, channels_last=channels_last, **common)
     elif kind == "jpeg":

@@ -12,6 +12,13 @@ views (exactly the batch a loader without the strong view yields) followed by th
 views of the same samples (targets and indices stay B): an independently drawn crop and flip,
 torchvision's RandAugment(2, 10) drawn per sample, and Cutout; see dataset/strong.py.
 
+Rotated views (`rotations=True`, training only, square images; SSKD: Xu et al., "Knowledge
+Distillation Meets Self-Supervision", ECCV 2020): each batch holds 4B images, four blocks of B,
+block k the images rotated by k * 90 degrees counter-clockwise (numpy's rot90, as SSKD's
+cifar.py) and then cropped, each view at its own random offset and none flipped (SSKD's training
+transform is RandomCrop alone). Block 0 takes the crop offsets a plain loader draws; blocks 1-3
+draw theirs from their own (seed, epoch, rank) stream.
+
 Determinism: the randomness comes only from generators reseeded in `__iter__` from
 (seed, epoch) — the permutation, on the CPU, shared by all ranks — and (seed, epoch, rank) — the
 crop offsets, flips and CRD contrast indices, on the device. An epoch's batches therefore depend
@@ -28,7 +35,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from dataset.order import AUGMENT_STREAM, STRONG_STREAM, epoch_indices, mix_seed, shard_length
+from dataset.order import AUGMENT_STREAM, ROTATION_STREAM, STRONG_STREAM, epoch_indices, mix_seed, shard_length
 from dataset.strong import draw_cutout, strong_batch
 
 PADDING = 4
@@ -64,6 +71,14 @@ def crop_flip(images: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor,
     return padded.reshape(b, c, -1).gather(2, flat).view(b, c, h, w)
 
 
+def rotated_views(images: torch.Tensor, offsets: torch.Tensor, padding: int = PADDING) -> torch.Tensor:
+    """The four rotated views of square (B, C, H, W) images, (4B, C, H, W) in blocks of B: block k
+    is rot90(image, k) cropped at offsets[k] ((4, B, 2) top, left), unflipped."""
+    no_flip = torch.zeros(images.shape[0], dtype=torch.bool, device=images.device)
+    return torch.cat([crop_flip(torch.rot90(images, k, dims=(2, 3)), offsets[k], no_flip, padding)
+                      for k in range(4)])
+
+
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 -> float32 in 0..1 -> (x - mean) / std, in torchvision's order of operations
     (ToTensor, then Normalize), so the result equals theirs bit for bit."""
@@ -76,7 +91,8 @@ class InMemoryLoader:
     Yields (images float32 B x C x H x W, targets int64 B, indices int64 B), plus
     contrast_indices int64 B x (nce_k + 1) when built with a `ContrastSampler` (on the same
     device), all on `device`. With strong_view=True (train only) images is 2B x C x H x W:
-    the weak views, then the strong views of the same samples.
+    the weak views, then the strong views of the same samples; with rotations=True (train only,
+    square images) 4B x C x H x W, the four rotated views in blocks of B.
 
     train=True: shuffled (unless shuffle=False), augmented; train=False: natural order,
     normalised only. Distributed: rank `rank` of `world_size` takes the strided shard of the
@@ -87,7 +103,8 @@ class InMemoryLoader:
                  mean: Sequence[float], std: Sequence[float], train: bool, shuffle: Optional[bool] = None,
                  drop_last: bool = False, device="cpu", seed: int = 0, channels_last: bool = False,
                  rank: int = 0, world_size: int = 1, even_shards: Optional[bool] = None,
-                 contrast=None, padding: int = PADDING, strong_view: bool = False):
+                 contrast=None, padding: int = PADDING, strong_view: bool = False,
+                 rotations: bool = False):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be a uint8 N x C x H x W tensor, got {images.dtype} {tuple(images.shape)}")
         if targets.shape != (images.shape[0],):
@@ -98,6 +115,8 @@ class InMemoryLoader:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         if strong_view and not train:
             raise ValueError("the strong view is a training augmentation; build it with train=True")
+        if rotations and (not train or strong_view or images.shape[2] != images.shape[3]):
+            raise ValueError("the rotated views are a training augmentation of square images, without a strong view")
         self.images = images.to(device)
         self.device = self.images.device  # 'cuda' -> 'cuda:0', so it compares equal to tensors' devices
         self.targets = targets.to(self.device, torch.long)
@@ -117,6 +136,7 @@ class InMemoryLoader:
         self.contrast = contrast
         self.padding = padding
         self.strong_view = bool(strong_view)
+        self.rotations = bool(rotations)
         self.epoch = 0
 
     @property
@@ -148,6 +168,11 @@ class InMemoryLoader:
             strong_gen.manual_seed(mix_seed(self.seed, self.epoch, self.rank, STRONG_STREAM))
             strong_offsets, strong_flips = draw_crop_flip(order.numel(), strong_gen, self.device, self.padding)
             cutouts = draw_cutout(order.numel(), strong_gen, self.device)
+        if self.rotations:
+            rot_gen = torch.Generator(device=self.device)
+            rot_gen.manual_seed(mix_seed(self.seed, self.epoch, self.rank, ROTATION_STREAM))
+            rot_offsets = torch.stack([offsets] + [draw_crop_flip(order.numel(), rot_gen, self.device, self.padding)[0]
+                                                   for _ in range(3)])
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         for i in range(n_batches):
             lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, order.numel())
@@ -157,7 +182,9 @@ class InMemoryLoader:
                 strong = crop_flip(x, strong_offsets[lo:hi], strong_flips[lo:hi], self.padding)
                 strong = strong_batch(strong, cutouts[lo:hi],
                                       mix_seed(self.seed, self.epoch, self.rank, STRONG_STREAM, i))
-            if self.train:
+            if self.rotations:
+                x = rotated_views(x, rot_offsets[:, lo:hi], self.padding)
+            elif self.train:
                 x = crop_flip(x, offsets[lo:hi], flips[lo:hi], self.padding)
             if self.strong_view:
                 x = torch.cat([x, strong])

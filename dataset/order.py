@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 # independent random streams derived from (seed, epoch, ...)
-ORDER_STREAM, AUGMENT_STREAM, CONTRAST_STREAM, WORKER_STREAM, TRANSFORM_STREAM, STRONG_STREAM = range(6)
+ORDER_STREAM, AUGMENT_STREAM, CONTRAST_STREAM, WORKER_STREAM, TRANSFORM_STREAM, STRONG_STREAM, \
+    ROTATION_STREAM = range(7)
 
 
 def mix_seed(seed: int, *words: int) -> int:

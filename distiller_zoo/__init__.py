@@ -30,6 +30,7 @@ from distiller_zoo import (  # noqa: F401  # noqa: F401
     simkd,
     sp,
     srd,
+    sskd,
     vid,
     wkd,
     wsld,

@@ -44,14 +44,19 @@ class InitStage:
     `loss(feat_s, feat_t)` returns a dict of named terms whose key 'loss' is
     minimised over `params` for `epochs` epochs at the base learning rate.
     `needs_student` is False when the student takes no part (FT's paraphraser),
-    which saves its forward pass. `lr` is the stage's constant learning rate where the
-    method's reference prescribes one (None: the base learning rate); --init_lr overrides it."""
+    which saves its forward pass. `lr` is the stage's learning rate where the method's reference
+    prescribes one (None: the base learning rate); --init_lr overrides it. It is multiplied by
+    0.1 after each epoch in `lr_milestones` (SSKD's 30 and 45 of 60). `all_views`: the loss
+    receives the Features of every view a batch carries (SSKD's four rotations), not the first
+    B rows alone."""
 
     epochs: int
     params: List[nn.Parameter]
     loss: Callable[[Features, Features], Dict[str, Tensor]]
     needs_student: bool = True
     lr: Optional[float] = None
+    lr_milestones: Tuple[int, ...] = ()
+    all_views: bool = False
 
 
 @dataclass
@@ -76,7 +81,9 @@ class Distiller(nn.Module):
     A method whose data needs include a strong view (MLKD) is trained on batches of 2B images
     (weak views, then strong views of the same samples) and receives the Features of all 2B
     rows for student and teacher (targets, indices: B); the task's cross-entropy covers both
-    views, KD and every other distiller the weak half."""
+    views, KD and every other distiller the weak half. One whose needs include rotations (SSKD)
+    is trained on batches of 4B images (the four rotated views in blocks of B) and receives the
+    Features of all 4B rows; cross-entropy, KD and every other distiller see the upright block."""
 
     options: Tuple[Option, ...] = ()
     head_class: Optional[type] = None  # the DeployedHead subclass `deployed_head` returns, if any

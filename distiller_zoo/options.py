@@ -73,13 +73,19 @@ class DataNeeds:
     indices: bool = False                       # each sample's index in the training set
     contrast: Optional[Tuple[int, str]] = None  # CRD's negatives: (count, sampling mode)
     strong_view: bool = False                   # a strongly augmented second view of every image
+    rotations: bool = False                     # every image rotated by 0, 90, 180 and 270 degrees (SSKD)
 
     def merge(self, other: "DataNeeds") -> "DataNeeds":
         if self.contrast and other.contrast and self.contrast != other.contrast:
             raise UserError(f"two methods ask for different contrastive negatives: {self.contrast} and "
                             f"{other.contrast}")
-        return DataNeeds(indices=self.indices or other.indices, contrast=self.contrast or other.contrast,
-                         strong_view=self.strong_view or other.strong_view)
+        merged = DataNeeds(indices=self.indices or other.indices, contrast=self.contrast or other.contrast,
+                           strong_view=self.strong_view or other.strong_view,
+                           rotations=self.rotations or other.rotations)
+        if merged.strong_view and merged.rotations:
+            raise UserError("a method that trains on a strong view (mlkd) and one that trains on rotated views "
+                            "(sskd) cannot share a batch; run them separately")
+        return merged
 
 
 def pair_key(teacher: str, student: str) -> Pair:

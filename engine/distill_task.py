@@ -9,6 +9,12 @@ teacher on both at once. Cross-entropy covers both views, `CE(weak) + CE(strong)
 the weak half only; a strong-view distiller receives the Features of all 2B rows. The logits
 returned for the accuracy are the weak half's, one row per sample.
 
+Rotated views: when a distiller's data needs include rotations (SSKD), the loader's images are
+4B, each sample rotated by 0, 90, 180 and 270 degrees in blocks of B. Student and teacher each
+run once on all 4B rows (SSKD's official step: BatchNorm sees the four rotations together);
+cross-entropy, KD and every distiller without the flag see the upright block, a rotation
+distiller the Features of all 4B rows; the accuracy counts the upright block.
+
 Several teachers: `teacher` feeds the methods; `kd_teachers` (the others, frozen) join it in
 the KD term only, which `combine(student logits, list of teacher logits, targets) -> loss`
 then computes in place of `kd`; it must not depend on the teachers' order
@@ -49,6 +55,7 @@ class DistillTask(Task):
         self.temperature = temperature
         self.kd_name, self.kd = kd_term  # the -a term (KD) and the name it is logged under
         self.strong_view = any(d.needs.strong_view for _, _, d in methods)
+        self.rotations = any(d.needs.rotations for _, _, d in methods)
         heads = [(name, head) for name, _, d in methods if (head := d.deployed_head()) is not None]
         if len(heads) > 1:
             raise UserError(f"{' and '.join(name for name, _ in heads)} both replace the student's classifier "
@@ -63,6 +70,8 @@ class DistillTask(Task):
         batch = Batch(targets=targets, indices=indices, contrast=contrast)
         if self.strong_view:
             feat_s, feat_t, weak_s, weak_t = self._two_view_features(images, targets.shape[0])
+        elif self.rotations:
+            feat_s, feat_t, weak_s, weak_t = self._rotated_features(images, targets.shape[0])
         else:
             feat_s = weak_s = self.model.forward_features(images)
             feat_t = weak_t = self.teacher_features(images)
@@ -80,7 +89,7 @@ class DistillTask(Task):
         for name, distiller in self.distillers.items():
             if not self.weights[name]:
                 continue  # a zero weight switches a term off; it costs nothing
-            if distiller.needs.strong_view:
+            if distiller.needs.strong_view or distiller.needs.rotations:
                 value, parts = distiller(feat_s, feat_t, batch)
             else:
                 value, parts = distiller(weak_s, weak_t, batch)
@@ -110,6 +119,15 @@ class DistillTask(Task):
         feat_t = self.teacher_features(images)
         return feat_s, feat_t, weak_s, feat_t.rows(0, n)
 
+    def _rotated_features(self, images, n: int):
+        """(student 4B, teacher 4B, student upright B, teacher upright B) Features of a rotation batch."""
+        if images.shape[0] != 4 * n:
+            raise ValueError(f"a rotation method needs batches of 4B images (four rotations in blocks of B) for B "
+                             f"labels; got {images.shape[0]} images for {n} labels: build the loader with rotations=True")
+        feat_s = self.model.forward_features(images)
+        feat_t = self.teacher_features(images)
+        return feat_s, feat_t, feat_s.rows(0, n), feat_t.rows(0, n)
+
     def has_unused_parameters(self, module: nn.Module, params) -> bool:
         """Also a term switched off by a zero weight: its connectors take no part in the step."""
         idle = [d for name, d in self.distillers.items() if not self.weights[name]]
@@ -125,7 +143,7 @@ class DistillTask(Task):
 
     def init_stages(self) -> list:
         return [Stage(f"init_{name}", stage.epochs, InitStep(self, stage), stage.params,
-                      evaluate=False, constant_lr=self._init_lr(stage))
+                      evaluate=False, constant_lr=self._init_lr(stage), lr_milestones=stage.lr_milestones)
                 for name, stage in self._declared_init_stages()]
 
     def _init_lr(self, stage: InitStage) -> float:
@@ -190,7 +208,8 @@ class InitStep(nn.Module):
         self.stage = stage
 
     def forward(self, images, targets, *unused):
-        images = images[:targets.shape[0]]  # the weak views of a two-view batch
+        if not self.stage.all_views:
+            images = images[:targets.shape[0]]  # the weak views of a two-view batch, the upright of a rotation batch
         feat_t = self.task.teacher_features(images)
         feat_s = self.task.model.forward_features(images) if self.stage.needs_student else None
         return self.stage.loss(feat_s, feat_t), None

@@ -106,12 +106,12 @@ def create_run_dir(args, ctx, run_dir: Path) -> None:
 
 def build_data(args, ctx, needs: DataNeeds = DataNeeds()):
     """(train_loader, test_loader, info), the training batches carrying what `needs` asks
-    (the active methods' data needs: contrastive negatives, a strong second view)."""
+    (the active methods' data needs: contrastive negatives, a strong second view, rotated views)."""
     return build_loaders(args.dataset, args.data_folder, args.batch_size, loader=args.loader,
                          device=ctx.device, num_workers=args.num_workers, seed=args.seed,
                          download=args.download, contrast=needs.contrast, rank=ctx.rank,
                          world_size=ctx.world_size, channels_last=False, strong_view=needs.strong_view,
-                         skip_bad_images=bool(args.skip_bad_images))
+                         rotations=needs.rotations, skip_bad_images=bool(args.skip_bad_images))
 
 
 @torch.no_grad()

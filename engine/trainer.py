@@ -21,7 +21,7 @@ import shlex
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -50,6 +50,12 @@ class Stage:
     params: List[nn.Parameter]
     evaluate: bool = True      # evaluate task.deployed_network() after every epoch
     constant_lr: Optional[float] = None  # None: the step-decay schedule; init stages use a constant lr
+    lr_milestones: Tuple[int, ...] = ()  # with constant_lr: x0.1 after each of these epochs
+
+    def lr(self, epoch: int, args) -> float:
+        if self.constant_lr is None:
+            return lr_at(epoch, args)
+        return self.constant_lr * 0.1 ** sum(epoch > m for m in self.lr_milestones)
 
 
 class Trainer:
@@ -134,7 +140,7 @@ class Trainer:
             epoch_offset += stage.epochs
 
     def _run_epoch(self, stage: Stage, epoch: int, global_epoch: int, optimizer) -> None:
-        lr = lr_at(epoch, self.args) if stage.constant_lr is None else stage.constant_lr
+        lr = stage.lr(epoch, self.args)
         set_lr(optimizer, lr)
         self.train_loader.set_epoch(global_epoch)
         if stage.name == MAIN_STAGE:

@@ -109,6 +109,8 @@ def method_inputs(method, teacher, student, batch, device, num_classes=100, n_tr
     contrast = torch.randint(0, n_train, (batch, (args.nce_k or 0) + 1), generator=gen)
     if task.strong_view:
         images = torch.cat([images, torch.randn(images.shape, generator=gen)])
+    if task.rotations:
+        images = method_cost.rotations(images)
     return task.to(device), [t.to(device) for t in (images, targets, indices, contrast)]
 
 
@@ -159,7 +161,7 @@ def check_precision(opts, device) -> list:
 
 def student_flags(opts, save: Path, teacher_ckpt: Path, method: str, *extra) -> list:
     return ["--dataset", "digits", "--save_dir", str(save), "--path_t", str(teacher_ckpt), "--model_s", "resnet8",
-            "--distill", method, "--epochs", "1", "--init_epochs", "1", "--nce_k", "64",
+            "--distill", method, "--epochs", "1", "--init_epochs", "1", "--sskd_head_epochs", "1", "--nce_k", "64",
             "--batch_size", "128", "--device", opts.device, "--print_freq", "1000", *extra]
 
 

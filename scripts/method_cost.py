@@ -49,6 +49,11 @@ def build(method: str, teacher_name: str, student_name: str, images, n_train: in
     return task, args
 
 
+def rotations(images):
+    """The four rotated views of a batch, in blocks of B, as the loader gives a rotation method."""
+    return torch.cat([torch.rot90(images, k, dims=(2, 3)) for k in range(4)])
+
+
 def time_step(task, images, targets, indices, contrast, steps: int) -> float:
     optimizer = torch.optim.SGD(task.main_parameters(), lr=0.01, momentum=0.9)
     task.train()
@@ -88,9 +93,11 @@ def main(argv=None):
     for method in opts.methods.split(","):
         task, args = build(method, opts.teacher, opts.student, images, n_train, num_classes)
         contrast = torch.randint(0, n_train, (opts.batch, (args.nce_k or 0) + 1))
-        # a strong-view method (MLKD) takes 2B images, weak then strong; the augmentation itself
-        # is the loader's cost and is not timed here
+        # a strong-view method (MLKD) takes 2B images, weak then strong, a rotation method (SSKD)
+        # 4B; the augmentation itself is the loader's cost and is not timed here
         batch = torch.cat([images, torch.randn_like(images)]) if task.strong_view else images
+        if task.rotations:
+            batch = rotations(images)
         ms = time_step(task, batch, targets, indices, contrast, opts.steps)
         base = ms if base is None else base
         print(f"{method:8s} {ms:8.1f} ms   x{ms / base:.2f} of {opts.methods.split(',')[0]}", flush=True)

@@ -247,7 +247,7 @@ def test_a_finished_stage_releases_its_ddp_wrapper(gloo_group):
 
 @pytest.mark.parametrize("method,expected", [("kd", {"main": False}), ("ft", {"init_ft": True, "main": True}),
                                              ("ab", {"init_ab": True, "main": False}),
-                                             ("fitnet:0", {"main": True})])
+                                             ("fitnet:0", {"main": True}), ("sskd", {"init_sskd": True, "main": True})])
 def test_ddp_looks_for_unused_parameters_where_a_stage_has_some(method, expected):
     """find_unused_parameters per stage, as the task decides it, is whether a step really leaves a
     trainable parameter of the stage's module without a gradient (FT's paraphraser in the main

@@ -21,7 +21,7 @@ CROSS_TEACHER, STUDENT = "vgg8", "resnet8"
 # Methods whose formula compares per-channel quantities of paired stages (FSP matrices,
 # KDSVD's singular-vector correlations): a pair with unequal channels must be refused.
 NEEDS_EQUAL_CHANNELS = ("fsp", "kdsvd")
-FAST = ["--epochs", "1", "--init_epochs", "1", "--nce_k", "64", "--batch_size", "128"]
+FAST = ["--epochs", "1", "--init_epochs", "1", "--sskd_head_epochs", "1", "--nce_k", "64", "--batch_size", "128"]
 
 
 @pytest.fixture(scope="module", autouse=True)
