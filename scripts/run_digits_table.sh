@@ -48,6 +48,8 @@ for method in $METHODS; do
   # DKD's and ReviewKD's 20 warm-up epochs are 1/12 of CIFAR's 240; in a 6-epoch run they would
   # end at a quarter of the method's weight, so the warm-up keeps its proportion: one epoch.
   case "$method" in dkd|sdd_dkd) flags+=(--dkd_warmup 1) ;; reviewkd) flags+=(--reviewkd_warmup 1) ;; esac
+  # SSKD's teacher head has its own stage length (60 epochs); one, like every init stage here
+  [ "$method" = sskd ] && flags+=(--sskd_head_epochs 1)
   distill resnet20 resnet8 "$method" "${flags[@]}"
   case "$method" in fsp|kdsvd) ;; *) distill vgg8 resnet8 "$method" "${flags[@]}" ;; esac
 done
