@@ -31,6 +31,7 @@ from engine.args import Parser, absolute_path, absolute_paths, add_common_args, 
 from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.distill_task import DistillTask
 from engine.dot import DEFAULT_DELTA
+from engine.programs import STUDENT
 from engine.session import build_data, create_run_dir, restore_args, sample_features, start
 from engine.teacher import build_teacher, find_best_teacher, read_teacher
 from engine.trainer import Trainer
@@ -276,7 +277,7 @@ def quantisation_aware(args) -> dict:
         path_t = args.path_t or str(find_best_teacher(args.save_dir, args.dataset))
         teacher = load_network(path_t, args.model_t, info.num_classes, args.dataset)[0]
     name = args.run_name or f"QAT-{arch}_{args.dataset}_a{config.alpha:g}_T{config.kd_T:g}_trial{args.trial}"
-    run_dir = Path(args.save_dir) / "students" / name
+    run_dir = Path(args.save_dir) / STUDENT.kind / name
     results = run_qat(student.train(), train_loader, test_loader, run_dir, config, arch=arch, dataset=args.dataset,
                       teacher=teacher)
     int8 = write_int8(run_dir, student, train_loader)
@@ -291,9 +292,9 @@ def main(argv=None) -> dict:
     if args.qat_epochs is not None:
         return quantisation_aware(args)
     if isinstance(args.resume, str):  # a run directory: its stored arguments before anything else
-        args = restore_args(args, "students", run_name)
+        args = restore_args(args, STUDENT.kind, run_name)
     plan = resolve_run(args)
-    args, ctx, run_dir = start(args, "students", lambda a: a.model_s, run_name)
+    args, ctx, run_dir = start(args, STUDENT.kind, lambda a: a.model_s, run_name)
     train_loader, test_loader, info, task = build_run(args, plan, ctx)
     if ctx.is_main:
         for term in plan.objective.methods:
