@@ -27,7 +27,7 @@ from distiller_zoo.base import BuildContext, DeployedNetwork
 from distiller_zoo.multi_teacher import MODES, TeacherEnsemble, ensemble_weights
 from distiller_zoo.objective import DISTILL_SPEC, Objective, parse_objective
 from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
-from engine.args import Parser, absolute_path, absolute_paths, add_common_args, parse_with_config
+from engine.args import Parser, absolute_path, absolute_paths, add_common_args, parse_with_config, split_paths
 from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.distill_task import DistillTask
 from engine.dot import DEFAULT_DELTA
@@ -150,8 +150,8 @@ def feature_pair(args) -> tuple:
 
 def read_teachers(args) -> list:
     """The checkpoints of --path_t, in order; fills args.model_t with their architectures."""
-    paths = args.path_t.split(",")
-    given = args.model_t.split(",") if args.model_t else [None] * len(paths)
+    paths = split_paths(args.path_t)
+    given = teacher_archs(args) if args.model_t else [None] * len(paths)
     if len(given) != len(paths):
         raise UserError(f"--model_t names {len(given)} architectures for {len(paths)} --path_t checkpoints; "
                         "give one per checkpoint, or none")
@@ -217,7 +217,7 @@ def run_name(args) -> str:
 
 def build_task(args, plan: Plan, ctx, train_loader, info) -> DistillTask:
     teachers = [build_teacher(state, arch, info.num_classes, path, args.dataset).to(ctx.device)
-                for state, arch, path in zip(plan.teacher_states, teacher_archs(args), args.path_t.split(","))]
+                for state, arch, path in zip(plan.teacher_states, teacher_archs(args), split_paths(args.path_t))]
     teacher = teachers.pop(args.feature_teacher)
     teacher_name = feature_pair(args)[0]
     student = build_model(args.model_s, info.num_classes).to(ctx.device)
