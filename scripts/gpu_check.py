@@ -54,13 +54,10 @@ from torch._dynamo.utils import counters
 from torchvision.io import read_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchmark  # noqa: E402
 import dataset.digits  # noqa: E402
 import distiller_zoo  # noqa: E402
 import evaluate  # noqa: E402
-import method_cost  # noqa: E402
 import train_student  # noqa: E402
 import train_teacher  # noqa: E402
 from dataset.jpeg_decode import decode_rgb  # noqa: E402
@@ -69,6 +66,7 @@ from engine.loop import train_epoch  # noqa: E402
 from engine.metrics_log import MAIN_STAGE  # noqa: E402
 from engine.precision import autocast, cpu_name, grad_scaler  # noqa: E402
 from engine.trainer import Stage, wrap_ddp  # noqa: E402
+from scripts import benchmark, method_cost  # noqa: E402  (by package: installed, a bare `benchmark` is another's)
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
