@@ -43,7 +43,7 @@ for method in $METHODS; do
   [ "$method" = mlkd ] && flags+=(--learning_rate 0.025)
   # CAT-KD's MSE averages over the classes' maps: with digits' 10 classes instead of CIFAR-100's
   # 100 the term is about 10x larger at the same weight, and at its published 15 the students
-  # stayed at chance; 1.5 keeps the share the weight was tuned for.
+  # stayed at chance; 1.5 keeps the share the weight was tuned for. registry departure (cat_kd)
   [ "$method" = cat_kd ] && flags+=(-b 1.5)
   # DKD's and ReviewKD's 20 warm-up epochs are 1/12 of CIFAR's 240; in a 6-epoch run they would
   # end at a quarter of the method's weight, so the warm-up keeps its proportion: one epoch.
