@@ -30,6 +30,7 @@ from deploy.export import export_onnx  # noqa: E402
 from deploy.network import load_network  # noqa: E402
 from deploy.runtime import median_ms, ort_runner, ort_session, random_batch, torch_runner  # noqa: E402
 from engine import runs  # noqa: E402
+from engine.programs import TEACHER  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,7 +88,7 @@ def measure(run_dir: Path, results: dict, args) -> dict:
     info = get_info(results["dataset"])
     model, arch = load_network(run_dir / runs.BEST_CKPT, results.get("model"), info.num_classes, results["dataset"])
     return {"run": str(run_dir), "model": arch, "method": results.get("method", "?"),
-            "teacher": run_dir.parent.name == "teachers", "top1": results["best_top1"],
+            "teacher": run_dir.parent.name == TEACHER.kind, "top1": results["best_top1"],
             "latency_ms": latency_ms(model, (3, info.image_size, info.image_size), args)}
 
 
