@@ -7,8 +7,14 @@ and rewrites the absolute imports between them in the copies it installs; the ch
 are untouched. The rewrite works on the syntax tree, not on text: only real import statements
 change (never a docstring or a comment that looks like one), every rewritten file is compiled,
 and the build fails if one does not compile or still imports a project module by its bare name.
+
+The console commands and the entry-point modules come from engine/programs.py, the suite's one
+table of its programs. setup.py executes that file by its path instead of importing `engine`:
+in an isolated build (pip's default) neither torch nor the project's packages can be imported,
+and engine/programs.py imports nothing.
 """
 import ast
+import runpy
 import shutil
 from pathlib import Path
 
@@ -16,7 +22,8 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 PACKAGES = ("core", "models", "dataset", "crd", "distiller_zoo", "engine", "deploy", "scripts")
-MODULES = ("train_teacher", "train_student", "train_mutual", "train_self", "evaluate")
+PROGRAMS = runpy.run_path(str(Path(__file__).resolve().parent / "engine" / "programs.py"))
+MODULES = PROGRAMS["entry_modules"]()
 OURS = frozenset(PACKAGES + MODULES)
 ROOT_PACKAGE = "distillbench"
 
@@ -111,14 +118,7 @@ setup(
     package_dir={"distillbench": "distillbench", **{f"distillbench.{p}": p for p in PACKAGES}},
     package_data={"distillbench.scripts": ["*.csv", "*.sh"]},
     cmdclass={"build_py": BuildNamespaced},
-    entry_points={"console_scripts": [
-        "distillbench-train-teacher = distillbench.train_teacher:main.command",
-        "distillbench-train-student = distillbench.train_student:main.command",
-        "distillbench-train-mutual = distillbench.train_mutual:main.command",
-        "distillbench-train-self = distillbench.train_self:main.command",
-        "distillbench-evaluate = distillbench.evaluate:main.command",
-        "distillbench-table = distillbench.scripts.make_table:main",
-    ]},
+    entry_points={"console_scripts": [p.console_script(ROOT_PACKAGE) for p in PROGRAMS["PROGRAMS"]]},
     install_requires=[
         "torch>=2.1",
         "torchvision>=0.16",

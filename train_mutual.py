@@ -32,6 +32,7 @@ from torch import nn
 from distiller_zoo.kd import DistillKL
 from engine.args import Parser, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name, default_lr
+from engine.programs import MUTUAL
 from engine.session import build_data, create_run_dir, restore_args, start
 from engine.task import Task, compile_features
 from engine.trainer import Trainer
@@ -117,9 +118,9 @@ def run_name(args) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if isinstance(args.resume, str):
-        args = restore_args(args, "mutual", run_name)
+        args = restore_args(args, MUTUAL.kind, run_name)
     archs = peer_archs(args)
-    args, ctx, run_dir = start(args, "mutual", slowest_lr_model, run_name)
+    args, ctx, run_dir = start(args, MUTUAL.kind, slowest_lr_model, run_name)
     train_loader, test_loader, info = build_data(args, ctx)
     peers = [build_model(arch, info.num_classes).to(ctx.device) for arch in archs]
     task = MutualTask(peers, archs, info.num_classes).to(ctx.device)

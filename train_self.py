@@ -58,6 +58,7 @@ from distiller_zoo.tf_kd import CORRECT_PROB, VirtualTeacherLoss, check_reg, res
 from distiller_zoo.uskd import DEFAULT_ALPHA, DEFAULT_BETA, DEFAULT_MU, USKDLoss
 from engine.args import Parser, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name
+from engine.programs import SELF
 from engine.session import build_data, create_run_dir, restore_args, sample_features, start
 from engine.task import Task
 from engine.trainer import Trainer
@@ -266,9 +267,9 @@ def describe(args) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if isinstance(args.resume, str):
-        args = restore_args(args, "self", run_name)
+        args = restore_args(args, SELF.kind, run_name)
     check_args(args)
-    args, ctx, run_dir = start(args, "self", lambda a: a.model, run_name)
+    args, ctx, run_dir = start(args, SELF.kind, lambda a: a.model, run_name)
     train_loader, test_loader, info = build_data(args, ctx)
     model = build_model(args.model, info.num_classes).to(ctx.device)
     task = build_task(args, model, train_loader, info.num_classes, ctx.device).to(ctx.device)

@@ -27,10 +27,11 @@ from distiller_zoo.base import BuildContext, DeployedNetwork
 from distiller_zoo.multi_teacher import MODES, TeacherEnsemble, ensemble_weights
 from distiller_zoo.objective import DISTILL_SPEC, Objective, parse_objective
 from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
-from engine.args import Parser, absolute_path, absolute_paths, add_common_args, parse_with_config
+from engine.args import Parser, absolute_path, absolute_paths, add_common_args, parse_with_config, split_paths
 from engine.build import build_model, check_fits_dataset, check_model_name
 from engine.distill_task import DistillTask
 from engine.dot import DEFAULT_DELTA
+from engine.programs import STUDENT
 from engine.session import build_data, create_run_dir, restore_args, sample_features, start
 from engine.teacher import build_teacher, find_best_teacher, read_teacher
 from engine.trainer import Trainer
@@ -149,8 +150,8 @@ def feature_pair(args) -> tuple:
 
 def read_teachers(args) -> list:
     """The checkpoints of --path_t, in order; fills args.model_t with their architectures."""
-    paths = args.path_t.split(",")
-    given = args.model_t.split(",") if args.model_t else [None] * len(paths)
+    paths = split_paths(args.path_t)
+    given = teacher_archs(args) if args.model_t else [None] * len(paths)
     if len(given) != len(paths):
         raise UserError(f"--model_t names {len(given)} architectures for {len(paths)} --path_t checkpoints; "
                         "give one per checkpoint, or none")
@@ -216,7 +217,7 @@ def run_name(args) -> str:
 
 def build_task(args, plan: Plan, ctx, train_loader, info) -> DistillTask:
     teachers = [build_teacher(state, arch, info.num_classes, path, args.dataset).to(ctx.device)
-                for state, arch, path in zip(plan.teacher_states, teacher_archs(args), args.path_t.split(","))]
+                for state, arch, path in zip(plan.teacher_states, teacher_archs(args), split_paths(args.path_t))]
     teacher = teachers.pop(args.feature_teacher)
     teacher_name = feature_pair(args)[0]
     student = build_model(args.model_s, info.num_classes).to(ctx.device)
@@ -276,7 +277,7 @@ def quantisation_aware(args) -> dict:
         path_t = args.path_t or str(find_best_teacher(args.save_dir, args.dataset))
         teacher = load_network(path_t, args.model_t, info.num_classes, args.dataset)[0]
     name = args.run_name or f"QAT-{arch}_{args.dataset}_a{config.alpha:g}_T{config.kd_T:g}_trial{args.trial}"
-    run_dir = Path(args.save_dir) / "students" / name
+    run_dir = Path(args.save_dir) / STUDENT.kind / name
     results = run_qat(student.train(), train_loader, test_loader, run_dir, config, arch=arch, dataset=args.dataset,
                       teacher=teacher)
     int8 = write_int8(run_dir, student, train_loader)
@@ -291,9 +292,9 @@ def main(argv=None) -> dict:
     if args.qat_epochs is not None:
         return quantisation_aware(args)
     if isinstance(args.resume, str):  # a run directory: its stored arguments before anything else
-        args = restore_args(args, "students", run_name)
+        args = restore_args(args, STUDENT.kind, run_name)
     plan = resolve_run(args)
-    args, ctx, run_dir = start(args, "students", lambda a: a.model_s, run_name)
+    args, ctx, run_dir = start(args, STUDENT.kind, lambda a: a.model_s, run_name)
     train_loader, test_loader, info, task = build_run(args, plan, ctx)
     if ctx.is_main:
         for term in plan.objective.methods:

@@ -12,6 +12,7 @@ import argparse
 
 from engine.args import Parser, add_common_args, parse_with_config
 from engine.build import build_model, check_fits_dataset, check_model_name
+from engine.programs import TEACHER
 from engine.session import build_data, create_run_dir, start
 from engine.task import SupervisedTask
 from engine.trainer import Trainer
@@ -42,7 +43,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     check_model_name(args.model)
     check_fits_dataset(args.model, args.dataset)
-    args, ctx, run_dir = start(args, "teachers", lambda a: a.model, run_name)
+    args, ctx, run_dir = start(args, TEACHER.kind, lambda a: a.model, run_name)
     train_loader, test_loader, info = build_data(args, ctx)
     model = build_model(args.model, info.num_classes).to(ctx.device)
     task = SupervisedTask(model, info.num_classes)

@@ -38,9 +38,15 @@ from typing import Optional
 import torch
 
 from core.errors import UserError
+from core.ranges import Range
 
 MODES = ("exact", "relax")
 _BITS = 31
+
+
+# --nce_k, negatives per sample: the one rule, declared by CRD's option (--help, parsing) and
+# checked here for every other caller of the loaders
+NCE_K = Range("a positive integer", low=1, integer=True)
 
 
 def check_mode(mode: str) -> str:
@@ -54,8 +60,7 @@ class ContrastSampler:
 
     def __init__(self, targets: torch.Tensor, nce_k: int, mode: str = "exact"):
         check_mode(mode)
-        if isinstance(nce_k, bool) or not isinstance(nce_k, int) or nce_k < 1:
-            raise UserError(f"--nce_k must be a positive integer, got {nce_k!r}")
+        NCE_K.check("--nce_k", nce_k)
         targets = torch.as_tensor(targets)
         if targets.dtype.is_floating_point or targets.dim() != 1 or targets.numel() == 0:
             raise ValueError("targets must be a non-empty 1-D integer tensor")

@@ -128,7 +128,8 @@ class TorchLoader:
 
 
 def _parse_contrast(contrast):
-    """None, (nce_k, mode) or {'nce_k': .., 'mode': ..} -> None or (nce_k, mode), checked."""
+    """None, (nce_k, mode) or {'nce_k': .., 'mode': ..} -> None or (nce_k, mode); the mode is
+    checked here, before any data loads, nce_k by the ContrastSampler built from it."""
     if contrast is None:
         return None
     if isinstance(contrast, dict):
@@ -136,8 +137,6 @@ def _parse_contrast(contrast):
     else:
         nce_k, mode = contrast
     check_mode(mode)
-    if isinstance(nce_k, bool) or not isinstance(nce_k, int) or nce_k < 1:
-        raise UserError(f"--nce_k must be a positive integer, got {nce_k!r}")
     return nce_k, mode
 
 

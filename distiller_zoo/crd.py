@@ -24,6 +24,7 @@ Under torchrun the memory update sees every rank's samples (see crd/memory.py).
 from core.errors import UserError
 from core.ranges import POSITIVE, at_least, within
 from crd.criterion import CRDLoss
+from dataset.contrast import NCE_K
 from distiller_zoo.base import BuildContext, Distiller, register
 from distiller_zoo.options import DataNeeds, Option
 
@@ -33,7 +34,7 @@ from distiller_zoo.options import DataNeeds, Option
 class CRD(Distiller):
     options = (
         Option("feat_dim", int, 128, "CRD/CC embedding size", valid=at_least(1)),
-        Option("nce_k", int, 16384, "CRD negatives per sample", valid=at_least(1)),
+        Option("nce_k", int, 16384, "CRD negatives per sample", valid=NCE_K),
         Option("nce_t", float, 0.07, "CRD temperature", valid=POSITIVE),
         Option("nce_m", float, 0.5, "CRD memory momentum", valid=within(0, 1, "[)")),
         Option("mode", str, "exact", "CRD sampling: negatives from other classes (exact) or any sample (relax)",

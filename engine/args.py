@@ -30,9 +30,14 @@ def absolute_path(text: str) -> str:
     return os.path.abspath(path_text(text))
 
 
+def split_paths(text: str) -> list:
+    """The entries of a comma-separated path flag (--path_t: one per teacher), in order."""
+    return text.split(",")
+
+
 def absolute_paths(text: str) -> str:
     """Comma-separated paths made absolute; torchvision:<name> entries are names, kept."""
-    return ",".join(p if is_torchvision_spec(p) else absolute_path(p) for p in path_text(text).split(","))
+    return ",".join(p if is_torchvision_spec(p) else absolute_path(p) for p in split_paths(path_text(text)))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

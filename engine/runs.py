@@ -16,9 +16,6 @@ BEST_CKPT = "best.pth"
 # a file in which a launcher (scripts/slurm.py) asks the run to say where its directory is: the
 # launcher knows the command, only the run knows the directory it makes of it
 RUN_DIR_NOTE = "DISTILLBENCH_RUN_DIR_NOTE"
-# the command that trains the runs under save/<kind>/ (what a stopped run's resume line names)
-ENTRY_POINTS = {"teachers": "train_teacher.py", "students": "train_student.py", "mutual": "train_mutual.py",
-                "self": "train_self.py"}
 
 
 def tell_launcher(run_dir: Path) -> None:

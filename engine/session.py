@@ -10,7 +10,7 @@ from core.distributed import barrier, setup
 from core.seeding import seed_everything
 from dataset.loaders import build_loaders
 from distiller_zoo.options import DataNeeds
-from engine import runs
+from engine import programs, runs
 from engine.args import finalize_common_args
 from engine.lock import lock_run_dir
 from engine.loop import move_batch
@@ -26,14 +26,13 @@ KEPT_UNLESS_GIVEN = ("amp", "channels_last", "compile", "threads", "data_folder"
 UNSTORED = ("resume", "command_line")
 # what a run cannot be resumed without; a flag added to the code after a run started takes its default
 REQUIRED = ("dataset", "epochs", "batch_size", "learning_rate", "lr_decay_epochs", "seed", "trial")
-TRAINED = {"teachers": "model", "students": "model_s", "mutual": "models", "self": "model"}
 
 
 def restore_args(args: argparse.Namespace, kind: str, default_name) -> argparse.Namespace:
     """On --resume, the run's stored arguments win over the command line, except how to run."""
     by_directory = isinstance(args.resume, str)  # a run directory needs no name
     run_dir = runs.locate_run_dir(args, kind, "" if by_directory else default_name(args))
-    stored = runs.load_run_args(run_dir, REQUIRED + (TRAINED[kind],))
+    stored = runs.load_run_args(run_dir, REQUIRED + (programs.BY_KIND[kind].trained,))
     command_line = set(getattr(args, "command_line", vars(args)))
     warn_ignored(args, stored, command_line, run_dir)
     given = {k: getattr(args, k) for k in EXECUTION_FLAGS if k not in KEPT_UNLESS_GIVEN or k in command_line}

@@ -9,6 +9,7 @@ from distiller_zoo.base import deployed_network
 from engine import runs
 from engine.build import build_model
 from engine.checkpoint import load_checkpoint, load_model_weights
+from engine.programs import TEACHER
 from engine.torchvision_teacher import arch_from_weights_file, is_torchvision_spec, read_torchvision_teacher
 from models import arch_from_folder as registry_arch_from_folder
 
@@ -25,14 +26,14 @@ def find_best_teacher(save_dir, dataset: str) -> Path:
     suite, a RepDistiller checkpoint's data set is implied by its folder alone."""
     candidates = _suite_teachers(save_dir, dataset) or _repdistiller_teachers(save_dir, dataset)
     if not candidates:
-        raise UserError(f"no trained teacher for {dataset} under {Path(save_dir) / 'teachers'}; train one first: "
+        raise UserError(f"no trained teacher for {dataset} under {Path(save_dir) / TEACHER.kind}; train one first: "
                         f"python train_teacher.py --model resnet32x4 --dataset {dataset}")
     return max(candidates)[1]
 
 
 def _suite_teachers(save_dir, dataset: str) -> list:
     candidates = []
-    for results_path in sorted(Path(save_dir, "teachers").glob(f"*/{runs.RESULTS_FILE}")):
+    for results_path in sorted(Path(save_dir, TEACHER.kind).glob(f"*/{runs.RESULTS_FILE}")):
         results = runs.read_results(results_path)
         best = results_path.parent / runs.BEST_CKPT
         if results is not None and results.get("dataset") == dataset and best.is_file():

@@ -29,7 +29,7 @@ from torch import nn
 from core.distributed import average_buffers, broadcast_from_main
 from core.errors import RunStopped
 from core.seeding import determinism_line
-from engine import runs
+from engine import programs, runs
 from engine.checkpoint import save_checkpoint
 from engine.loop import NonFiniteLoss, evaluate, train_epoch
 from engine.metrics_log import MAIN_STAGE, MetricsLog
@@ -232,7 +232,7 @@ class Trainer:
         return f"{self.run_dir / runs.LAST_CKPT} keeps {stage} epoch {epoch}, later steps are redone"
 
     def _resume_command(self) -> str:
-        entry = runs.ENTRY_POINTS.get(self.run_dir.parent.name, "train_student.py")
+        entry = programs.BY_KIND.get(self.run_dir.parent.name, programs.STUDENT).script
         launcher = f"torchrun --nproc_per_node {self.ctx.world_size}" if self.ctx.distributed else "python"
         return f"{launcher} {entry} --resume {shlex.quote(str(self.run_dir))}"
 

@@ -54,13 +54,10 @@ from torch._dynamo.utils import counters
 from torchvision.io import read_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import benchmark  # noqa: E402
 import dataset.digits  # noqa: E402
 import distiller_zoo  # noqa: E402
 import evaluate  # noqa: E402
-import method_cost  # noqa: E402
 import train_student  # noqa: E402
 import train_teacher  # noqa: E402
 from dataset.jpeg_decode import decode_rgb  # noqa: E402
@@ -68,7 +65,9 @@ from dataset.loaders import build_loaders  # noqa: E402
 from engine.loop import train_epoch  # noqa: E402
 from engine.metrics_log import MAIN_STAGE  # noqa: E402
 from engine.precision import autocast, cpu_name, grad_scaler  # noqa: E402
+from engine.programs import STUDENT, TEACHER  # noqa: E402
 from engine.trainer import Stage, wrap_ddp  # noqa: E402
+from scripts import benchmark, method_cost  # noqa: E402  (by package: installed, a bare `benchmark` is another's)
 
 ROOT = Path(__file__).resolve().parent.parent
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -168,13 +167,13 @@ def student_flags(opts, save: Path, teacher_ckpt: Path, method: str, *extra) -> 
 def train_digits_teacher(opts, save: Path) -> Path:
     train_teacher.main(["--dataset", "digits", "--save_dir", str(save), "--model", "resnet8", "--epochs", "1",
                         "--batch_size", "128", "--device", opts.device, "--print_freq", "1000"])
-    return save / "teachers" / "resnet8_digits_trial0" / "best.pth"
+    return save / TEACHER.kind / "resnet8_digits_trial0" / "best.pth"
 
 
 def epoch_row(opts, save, teacher_ckpt, method, *extra) -> dict:
     start = time.perf_counter()
     results = train_student.main(student_flags(opts, save, teacher_ckpt, method, *extra))
-    run_dir = save / "students" / results["run_name"]
+    run_dir = save / STUDENT.kind / results["run_name"]
     with open(run_dir / "metrics.csv", newline="") as f:
         last = list(csv.DictReader(f))[-1]
     return {"method": method, "last_top1": results["last_top1"], "images_per_s": float(last["images_per_s"]),

@@ -35,6 +35,7 @@ from dataset import get_info  # noqa: E402
 from deploy import extras, metrics  # noqa: E402
 from deploy.network import load_network, read_network  # noqa: E402
 from engine import runs  # noqa: E402
+from engine.programs import STUDENT  # noqa: E402
 from scripts.make_table import FROM_LABELS, METRICS, add_metric_flag, metric_label  # noqa: E402
 
 ROLES = {"student": ("o", 40, "distilled student"), "vanilla": ("o", 40, "vanilla student (labels only)"),
@@ -95,7 +96,7 @@ def roles(found: list) -> list:
             out.append("student")
         elif (run_dir / runs.BEST_CKPT).resolve() in used:
             out.append("teacher")
-        elif run_dir.parent.name == "students" or (r.get("dataset"), r.get("model")) in student_archs:
+        elif run_dir.parent.name == STUDENT.kind or (r.get("dataset"), r.get("model")) in student_archs:
             out.append("vanilla")
         else:
             out.append("teacher")

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Both CIFAR-100 tables of CRD (Tian et al., ICLR 2020) with RepDistiller's published weights:
+# Both CIFAR-100 tables of CRD (Tian et al., ICLR 2020) with RepDistiller's published weights
+# (each method's -r/-a/-b as the registry in distiller_zoo/ records them, which train_student.py
+# takes when the flags are omitted):
 # Table 1, 7 same-architecture pairs x 13 methods; Table 2, 6 cross-architecture pairs x 12
 # methods; plus CRD+KD on every pair. FSP needs equal channel counts, so, as in the paper, it
 # runs on neither the cross pairs nor wrn_40_2 -> wrn_40_1. Train the teachers first
@@ -15,24 +17,14 @@ resnet32x4:resnet8x4 vgg13:vgg8"
 CROSS="vgg13:MobileNetV2 ResNet50:MobileNetV2 ResNet50:vgg8 resnet32x4:ShuffleV1 resnet32x4:ShuffleV2
 wrn_40_2:ShuffleV1"
 
-# method and its RepDistiller command-line weights
+# one table cell: the method with its published weights
 cell() {
   local t=$1 s=$2 method=$3
   case "$method" in
-    kd)     distill "$t" "$s" kd -r 0.1 -a 0.9 -b 0 ;;
-    fitnet) distill "$t" "$s" hint -a 0 -b 100 ;;
-    at)     distill "$t" "$s" attention -a 0 -b 1000 ;;
-    sp)     distill "$t" "$s" similarity -a 0 -b 3000 ;;
-    cc)     distill "$t" "$s" correlation -a 0 -b 0.02 ;;
-    vid)    distill "$t" "$s" vid -a 0 -b 1 ;;
-    rkd)    distill "$t" "$s" rkd -a 0 -b 1 ;;
-    pkt)    distill "$t" "$s" pkt -a 0 -b 30000 ;;
-    ab)     distill "$t" "$s" abound -a 0 -b 1 ;;
-    ft)     distill "$t" "$s" factor -a 0 -b 200 ;;
-    fsp)    [ "$t:$s" = wrn_40_2:wrn_40_1 ] || distill "$t" "$s" fsp -a 0 -b 50 ;;
-    nst)    distill "$t" "$s" nst -a 0 -b 50 ;;
-    crd)    distill "$t" "$s" crd -a 0 -b 0.8 ;;
-    crd+kd) distill "$t" "$s" crd -a 1 -b 0.8 ;;
+    fsp)    [ "$t:$s" = wrn_40_2:wrn_40_1 ] || distill "$t" "$s" fsp ;;
+    # registry departure (crd+kd): the CRD+KD row weights KD in at -a 1 (RepDistiller's), crd's own default is 0
+    crd+kd) distill "$t" "$s" crd -a 1 ;;
+    *)      distill "$t" "$s" "$method" ;;
   esac
 }
 

@@ -1,4 +1,5 @@
-"""Run many train_teacher.py / train_student.py command lines in one Python process.
+"""Run many entry-point command lines (train_teacher.py, train_student.py, train_mutual.py,
+train_self.py, evaluate.py: engine/programs.py's table) in one Python process.
 
     bash scripts/run_digits_table.sh --dry-run | python scripts/run_commands.py [--jobs 2]
 
@@ -15,6 +16,7 @@ run, their epoch lines scrolling above it); otherwise no progress bars, one line
 run, each starting with the run's name (engine/progress.py).
 """
 import argparse
+import importlib
 import multiprocessing
 import os
 import shlex
@@ -24,6 +26,11 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.programs import PROGRAMS  # noqa: E402  (after the checkout is on sys.path)
+
+# the programs a command line can name, by file name
+SCRIPTS = {Path(p.script).name: p for p in PROGRAMS if "." not in p.module}
 
 
 def split_line(line: str):
@@ -39,22 +46,23 @@ def split_line(line: str):
 def parse_line(line: str):
     """(environment, entry point file name, argv) of one command line."""
     env, words = split_line(line)
-    if len(words) < 2 or not words[1].endswith(".py"):
-        raise ValueError(f"not a 'python <entry point> ARGS' command: {line}")
+    if len(words) < 2 or os.path.basename(words[1]) not in SCRIPTS:
+        raise ValueError(f"not a 'python <entry point> ARGS' command with an entry point of "
+                         f"{', '.join(SCRIPTS)}: {line}")
     return env, os.path.basename(words[1]), words[2:]
 
 
-def entry_points():
-    import train_student
-    import train_teacher
-    return {"train_student.py": train_student.main, "train_teacher.py": train_teacher.main}
+def entry_main(script: str):
+    """The main() of the entry point `script` (imported on first use: a worker imports only the
+    programs its lines name)."""
+    return importlib.import_module(SCRIPTS[script].module).main
 
 
-def run_line(line: str, mains) -> bool:
+def run_line(line: str) -> bool:
     env, entry, argv = parse_line(line)
     os.environ.update(env)
     try:
-        mains[entry](argv)
+        entry_main(entry)(argv)
     except SystemExit as stop:
         return stop.code in (0, None)
     except Exception:
@@ -95,7 +103,7 @@ def worker_init(threads: int, queue) -> None:
 def run_in_worker(numbered) -> tuple:
     number, total, line = numbered
     print(f"[{number}/{total}] {line}", flush=True)
-    return line, run_line(line, entry_points())
+    return line, run_line(line)
 
 
 def run_parallel(numbered, jobs: int) -> list:

@@ -22,7 +22,8 @@ source scripts/lib.sh
 # run gets 66 steps, too few for any student to converge (vanilla resnet8 56%, MLKD near chance);
 # at 32 it gets 270 steps for about the same compute.
 common+=(--dataset digits --batch_size 32 --learning_rate 0.05 --print_freq 1000)
-decay=(--lr_decay_epochs $(( EPOCHS * 3 / 4 )))
+# a milestone is an epoch >= 1: three quarters of the run, at least the first epoch
+decay=(--lr_decay_epochs $(( EPOCHS * 3 / 4 > 0 ? EPOCHS * 3 / 4 : 1 )))
 student=(--init_epochs 1 --nce_k 1024)
 METHODS=${METHODS:-$("$PY" -c "import distiller_zoo; print(' '.join(sorted(distiller_zoo.METHODS)))")}
 
@@ -30,7 +31,7 @@ JOBS=${JOBS:-2}
 start=$(date +%s)
 for teacher in resnet20 vgg8; do
   run train_teacher.py --model "$teacher" --trial 0 "${common[@]}" --epochs "$TEACHER_EPOCHS" \
-    --lr_decay_epochs $(( TEACHER_EPOCHS * 3 / 4 ))
+    --lr_decay_epochs $(( TEACHER_EPOCHS * 3 / 4 > 0 ? TEACHER_EPOCHS * 3 / 4 : 1 ))
 done
 [ "$DRY_RUN" = 1 ] || finish_runs --jobs "$JOBS"   # the students need their teachers
 for trial in $(seq 1 "$TRIALS"); do
@@ -43,7 +44,7 @@ for method in $METHODS; do
   [ "$method" = mlkd ] && flags+=(--learning_rate 0.025)
   # CAT-KD's MSE averages over the classes' maps: with digits' 10 classes instead of CIFAR-100's
   # 100 the term is about 10x larger at the same weight, and at its published 15 the students
-  # stayed at chance; 1.5 keeps the share the weight was tuned for.
+  # stayed at chance; 1.5 keeps the share the weight was tuned for. registry departure (cat_kd)
   [ "$method" = cat_kd ] && flags+=(-b 1.5)
   # DKD's and ReviewKD's 20 warm-up epochs are 1/12 of CIFAR's 240; in a 6-epoch run they would
   # end at a quarter of the method's weight, so the warm-up keeps its proportion: one epoch.

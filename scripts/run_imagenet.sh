@@ -40,6 +40,7 @@ for pair in $PAIRS; do
   student=${pair%%:*} teacher=torchvision:${pair##*:}
   for trial in $(seq 1 "$TRIALS"); do
     cell=(--path_t "$teacher" --model_s "$student" --trial "$trial" "${common[@]}")
+    # registry departure (kd): mdistiller's ImageNet KD weights, -r 0.5 -a 0.5 (the registry's are CIFAR's)
     run train_student.py --distill kd -r 0.5 -a 0.5 --kd_T 1 "${cell[@]}"
     run train_student.py --distill at "${cell[@]}"
     run train_student.py --distill ofd "${cell[@]}"

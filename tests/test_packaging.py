@@ -6,6 +6,7 @@ The end-to-end test installs the wheel into a fresh virtual environment (its dep
 from this interpreter's site-packages through a .pth file, so nothing is downloaded), compiles
 and imports every module of the installed copy, runs each console command's --help and trains
 one digits epoch with the installed command."""
+import importlib
 import json
 import re
 import runpy
@@ -18,22 +19,62 @@ import pytest
 import setuptools
 
 from conftest import ROOT
+from engine.programs import PROGRAMS
 
 GENERIC = {"core", "models", "dataset", "crd", "distiller_zoo", "engine", "deploy", "scripts", "evaluate",
            "train_student", "train_teacher", "train_mutual", "train_self"}
-COMMANDS = ("distillbench-train-teacher", "distillbench-train-student", "distillbench-train-mutual",
-            "distillbench-train-self", "distillbench-evaluate", "distillbench-table")
+COMMANDS = tuple(program.command for program in PROGRAMS)
 
 
 @pytest.fixture(scope="module")
 def setup_py():
-    """setup.py's functions, read without running setup()."""
-    real = setuptools.setup
-    setuptools.setup = lambda **kwargs: None
+    """setup.py's functions, read without running setup(); `setup_kwargs` holds what it would
+    have been given."""
+    real, given = setuptools.setup, {}
+    setuptools.setup = lambda **kwargs: given.update(kwargs)
     try:
-        return runpy.run_path(str(ROOT / "setup.py"))
+        return {**runpy.run_path(str(ROOT / "setup.py")), "setup_kwargs": given}
     finally:
         setuptools.setup = real
+
+
+def test_the_console_commands_are_the_programs_table(setup_py):
+    declared = {}
+    for line in setup_py["setup_kwargs"]["entry_points"]["console_scripts"]:
+        command, target = (part.strip() for part in line.split("="))
+        declared[command] = target
+    assert declared == {p.command: f"distillbench.{p.module}:{p.target}" for p in PROGRAMS}
+    assert set(COMMANDS) >= {"distillbench-train-teacher", "distillbench-train-student", "distillbench-train-mutual",
+                             "distillbench-train-self", "distillbench-evaluate", "distillbench-table"}
+    # every top-level entry point is installed, and each console target exists
+    assert set(setup_py["MODULES"]) == {"train_teacher", "train_student", "train_mutual", "train_self", "evaluate"}
+    for program in PROGRAMS:
+        obj = importlib.import_module(program.module)
+        for attribute in program.target.split("."):
+            obj = getattr(obj, attribute)
+        assert callable(obj), program.command
+
+
+def test_setup_py_reads_the_table_without_the_project_or_torch_importable(tmp_path):
+    """An isolated build: setup.py run from a copy of the two files it reads, in an interpreter
+    where importing torch or any project package fails."""
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "programs.py").write_text((ROOT / "engine" / "programs.py").read_text())
+    (tmp_path / "setup.py").write_text((ROOT / "setup.py").read_text())
+    probe = ("import builtins, runpy, setuptools\n"
+             "real = builtins.__import__\n"
+             "def guarded(name, globals=None, locals=None, fromlist=(), level=0):\n"
+             "    if level == 0 and name.split('.')[0] in {'torch', 'engine', 'core', 'models'}:\n"
+             "        raise ImportError(name)\n"
+             "    return real(name, globals, locals, fromlist, level)\n"
+             "builtins.__import__ = guarded\n"
+             "given = {}\n"
+             "setuptools.setup = lambda **kw: given.update(kw)\n"
+             "runpy.run_path('setup.py')\n"
+             "print(len(given['entry_points']['console_scripts']))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout) == len(PROGRAMS)
 
 
 def test_the_rewrite_changes_real_imports_only(setup_py):

@@ -1,7 +1,10 @@
 """The reproduction scripts: every command their --dry-run prints parses with the entry
-point's own parser and names real models and methods, and together they cover every cell
-of the published tables."""
+point's own parser and names real models and methods, takes the method registry's published
+weights (or says where it departs from them), and together they cover every cell of the
+published tables."""
+import functools
 import os
+import re
 import shlex
 import subprocess
 
@@ -19,11 +22,12 @@ SCRIPTS = ("run_cifar_vanilla.sh", "run_cifar_distill.sh", "run_cifar_dkd.sh", "
            "run_imagenet.sh")
 
 
+@functools.lru_cache(maxsize=None)   # a dry run takes seconds (the digits script asks Python for its methods)
 def dry_run(script, **env):
     done = subprocess.run(["bash", str(ROOT / "scripts" / script), "--dry-run"], capture_output=True, text=True,
                           env={**os.environ, "TRIALS": "2", **env}, cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr
-    return [line for line in done.stdout.splitlines() if line.strip()]
+    return tuple(line for line in done.stdout.splitlines() if line.strip())
 
 
 def parse(line):
@@ -50,6 +54,50 @@ def test_every_printed_command_parses(script):
             parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand)
         else:
             check_model_name(args.model)
+
+
+def teacher_name(args) -> str:
+    """The teacher architecture a printed command names, as train_student.py will read it."""
+    if args.path_t.startswith("torchvision:"):
+        return "imagenet_" + args.path_t.split(":")[1]
+    return os.path.basename(os.path.dirname(args.path_t)).rsplit(f"_{args.dataset}_", 1)[0]
+
+
+def weights(args, given: bool):
+    """(r, a, [b per method]) of a printed command: with its -r/-a/-b, or the registry's for its pair."""
+    flags = (args.gamma, args.alpha, args.beta) if given else (None, None, None)
+    objective = parse_objective(args.distill, *flags, args.logit_stand, pair=(teacher_name(args), args.model_s))
+    return objective.gamma, objective.alpha, [term.weight for term in objective.methods]
+
+
+def departures(script) -> set:
+    """The method labels whose weights the script departs from the registry for, each said in a
+    `registry departure (label)` comment."""
+    return set(re.findall(r"registry departure \(([^)]+)\)", (ROOT / "scripts" / script).read_text()))
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_the_scripts_take_the_registrys_weights_or_say_why_not(script):
+    """Published weights live in the registry (distiller_zoo/): a command that gives -r/-a/-b
+    other than the registry's for its pair is a deliberate departure, commented in the script."""
+    departed = set()
+    for line in dry_run(script):
+        entry, args = parse(line)
+        if entry != "train_student.py":
+            continue
+        if weights(args, given=True) != weights(args, given=False):
+            label = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand).name
+            assert label in departures(script), f"{script}: weights differ from the registry's, uncommented: {line}"
+            departed.add(label)
+    assert departed == departures(script)   # no stale departure comment
+
+
+def test_a_weight_that_differs_from_the_registry_is_caught():
+    args = train_student.parse_args(["--path_t", "save/teachers/resnet56_cifar100_trial0/ckpt_last.pth",
+                                     "--model_s", "resnet20", "--distill", "crd", "-b", "0.5"])
+    assert weights(args, given=True) != weights(args, given=False)
+    args.beta = 0.8
+    assert weights(args, given=True) == weights(args, given=False)
 
 
 def cells(lines):

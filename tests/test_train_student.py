@@ -13,6 +13,10 @@ import distiller_zoo
 import train_student
 import train_teacher
 from conftest import ROOT, fast_args, read_json
+from core.errors import UserError
+from dataset.contrast import NCE_K
+from dataset.loaders import build_loaders
+from engine.args import absolute_paths, split_paths
 
 METHODS = sorted(distiller_zoo.METHODS)
 # vgg8 has four stages of 64..512 channels, resnet8 three of 16..64: stage pairing and
@@ -208,3 +212,29 @@ def test_dot_refusals_end_with_one_line_and_status_2(teachers, capsys, monkeypat
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_nce_k_has_one_rule_for_the_command_line_and_the_loaders(tmp_path, capsys):
+    """--nce_k's range is declared once (dataset.contrast.NCE_K): CRD's option parses with it,
+    and the contrast sampler the loaders build checks it for library callers."""
+    option = next(o for o in distiller_zoo.METHODS["crd"].options if o.name == "nce_k")
+    assert option.valid is NCE_K
+    with pytest.raises(SystemExit) as exit_info:
+        train_student.main(fast_args(tmp_path / "save", "--model_s", STUDENT, "--distill", "crd", "--nce_k", "0"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: --nce_k must be a positive integer, got 0"
+    assert not (tmp_path / "save").exists()
+    for bad in (0, 2.5, True):
+        with pytest.raises(UserError, match="--nce_k must be a"):
+            build_loaders("digits", batch_size=8, num_workers=0, contrast=(bad, "exact"))
+
+
+def test_path_t_is_split_in_one_place(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    given = absolute_paths("a.pth,torchvision:resnet34,sub/b.pth")
+    assert split_paths(given) == [str(tmp_path / "a.pth"), "torchvision:resnet34", str(tmp_path / "sub" / "b.pth")]
+    args = train_student.parse_args(["--path_t", "a.pth,b.pth", "--model_t", "resnet8", "--model_s", STUDENT])
+    with pytest.raises(UserError, match="--model_t names 1 architectures for 2 --path_t checkpoints"):
+        train_student.read_teachers(args)
+    for source in (ROOT / "train_student.py", *ROOT.glob("engine/*.py")):
+        assert "path_t.split(" not in source.read_text(), source
