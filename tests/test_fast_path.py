@@ -35,6 +35,7 @@ from engine.args import finalize_common_args
 from engine.build import build_model
 from engine.checkpoint import save_checkpoint
 from engine.loop import train_epoch
+from engine.precision import Execution
 from engine.session import build_data
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -123,7 +124,11 @@ def test_channels_last_alone_changes_nothing_beyond_rounding(task_and_batch, pla
     assert (grad.double() - reference).norm() / reference.norm() < 5e-3
 
 
-def test_benchmark_runs_end_to_end(tmp_path, capsys):
+def test_benchmark_runs_end_to_end(tmp_path, capsys, monkeypatch):
+    # the fast path takes training's execution choice; fixed here, since a timed probe's pick
+    # depends on the machine's load
+    monkeypatch.setattr(benchmark, "resolve_execution",
+                        lambda *args, **kwargs: Execution(torch.bfloat16, True, "fixed by the test"))
     out = tmp_path / "bench.json"
     rows = benchmark.main(["--device", "cpu", "--configs", "kd:resnet8-resnet8:8", "--steps", "1",
                            "--warmup", "0", "--n_images", "32", "--num_workers", "0",
