@@ -125,10 +125,16 @@ def test_channels_last_alone_changes_nothing_beyond_rounding(task_and_batch, pla
 
 
 def test_benchmark_runs_end_to_end(tmp_path, capsys, monkeypatch):
-    # the fast path takes training's execution choice; fixed here, since a timed probe's pick
-    # depends on the machine's load
-    monkeypatch.setattr(benchmark, "resolve_execution",
-                        lambda *args, **kwargs: Execution(torch.bfloat16, True, "fixed by the test"))
+    # the fast path takes training's execution choice (--amp auto); fixed here, since a timed
+    # probe's pick depends on the machine's load
+    measured = benchmark.resolve_execution
+
+    def fixed_auto(amp, channels_last, *args, **kwargs):
+        if amp == "auto":
+            return Execution(torch.bfloat16, True, "fixed by the test")
+        return measured(amp, channels_last, *args, **kwargs)
+
+    monkeypatch.setattr(benchmark, "resolve_execution", fixed_auto)
     out = tmp_path / "bench.json"
     rows = benchmark.main(["--device", "cpu", "--configs", "kd:resnet8-resnet8:8", "--steps", "1",
                            "--warmup", "0", "--n_images", "32", "--num_workers", "0",
