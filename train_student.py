@@ -19,11 +19,10 @@ exit_quietly_on_ctrl_c()  # before the imports below, which take seconds
 import argparse
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import distiller_zoo
 from core.ranges import NON_NEGATIVE, POSITIVE, at_least
-from distiller_zoo.base import BuildContext, DeployedNetwork
+from distiller_zoo.base import BuildContext
 from distiller_zoo.multi_teacher import MODES, TeacherEnsemble, ensemble_weights
 from distiller_zoo.objective import DISTILL_SPEC, Objective, parse_objective
 from distiller_zoo.temperature import LOGIT_STAND_T, SCHEDULES, temperature_from_args
@@ -92,7 +91,7 @@ def build_parser() -> Parser:
     q.add_argument("--qat_epochs", type=int, default=None,
                    help="instead of distilling: N epochs of int8 fake-quantised training of --init_student, "
                         "with KD from the teacher at --kd_T (default 1) when -a > 0; writes best.pth and "
-                        "int8.onnx into its own run directory, and continues an interrupted one", valid=at_least(1))
+                        "int8.onnx into its own run directory (deploy/qat_run.py); --resume continues it", valid=at_least(1))
     q.add_argument("--init_student", type=absolute_path, default=None,
                    help="the distilled student's checkpoint QAT starts from")
     q.add_argument("--qat_lr", type=float, default=1e-3, help="QAT's constant learning rate", valid=POSITIVE)
@@ -252,47 +251,16 @@ def describe(args, plan: Plan) -> dict:
             "methods": {term.spec.name: term.describe() for term in plan.objective.methods}}
 
 
-def quantisation_aware(args) -> dict:
-    """--qat_epochs: QAT after distillation (deploy/qat.py) in its own run directory, then the
-    deployable int8 model beside its best.pth."""
-    # deploy/ needs the optional extra (onnx, onnxruntime, torchao), whose imports would cost
-    # every distillation run seconds: it is imported by the QAT runs alone
-    from deploy import data as deploy_data
-    from deploy import extras
-    from deploy.network import load_network
-    from deploy.qat import QATConfig, run_qat, write_int8
-    extras.require()
-    if args.init_student is None:
-        raise UserError("--qat_epochs needs --init_student, the distilled student's checkpoint")
-    train_loader, test_loader, info = deploy_data.loaders(args.dataset, args.data_folder)
-    student, arch = load_network(args.init_student, None, info.num_classes, args.dataset)
-    if isinstance(student, DeployedNetwork):
-        raise UserError(f"--init_student {args.init_student} deploys a method's head beside the student (SimKD); "
-                        "QAT covers plain networks only; evaluate or export it as it is")
-    config = QATConfig(epochs=args.qat_epochs, learning_rate=args.qat_lr, momentum=args.momentum,
-                       gamma=1.0 if args.gamma is None else args.gamma, alpha=args.alpha or 0.0,
-                       kd_T=1.0 if args.kd_T is None else args.kd_T)
-    teacher = None
-    if config.alpha:
-        path_t = args.path_t or str(find_best_teacher(args.save_dir, args.dataset))
-        teacher = load_network(path_t, args.model_t, info.num_classes, args.dataset)[0]
-    name = args.run_name or f"QAT-{arch}_{args.dataset}_a{config.alpha:g}_T{config.kd_T:g}_trial{args.trial}"
-    run_dir = Path(args.save_dir) / STUDENT.kind / name
-    results = run_qat(student.train(), train_loader, test_loader, run_dir, config, arch=arch, dataset=args.dataset,
-                      teacher=teacher)
-    int8 = write_int8(run_dir, student, train_loader)
-    print(f"QAT of {args.init_student}: fake-quantised best top-1 {results['best_top1']:.2f}; {run_dir / 'best.pth'}, "
-          f"{int8}")
-    return results
-
-
 @exits_cleanly
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.qat_epochs is not None:
-        return quantisation_aware(args)
     if isinstance(args.resume, str):  # a run directory: its stored arguments before anything else
         args = restore_args(args, STUDENT.kind, run_name)
+    if args.qat_epochs is not None:
+        # deploy/ needs the optional extra (onnx, onnxruntime, torchao), whose imports would cost
+        # every distillation run seconds: it is imported by the QAT runs alone
+        from deploy.qat_run import run_qat
+        return run_qat(args)
     plan = resolve_run(args)
     args, ctx, run_dir = start(args, STUDENT.kind, lambda a: a.model_s, run_name)
     train_loader, test_loader, info, task = build_run(args, plan, ctx)

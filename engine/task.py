@@ -1,5 +1,7 @@
 """What the trainer optimises. A task owns the trained network (`model`) and turns a
 batch into named loss terms; subclasses add teachers, connectors and init stages."""
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,6 +19,18 @@ class Task(nn.Module):
 
     def main_parameters(self) -> list:
         return [p for p in self.model.parameters() if p.requires_grad]
+
+    def main_constant_lr(self):
+        """The main stage's constant learning rate; None: the step-decay schedule."""
+        return None
+
+    def model_state(self) -> dict:
+        """`model`'s weights as checkpoints store them under 'model'."""
+        return self.model.state_dict()
+
+    def evaluating(self):
+        """A context the trainer evaluates in (QAT freezes its observers there); none by default."""
+        return nullcontext()
 
     def has_unused_parameters(self, module: nn.Module, params) -> bool:
         """Whether a step of `module` leaves one of its trainable parameters without a gradient

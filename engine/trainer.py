@@ -129,7 +129,8 @@ class Trainer:
 
     def _train_stages(self) -> None:
         stages = self.task.init_stages() + [
-            Stage(MAIN_STAGE, self.args.epochs, self.task, self.task.main_parameters())]
+            Stage(MAIN_STAGE, self.args.epochs, self.task, self.task.main_parameters(),
+                  constant_lr=self.task.main_constant_lr())]
         epoch_offset = 0
         for index, stage in enumerate(stages):
             optimizer = build_optimizer(stage.params, self.args, self.ctx.device, stage.name == MAIN_STAGE)
@@ -179,8 +180,9 @@ class Trainer:
     def _evaluate(self, network: nn.Module) -> dict:
         # in full precision whatever the training precision, so the accuracy recorded is the
         # one evaluate.py (and RepDistiller) measure on the saved weights
-        return evaluate(network, self.test_loader, device=self.ctx.device, amp_dtype=None,
-                        channels_last=self.channels_last)
+        with self.task.evaluating():
+            return evaluate(network, self.test_loader, device=self.ctx.device, amp_dtype=None,
+                            channels_last=self.channels_last)
 
     def _evaluate_side(self, metrics: dict) -> list:
         """Adds each side network's test figures to `metrics`; returns the names whose top-1
@@ -243,7 +245,7 @@ class Trainer:
         return identity if head is None else {**identity, "head": head}
 
     def _save(self, stage: Stage, epoch: int, optimizer, improved: bool) -> None:
-        state = {"model": self.task.model.state_dict(), "epoch": epoch, "stage": stage.name,
+        state = {"model": self.task.model_state(), "epoch": epoch, "stage": stage.name,
                  "best_acc": self.best_acc, "best_epoch": self.best_epoch, "optimizer": optimizer.state_dict(),
                  "extra": self.task.extra_state(), "rows": self.log.rows, "elapsed": self.elapsed,
                  "seed": self.args.seed, "world_size": self.ctx.world_size, "side_best": self.side_best,

@@ -1,6 +1,8 @@
 """Deployment on digits: export round trips (ONNX Runtime and torch.export against PyTorch) for
 one model of each family, int8 post-training quantisation of a trained student, one QAT epoch
-and its resume, evaluate.py's deployment rows, scripts/export.py and scripts/pareto.py."""
+(its lock and its stop on a non-finite loss; tests/test_chaos.py resumes a QAT run), evaluate.py's
+deployment rows, scripts/export.py and scripts/pareto.py."""
+import fcntl
 import shutil
 import sys
 
@@ -82,38 +84,61 @@ def test_ptq_keeps_accuracy(digits_student, digits_split, tmp_path):
     assert int8.stat().st_size < 0.5 * (tmp_path / "m.onnx").stat().st_size  # int8 weights
 
 
-def _run_qat(student_dir, teacher_dir, save_dir, epochs):
+def _qat_argv(student_dir, teacher_dir, save_dir, epochs, *extra):
     """QAT through train_student.py (--qat_epochs from --init_student, KD at T = 1 from the teacher)."""
-    return train_student.main(["--qat_epochs", str(epochs), "--init_student", str(student_dir / "best.pth"),
-                               "--path_t", str(teacher_dir / "best.pth"), "--qat_lr", "1e-3", "-r", "0.1", "-a", "0.9",
-                               "--dataset", "digits", "--save_dir", str(save_dir), "--trial", "q"])
+    return ["--qat_epochs", str(epochs), "--init_student", str(student_dir / "best.pth"),
+            "--path_t", str(teacher_dir / "best.pth"), "--qat_lr", "1e-3", "-r", "0.1", "-a", "0.9",
+            "--dataset", "digits", "--save_dir", str(save_dir), "--trial", "q", *extra]
 
 
 @pytest.fixture(scope="session")
 def qat_run(digits_student, digits_teacher, tmp_path_factory):
     """One QAT epoch after the digits student: its run directory."""
     save = tmp_path_factory.mktemp("qat")
-    return save / "students" / _run_qat(digits_student, digits_teacher[1], save, epochs=1)["run_name"]
+    return save / "students" / train_student.main(_qat_argv(digits_student, digits_teacher[1], save, 1))["run_name"]
 
 
 def test_qat_epoch_writes_a_plain_checkpoint(qat_run, digits_student):
     results = read_json(qat_run / "results.json")
     assert results["epochs"] == 1 and results["last_top1"] > 0 and results["qat"]["kd_T"] == 1.0
+    assert results["method"] == "qat" and read_json(qat_run / "args.json")["qat_epochs"] == 1
     weights = load_checkpoint(qat_run / "best.pth")["model"]
     before = load_checkpoint(digits_student / "best.pth")["model"]
     assert weights.keys() == before.keys()  # an ordinary checkpoint of the float network
     assert not torch.equal(weights["conv1.weight"], before["conv1.weight"])
+    rows = (qat_run / "metrics.csv").read_text().strip().splitlines()
+    assert len(rows) == 2 and "train_kd" in rows[0]
 
 
-def test_qat_writes_the_int8_model_and_resumes(qat_run, digits_student, digits_teacher, tmp_path):
+def test_qat_writes_the_int8_model(qat_run):
     assert (qat_run / "int8.onnx").stat().st_size < 0.5 * (qat_run / "qat.fp32.onnx").stat().st_size
+
+
+def _one_line_exit(capsys, argv, status) -> str:
+    with pytest.raises(SystemExit) as stop:
+        train_student.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == status, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_qat_run_directory_has_one_owner(qat_run, digits_student, digits_teacher, tmp_path, capsys):
     run_dir = tmp_path / "students" / qat_run.name
-    shutil.copytree(qat_run, run_dir)
-    resumed = _run_qat(digits_student, digits_teacher[1], tmp_path, epochs=2)
-    assert resumed["epochs"] == 2
-    rows = (run_dir / "metrics.csv").read_text().strip().splitlines()
-    assert len(rows) == 3 and "train_kd" in rows[0]  # a header and one row per epoch: epoch 1 was not rerun
-    assert load_checkpoint(run_dir / "ckpt_last.pth")["epoch"] == 2
+    run_dir.mkdir(parents=True)
+    with open(run_dir / ".lock", "w") as held:  # another QAT process's lock (flock is per open file)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 1 on elsewhere\n")
+        held.flush()
+        err = _one_line_exit(capsys, _qat_argv(digits_student, digits_teacher[1], tmp_path, 1), 2)
+    assert f"run directory {run_dir} is in use by another process (pid 1 on elsewhere)" in err
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+
+
+def test_qat_stops_on_a_non_finite_loss(digits_student, digits_teacher, tmp_path, capsys):
+    argv = _qat_argv(digits_student, digits_teacher[1], tmp_path, 1, "--qat_lr", "1e30", "--print_freq", "1")
+    err = _one_line_exit(capsys, argv, 1)
+    assert "became non-finite" in err and "no checkpoint was written yet" in err
 
 
 def test_evaluate_deployment_rows(digits_student, qat_run, tmp_path):
