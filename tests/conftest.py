@@ -78,7 +78,7 @@ def pytest_addoption(parser):
 # Test modules whose every test trains networks, starts processes or builds the wheel. With the
 # tests that use a digits teacher, they are marked e2e, which `make test-fast` leaves out.
 E2E_MODULES = {
-    "test_chaos", "test_deploy", "test_evaluate", "test_execution_record", "test_fast_path", "test_fetch_teachers",
+    "test_bad_images", "test_chaos", "test_damaged_runs", "test_deploy", "test_evaluate", "test_execution_record", "test_fast_path", "test_fetch_teachers",
     "test_first_contact", "test_gpu_check", "test_imagenet_training", "test_multi_teacher", "test_packaging",
     "test_reliability", "test_slurm", "test_table_scripts", "test_torchrun", "test_train_mutual", "test_train_self",
     "test_train_student", "test_train_teacher",
