@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import dataset.digits
+import dataset.loaders
 import distiller_zoo
 import train_student
 import train_teacher
@@ -34,7 +35,8 @@ def small_digits():
     (the real loader on the real images) is unchanged."""
     full = dataset.digits.load_digits_split
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(dataset.digits, "load_digits_split", lambda train: tuple(t[::4] for t in full(train)))
+        for module in (dataset.digits, dataset.loaders):  # the torch path's and the in-memory path's
+            patch.setattr(module, "load_digits_split", lambda train: tuple(t[::4] for t in full(train)))
         yield
 
 
