@@ -13,6 +13,7 @@ PT2E keeps the float model's parameter and buffer names, so the trained weights 
 the plain network: best.pth is an ordinary checkpoint ({'model', 'arch', ...}) that evaluate.py
 and scripts/export.py read, and `--int8` quantises. Observers are off while evaluating, so a
 test pass never moves the activation ranges."""
+import logging
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,7 +29,9 @@ from engine.checkpoint import load_checkpoint
 def prepare_qat(model: torch.nn.Module, images: torch.Tensor) -> torch.fx.GraphModule:
     """The fake-quantised training graph of `model`; .train()/.eval() switch it like a module."""
     # torchao (the optional deploy extra) is imported only by a QAT run: it costs every
-    # train_student.py start seconds otherwise
+    # train_student.py start seconds otherwise. Its import registers an Enum with torch's pytree,
+    # which newer torch answers with a deprecation line on stderr: not the user's concern
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
     from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86

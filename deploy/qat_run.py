@@ -19,6 +19,7 @@ from deploy.network import load_network
 from deploy.qat import float_state, observers_frozen, prepare_qat, write_int8
 from distiller_zoo.base import DeployedNetwork
 from distiller_zoo.kd import DistillKL
+from engine.loop import NonFiniteLoss
 from engine.programs import STUDENT
 from engine.session import create_run_dir, start
 from engine.task import Task
@@ -43,7 +44,15 @@ class QATTask(Task):
         self.kd = DistillKL(kd_T)
 
     def forward(self, images, targets, *unused):
-        logits = self.prepared(images)
+        try:
+            logits = self.prepared(images)
+        except RuntimeError:
+            # the fake-quantisers cannot take ranges from values that overflowed (their observed
+            # ranges turn infinite): that is the non-finite stop, not a traceback
+            if all(torch.isfinite(t).all() for t in (*self.prepared.parameters(), *self.prepared.buffers())
+                   if t.is_floating_point()):
+                raise
+            raise NonFiniteLoss("the fake-quantised network's values became non-finite") from None
         terms = {"ce": F.cross_entropy(logits, targets)}
         loss = self.gamma * terms["ce"]
         if self.alpha:
