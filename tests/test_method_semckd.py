@@ -11,7 +11,7 @@ from conftest import fast_args, read_json
 from core.errors import UserError
 from distiller_zoo.base import resolve
 from distiller_zoo.semckd import SemanticCalibration, SemCKD, SemCKDLoss
-from method_helpers import make_ctx, step_on_real_models
+from method_helpers import make_ctx, quarter_digits, step_on_real_models
 
 B = 4
 S_SHAPES = [(B, 3, 8, 8), (B, 5, 4, 4)]
@@ -139,7 +139,8 @@ def test_registry():
     assert spec.beta_per_pair == {("imagenet_resnet34", "imagenet_resnet18"): 50.0}
 
 
-def test_one_digits_epoch(digits_teacher, tmp_path):
+def test_one_digits_epoch(digits_teacher, tmp_path, monkeypatch):
+    quarter_digits(monkeypatch)
     save, teacher_dir = digits_teacher
     results = train_student.main(fast_args(tmp_path, "--path_t", str(teacher_dir / "best.pth"), "--model_s", "resnet8",
                                            "--distill", "semckd", "--epochs", "1", "--batch_size", "128"))

@@ -86,6 +86,10 @@ def test_every_method_runs_one_epoch_on_a_same_architecture_pair(teachers, metho
         assert any(r["stage"].startswith("init_") for r in rows(run_dir)), "the init stage was not run"
 
 
+# CI's budget holds one end-to-end epoch per method (the same-architecture pair above); the
+# cross-architecture connectors are tested per method on tensors, and this run of them all is
+# `make test-slow`'s
+@pytest.mark.slow
 @pytest.mark.parametrize("method", [m for m in METHODS if m not in NEEDS_EQUAL_CHANNELS])
 def test_every_method_runs_one_epoch_on_a_cross_architecture_pair(teachers, method):
     check_run(teachers, distill(teachers, CROSS_TEACHER, method), method)
