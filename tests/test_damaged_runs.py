@@ -119,6 +119,7 @@ def test_paths_are_stored_absolute_so_a_run_resumes_from_any_folder(resumed_stud
     assert run_data(run_dir / "best.pth", {}) == ("digits", stored["data_folder"])  # what evaluate/export read
 
 
+@pytest.mark.slow  # CI budget: two real training subprocesses
 def test_chaos_resolves_a_relative_save_dir_against_the_current_folder(tmp_path):
     name = f"chaos_relative_{tmp_path.name}"
     try:

@@ -36,6 +36,7 @@ def command(save: Path, trial: int) -> str:
     return " ".join([*TEACHER, "--save_dir", str(save), "--trial", str(trial)])
 
 
+@pytest.mark.slow  # CI budget: the sweep test keeps the resubmission path in `make test`
 def test_a_preempted_job_is_requeued_and_its_run_ends_exactly(tmp_path):
     folder = tmp_path / "sweep"
     folder.mkdir()
