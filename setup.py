@@ -138,5 +138,9 @@ setup(
         "slurm": ["submitit>=1.5"],
         # export, int8 and QAT (deploy/): torch.onnx's exporter needs onnx and onnxscript
         "deploy": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18", "torchao>=0.12"],
+        # timm:NAME networks as teacher or student
+        "timm": ["timm>=1.0"],
+        # scripts/tune.py's studies
+        "tune": ["optuna>=3.6"],
     },
 )
