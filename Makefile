@@ -16,7 +16,7 @@ $(STAMP): setup.py $(shell git ls-files '*.py' 2>/dev/null)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q ".[test,deploy,timm,tune]"
+	$(PY) -m pip install -q ".[test,deploy,imagenet,timm,tune]"
 	touch $(STAMP)
 
 # what CI runs: the lint, then every test

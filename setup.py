@@ -138,6 +138,8 @@ setup(
         "slurm": ["submitit>=1.5"],
         # export, int8 and QAT (deploy/): torch.onnx's exporter needs onnx and onnxscript
         "deploy": ["onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18", "torchao>=0.12"],
+        # --loader jpeg's decoders (dataset/image_codec.py; torchvision.io's without it)
+        "imagenet": ["torchcodec>=0.16"],
         # timm:NAME networks as teacher or student
         "timm": ["timm>=1.0"],
         # scripts/tune.py's studies

@@ -1,7 +1,7 @@
 """ImageNet batches decoded and augmented on the training device (`--loader jpeg`).
 
 DataLoader workers only read each file's bytes; the main process decodes a whole batch with
-`torchvision.io.decode_jpeg(..., device=device)` (nvJPEG on CUDA, libjpeg on the CPU) and does
+`decode_jpeg(..., device=device)` (nvJPEG on CUDA, libjpeg on the CPU; dataset/image_codec.py) and does
 the standard ImageNet transforms there: RandomResizedCrop(224, scale (0.08, 1), ratio (3/4,
 4/3)) + horizontal flip for training, Resize(256) + CenterCrop(224) for evaluation, then
 normalisation. On a GPU this keeps the CPU work per image to a file read, which is what lets a
@@ -13,8 +13,8 @@ and log-ratio, then the central fallback), from a generator seeded by (seed, epo
 batch), so an epoch's crops do not depend on the number of workers. Resizing is bilinear with
 antialiasing, like PIL's, and rounds to 8-bit values as the PIL path does; the distribution of
 crops equals the PIL path's (tests/test_jpeg_decode.py compares their statistics). Files that
-decode_jpeg cannot read (ImageNet holds a PNG and some CMYK JPEGs) are decoded one by one with
-`decode_image` on the CPU; a file neither reads goes to the run's bad-image policy
+the batch decoder cannot read (ImageNet holds a PNG and some CMYK JPEGs) are decoded one by one
+on the CPU; a file neither reads goes to the run's bad-image policy
 (dataset/unreadable.py).
 """
 import math
@@ -23,8 +23,8 @@ from typing import List, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
 
+from dataset.image_codec import DECODE_ERRORS, decode_any, decode_jpegs, read_bytes
 from dataset.imagenet import image_folder
 from dataset.order import TRANSFORM_STREAM, mix_seed
 from dataset.unreadable import Unreadable, reason
@@ -58,7 +58,7 @@ def collate_encoded(samples) -> Tuple[EncodedImages, Tensor, Tensor]:
 def encoded_folder(name: str, data_folder, train: bool):
     """The ImageFolder split whose samples are (file bytes, target, index)."""
     dataset = image_folder(name, data_folder, train)
-    dataset.loader, dataset.transform = read_file, None
+    dataset.loader, dataset.transform = read_bytes, None
     return dataset
 
 
@@ -66,15 +66,15 @@ def decode_rgb(files: List[Tensor], device: torch.device) -> List[Union[Tensor, 
     """3 x H x W uint8 images on `device`, decoded there in one call where the files allow it;
     in the place of a file that does not decode, why not."""
     try:
-        return decode_jpeg(files, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
+        return decode_jpegs(files, device)
+    except DECODE_ERRORS:
         return [_decode_one(f, device) for f in files]
 
 
 def _decode_one(file: Tensor, device: torch.device) -> Union[Tensor, str]:
     try:
-        return decode_image(file, mode=ImageReadMode.RGB).to(device)
-    except RuntimeError as err:
+        return decode_any(file).to(device)
+    except DECODE_ERRORS as err:
         return reason(err)
 
 

@@ -14,14 +14,14 @@ from typing import Dict, Optional
 
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import default_collate
-from torchvision.io import ImageReadMode, decode_image, read_file
 
 from core.errors import UserError
+from dataset.image_codec import decode_any, read_bytes
 
 # PIL: OSError (truncated files, and UnidentifiedImageError for what is no image), ValueError and
-# SyntaxError for some malformed headers; torchvision's decoders: RuntimeError
+# SyntaxError for some malformed headers; the tensor decoders: RuntimeError, ValueError
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, RuntimeError)
-_TORCHVISION_PREFIX = re.compile(r"^\w+, \S+:\d+, ")  # "decode_jpeg, /path/decode_jpeg.cpp:171, "
+_SOURCE_PREFIX = re.compile(r"^\w+, \S+:\d+, ")  # "decode_jpeg, /path/decode_jpeg.cpp:171, "
 
 
 class Unreadable:
@@ -32,10 +32,10 @@ class Unreadable:
 
 
 def reason(err: Exception) -> str:
-    """An exception as a short cause (torchvision's source location dropped)."""
+    """An exception as a short cause (the decoder's source location dropped)."""
     if isinstance(err, UnidentifiedImageError):  # its text names a file object, not the file
         return "not an image file"
-    text = _TORCHVISION_PREFIX.sub("", str(err).splitlines()[0] if str(err) else type(err).__name__)
+    text = _SOURCE_PREFIX.sub("", str(err).splitlines()[0] if str(err) else type(err).__name__)
     return text.split(". ")[0]
 
 
@@ -72,12 +72,12 @@ class BadImages:
 
 
 def check_image(path: Path) -> Optional[str]:
-    """None when both loaders can decode the file (PIL for --loader torch, torchvision for
-    --loader jpeg), else why not."""
+    """None when both loaders can decode the file (PIL for --loader torch, the tensor decoder
+    for --loader jpeg), else why not."""
     try:
         with Image.open(path) as image:
             image.convert("RGB")
-        decode_image(read_file(str(path)), mode=ImageReadMode.RGB)
+        decode_any(read_bytes(path))
     except DECODE_ERRORS as err:
         return reason(err)
     return None

@@ -51,7 +51,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch._dynamo.utils import counters
-from torchvision.io import read_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -60,6 +59,7 @@ import distiller_zoo  # noqa: E402
 import evaluate  # noqa: E402
 import train_student  # noqa: E402
 import train_teacher  # noqa: E402
+from dataset.image_codec import read_bytes  # noqa: E402
 from dataset.jpeg_decode import decode_rgb  # noqa: E402
 from dataset.loaders import build_loaders  # noqa: E402
 from engine.loop import train_epoch  # noqa: E402
@@ -273,7 +273,7 @@ def check_jpeg(opts, work) -> dict:
     tree = benchmark.write_jpeg_tree(work["tmp"] / "imagenet", opts.jpeg_images, 0)
     folder = next((tree / "train").iterdir())
     odd_files(folder)
-    files = [read_file(str(p)) for p in sorted(folder.iterdir())]
+    files = [read_bytes(p) for p in sorted(folder.iterdir())]
     device = torch.device(opts.device)
     on_device, on_cpu = decode_rgb(files, device), decode_rgb(files, torch.device("cpu"))
     diffs = [(a.cpu().int() - b.int()).abs().max().item() for a, b in zip(on_device, on_cpu)]

@@ -1,16 +1,22 @@
 """The ImageNet path that decodes on the training device (dataset/jpeg_decode.py), run on the
 CPU (its fallback): batches in the loaders' format, the same evaluation view as the PIL
 reference, and the same distribution of training crops."""
+import io
 import math
+import subprocess
+import sys
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision.transforms as T
 from PIL import Image
-from torchvision.io import ImageReadMode, decode_jpeg, read_file
+from torchvision import io as tvio
 
 from core.errors import UserError
 from dataset import IMAGENET_MEAN, IMAGENET_STD
+from dataset.image_codec import decode_any, read_bytes
 from dataset.imagenet import image_transform
 from dataset.jpeg_decode import eval_view, random_resized_crop_box, train_view
 from dataset.loaders import build_loaders, resolve_loader
@@ -56,7 +62,7 @@ def test_eval_view_equals_the_pil_reference(tree):
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     for path in sorted(tree.glob("val/*/*.JPEG")):
         reference = pil_transform(Image.open(path).convert("RGB"))
-        ours = (eval_view(decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)) / 255 - mean) / std
+        ours = (eval_view(decode_any(read_bytes(path))) / 255 - mean) / std
         diff = (ours - reference).abs() * std  # in units of the [0, 1] pixel scale
         assert ours.shape == reference.shape
         assert diff.mean() < 0.01 and diff.max() < 0.1
@@ -81,7 +87,7 @@ def test_training_views_have_the_pil_paths_statistics(tree):
     between the two paths within the noise of the sampling."""
     path = sorted(tree.glob("train/*/*.JPEG"))[0]
     pil_image = Image.open(path).convert("RGB")
-    decoded = decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB)
+    decoded = decode_any(read_bytes(path))
     pil_crop = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.PILToTensor()])
     n = 150
     torch.manual_seed(0)
@@ -93,3 +99,41 @@ def test_training_views_have_the_pil_paths_statistics(tree):
     spread = ref_means.std(0) / math.sqrt(n)
     assert ((our_means.mean(0) - ref_means.mean(0)).abs() < 5 * spread + 1).all()
     assert abs(ours.std() - ref.std()) < 0.05 * ref.std()
+
+
+def test_torchcodec_and_torchvision_decode_the_same_pixels(tree):
+    """The two decoders image_codec may pick (TorchCodec where installed, else torchvision.io)
+    agree bit for bit on JPEGs and on a PNG, in a batch and one by one."""
+    torchcodec = pytest.importorskip("torchcodec.decoders")
+    files = [read_bytes(p) for p in sorted(tree.glob("train/*/*.JPEG"))]
+    png = io_png()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torchvision 0.29 deprecates its decoders
+        theirs = tvio.decode_jpeg(files, mode=tvio.ImageReadMode.RGB) + [tvio.decode_image(png, mode="RGB")]
+    ours = torchcodec.decode_jpeg(files, mode="RGB") + [torchcodec.decode_image(png, mode="RGB")]
+    assert len(ours) == len(theirs) == len(files) + 1
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def io_png() -> torch.Tensor:
+    buffer = io.BytesIO()
+    Image.frombytes("RGB", (5, 3), bytes(range(45))).save(buffer, "PNG")
+    return torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+
+
+def test_without_torchcodec_torchvision_decodes(tree):
+    """Where TorchCodec is missing (or built for another torch), image_codec falls back to
+    torchvision.io, and the loader's decoding works the same way."""
+    path = sorted(tree.glob("train/*/*.JPEG"))[0]
+    code = ("import sys; sys.modules['torchcodec'] = None\n"
+            "import torch\n"
+            "from dataset import image_codec\n"
+            "from dataset.jpeg_decode import decode_rgb\n"
+            f"f = image_codec.read_bytes({str(path)!r})\n"
+            "a, b = decode_rgb([f, f], torch.device('cpu'))\n"
+            "print(image_codec.BACKEND, 'x'.join(map(str, a.shape)), torch.equal(a, image_codec.decode_any(f)))\n")
+    out = subprocess.run([sys.executable, "-W", "ignore::DeprecationWarning", "-c", code], capture_output=True,
+                         text=True, cwd=str(Path(__file__).resolve().parent.parent), check=True).stdout.split()
+    with Image.open(path) as image:
+        size = image.size
+    assert out == ["torchvision", f"3x{size[1]}x{size[0]}", "True"]
