@@ -13,7 +13,7 @@ from core.errors import UserError
 from dataset.digits import digits_mean_std, load_digits_split
 from dataset.loaders import build_loaders
 from dataset.memory import InMemoryLoader
-from dataset.strong import Cutout, cutout, cutout_boxes, two_view_transform
+from dataset.strong import Cutout, cutout, cutout_boxes, rand_augment, rand_augment_each, two_view_transform
 from distiller_zoo.base import Batch, BuildContext, resolve
 from distiller_zoo.dist import DIST
 from distiller_zoo.kd import DistillKL
@@ -344,3 +344,17 @@ def test_pil_strong_transform_shapes_and_cutout():
     assert painted.any() and (cut[painted] == (125, 123, 114)).all()
     with pytest.raises(ValueError, match="ToTensor"):
         two_view_transform(transforms.Compose([transforms.ToTensor()]))
+
+
+def test_batched_rand_augment_is_torchvisions_per_image_call_bit_for_bit():
+    """The in-memory strong view groups the images by the op they drew; the result is, bit for
+    bit, one public `v2.RandAugment` call per image from the same seeded RNG, over enough
+    images that every op (and both signs) occurs."""
+    images = torch.randint(0, 256, (160, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    augment = rand_augment()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        reference = torch.stack([augment(image) for image in images])
+    state = torch.get_rng_state()
+    assert torch.equal(rand_augment_each(images, 11), reference)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
