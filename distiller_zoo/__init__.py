@@ -20,6 +20,7 @@ from distiller_zoo import (  # noqa: F401  # noqa: F401
     mlkd,
     nkd,
     nst,
+    ofa,
     ofd,
     pad,
     pkt,

@@ -76,6 +76,7 @@ ACCEPTED = {
     "--itrd_lambda_corr": ({"zero"}, "a zero weight drops ITRD's correlation term"),
     "--itrd_lambda_mutual": ({"zero"}, "a zero weight drops ITRD's mutual-information term"),
     "--nkd_gamma": ({"zero"}, "a zero weight drops NKD's non-target term"),
+    "--ofa_logit_weight": ({"zero"}, "a zero weight drops OFA's term on the student's own logits"),
     "--reg_alpha": ({"zero"}, "Tf-KD_reg at alpha 0 is plain cross-entropy"),
     "--multiplier": ({"zero"}, "a zero multiplier drops the virtual teacher's KL"),
     "--uskd_alpha": ({"zero"}, "a zero weight drops USKD's soft-target term"),
