@@ -275,15 +275,21 @@ def header(grid: Grid, metric: str, study) -> str:
             f"mean ± std over trials (number of trials){note}")
 
 
+def tex(text) -> str:
+    """A label as LaTeX text (flag names hold underscores; the cells are LaTeX already)."""
+    return str(text).replace("_", r"\_")
+
+
 def render(grid: Grid, summary: pd.DataFrame, metric: str, fmt: str, study) -> str:
     axes, orders = grid.table_axes(), order(grid, summary)
     if fmt == "csv":
         return summary.assign(metric=metric).to_csv(index=False, float_format="%.4f")
     table = wide(summary, axes, orders, latex=fmt == "latex")
     if fmt == "latex":
+        table = table.rename(index=tex, columns=tex).rename_axis(index=[tex(n) for n in table.index.names])
         body = table.to_latex(escape=False, column_format="l" * table.index.nlevels + "c" * table.shape[1])
         return f"% {header(grid, metric, study)}\n" + body.replace("→", r"$\rightarrow$")
-    return f"### {header(grid, metric, study)}\n\n{table.to_markdown()}\n"
+    return f"### {header(grid, metric, study)}\n\n{table.reset_index().to_markdown(index=False)}\n"
 
 
 def plot(grid: Grid, summary: pd.DataFrame, metric: str, path: Path) -> None:
@@ -302,8 +308,10 @@ def plot(grid: Grid, summary: pd.DataFrame, metric: str, path: Path) -> None:
         if len(axes) == 1:
             draw_line(ax, chosen, axes[0], orders[axes[0]], metric)
         else:
-            draw_heatmap(fig, ax, chosen, axes[-2:], orders, metric)
-        ax.set_title(", ".join(f"{a} {v}" for a, v in zip(axes, panel)) or grid.name)
+            draw_heatmap(fig, ax, chosen, axes[-2:], orders, metric, (summary["mean"].min(), summary["mean"].max()))
+        pairs = " ".join(dict.fromkeys(chosen["teacher"] + " → " + chosen["student"]))
+        ax.set_title(", ".join([f"{a} {v}" for a, v in zip(axes, panel)] or [grid.name])
+                     + ("" if PAIR in axes else f": {pairs}"))
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=120)
     fig.savefig(path.with_suffix(".pdf"))
@@ -329,18 +337,20 @@ def draw_line(ax, summary: pd.DataFrame, axis: str, values: list, metric: str) -
     ax.legend(fontsize=8)
 
 
-def draw_heatmap(fig, ax, summary: pd.DataFrame, axes: list, orders: dict, metric: str) -> None:
+def draw_heatmap(fig, ax, summary: pd.DataFrame, axes: list, orders: dict, metric: str, limits: tuple) -> None:
+    """The means of two axes; every panel on the same colour scale, `limits`."""
     rows, cols = (orders[a] for a in axes)
     means = summary.pivot_table(index=axes[0], columns=axes[1], values="mean").reindex(index=rows, columns=cols)
     cells = summary.set_index(axes)
-    image = ax.imshow(means.to_numpy(dtype=float), cmap="viridis", aspect="auto")
+    image = ax.imshow(means.to_numpy(dtype=float), cmap="viridis", aspect="auto", vmin=limits[0], vmax=limits[1])
     for i, r in enumerate(rows):
         for j, c in enumerate(cols):
             if (r, c) not in cells.index:
                 continue
             row = cells.loc[(r, c)]
             text = f"{row['mean']:.1f}" + (f"\n± {row['std']:.1f}" if row["n"] > 1 else "") + f"\nn={row['n']:.0f}"
-            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white")
+            bright = image.norm(row["mean"]) > 0.6  # viridis turns yellow: dark text there
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color="black" if bright else "white")
     ax.set_xticks(range(len(cols)), cols)
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xlabel(axes[1])

@@ -68,7 +68,8 @@ def test_the_table_is_the_mean_std_and_n_of_each_grid_point(fake_grid, capsys):
     assert "| nce_t = 0.05" in markdown and "nce_t = 0.1 " in markdown
     assert "| 53.00 ± 3.61 (3) " in markdown and "| 60.50 ± 0.71 (2) " in markdown and "| 70.50 (1) " in markdown
     assert markdown.index(" 256 |") < markdown.index(" 1024 |")
-    assert r"53.00 $\pm$ 3.61 (3)" in (fake_grid / "table.tex").read_text()
+    latex = (fake_grid / "table.tex").read_text()
+    assert r"53.00 $\pm$ 3.61 (3)" in latex and r"nce\_t = 0.05" in latex
     assert (fake_grid / "figure.png").stat().st_size > 0 and (fake_grid / "figure.pdf").stat().st_size > 0
     assert "53.00 ± 3.61 (3)" in capsys.readouterr().out
 
@@ -104,6 +105,25 @@ def test_one_axis_and_several_pairs(tmp_path):
     assert "| 61.00 (1) " in markdown
 
 
+def test_three_axes_are_rows_of_two_and_panels_of_heatmaps(fake_grid):
+    """With two pairs and two --vary axes, the rows are (pair, nce_k) and the figure one heatmap
+    per pair."""
+    for run in list((fake_grid / "students").iterdir()):
+        other = fake_grid / "students" / run.name.replace("resnet8_digits_trial0-", "resnet20-")
+        other.mkdir()
+        (other / "args.json").write_text((run / "args.json").read_text())
+        results = json.loads((run / "results.json").read_text())
+        (other / "results.json").write_text(json.dumps({**results, "teacher": "resnet20",
+                                                        "last_top1": results["last_top1"] + 5}))
+    assert ablate.main(["--name", "g", "--save", str(fake_grid), "--teachers", "/t", "--pair", f"{TEACHER}:resnet8",
+                        "--pair", "resnet20:resnet8", "--trials", "3", "--vary", "nce_k=256,1024", "--vary",
+                        "nce_t=0.05,0.10", "--table_only", "--", "--distill", "crd", "--dataset", "digits"]) == 0
+    markdown = (fake_grid / "table.md").read_text()
+    assert "| pair " in markdown and "| resnet20 → resnet8 |     256 | 58.00 ± 3.61 (3) " in markdown
+    assert "| resnet8 → resnet8  |     256 | 53.00 ± 3.61 (3) " in markdown
+    assert (fake_grid / "figure.png").stat().st_size > 0
+
+
 def test_the_command_lines(tmp_path, capsys):
     assert ablate.main(grid_argv(tmp_path / "abl", "--dry-run")) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -130,6 +150,7 @@ def test_the_command_lines(tmp_path, capsys):
     (["--vary", "kd_T=1", "--pair", "resnet8"], "is not TEACHER:STUDENT"),
     (["--vary", "kd_T=1", "--published", "no_such_study"], "no such study"),
     (["--pair", "resnet8:resnet8"], "nothing to ablate"),
+    (["--vary", "kd_T=1,2", "--table_only"], "no finished run of ablation 'bad'"),
     (["--vary", "kd_T=1", "--entry", "train_teacher.py", "--pair", "a:b"], "--pair is for train_student.py"),
 ])
 def test_a_bad_input_is_one_line_and_status_2_before_anything_is_written(tmp_path, capsys, argv, message):
