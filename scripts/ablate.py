@@ -211,8 +211,13 @@ def collect(grid: Grid) -> pd.DataFrame:
     stored = [load_run_args(run) for run in runs["run"]]
     for flag in grid.axes:
         runs[flag] = [label(args.get(flag)) for args in stored]
-    runs[PAIR] = runs["teacher"].fillna("") + " → " + runs["model"].fillna("")
+    runs[PAIR] = [network(t, m) for t, m in zip(runs["teacher"], runs["model"])]
     return runs
+
+
+def network(teacher, student) -> str:
+    """'teacher → student' of a distilled run, the network alone of a run without a teacher."""
+    return f"{teacher} → {student}" if isinstance(teacher, str) else str(student)
 
 
 def summarise(runs: pd.DataFrame, axes: list, metric: str) -> pd.DataFrame:
@@ -309,7 +314,7 @@ def plot(grid: Grid, summary: pd.DataFrame, metric: str, path: Path) -> None:
             draw_line(ax, chosen, axes[0], orders[axes[0]], metric)
         else:
             draw_heatmap(fig, ax, chosen, axes[-2:], orders, metric, (summary["mean"].min(), summary["mean"].max()))
-        pairs = " ".join(dict.fromkeys(chosen["teacher"] + " → " + chosen["student"]))
+        pairs = ", ".join(dict.fromkeys(map(network, chosen["teacher"], chosen["student"])))
         ax.set_title(", ".join([f"{a} {v}" for a, v in zip(axes, panel)] or [grid.name])
                      + ("" if PAIR in axes else f": {pairs}"))
     fig.tight_layout()

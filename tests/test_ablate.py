@@ -4,6 +4,7 @@ inputs, and on digits an end-to-end 2-axis ablation over flags that change nothi
 import json
 import shlex
 import statistics
+import subprocess
 
 import pandas as pd
 import pytest
@@ -122,6 +123,44 @@ def test_three_axes_are_rows_of_two_and_panels_of_heatmaps(fake_grid):
     assert "| pair " in markdown and "| resnet20 → resnet8 |     256 | 58.00 ± 3.61 (3) " in markdown
     assert "| resnet8 → resnet8  |     256 | 53.00 ± 3.61 (3) " in markdown
     assert (fake_grid / "figure.png").stat().st_size > 0
+
+
+def test_a_trainer_without_a_teacher(tmp_path):
+    """--entry train_teacher.py: runs under teachers/, a figure titled by the network alone."""
+    save = tmp_path / "abl"
+    for lr, top in (("0.05", 40.0), ("0.1", 50.0)):
+        run = save / "teachers" / f"lr_learning_rate-{lr}_trial1"
+        run.mkdir(parents=True)
+        (run / "args.json").write_text(json.dumps({"learning_rate": float(lr)}))
+        (run / "results.json").write_text(json.dumps({"dataset": "digits", "model": "resnet8", "method": "vanilla",
+                                                      "trial": "1", "last_top1": top, "best_top1": top}))
+    assert ablate.main(["--entry", "train_teacher.py", "--name", "lr", "--save", str(save), "--table_only",
+                        "--vary", "learning_rate=0.05,0.1", "--", "--model", "resnet8", "--dataset", "digits"]) == 0
+    assert "|            0.1  | 50.00 (1) |" in (save / "table.md").read_text()
+    assert (save / "figure.png").stat().st_size > 0
+
+
+def test_slurm_gets_the_lines_and_lib_sh_settings(tmp_path, monkeypatch, capsys):
+    """--launcher slurm hands the command lines to scripts/slurm.py submit with the table scripts'
+    environment settings, writes commands.txt, and makes no table (the jobs have not run)."""
+    submitted = {}
+
+    def submit(argv, input, text):
+        submitted.update(argv=argv, lines=input.splitlines())
+        return subprocess.CompletedProcess(argv, 0)
+
+    monkeypatch.setattr(ablate.subprocess, "run", submit)
+    for key, value in {"PARTITION": "gpu", "TIME_LIMIT": "30", "AFTER": "41", "MEM_GB": "16"}.items():
+        monkeypatch.setenv(key, value)
+    save = tmp_path / "abl"
+    assert ablate.main(grid_argv(save, "--launcher", "slurm")) == 0
+    argv = submitted["argv"]
+    assert argv[1].endswith("scripts/slurm.py") and argv[2:5] == ["submit", "--launcher", "slurm"]
+    options = dict(zip(argv[5::2], argv[6::2]))
+    assert options["--partition"] == "gpu" and options["--time_limit"] == "30" and options["--after"] == "41"
+    assert options["--mem_gb"] == "16" and options["--folder"] == str(save / "slurm")
+    assert submitted["lines"] == (save / "commands.txt").read_text().splitlines() and len(submitted["lines"]) == 12
+    assert not (save / "table.md").exists() and "--table_only" in capsys.readouterr().out
 
 
 def test_the_command_lines(tmp_path, capsys):
