@@ -58,12 +58,13 @@ FORMATS = {"markdown": "md", "csv": "csv", "latex": "tex"}
 
 
 def parse_axis(text: str) -> tuple:
-    """(flag, [values]) of one `--vary FLAG=V1,V2,...`."""
+    """(flag, [values]) of one `--vary FLAG=V1,V2,...`; values that hold commas themselves
+    (--lr_decay_epochs 150,180,210, --distill crd,kd) are separated by ';' instead."""
     flag, eq, values = text.partition("=")
     flag = flag.strip().lstrip("-")
     if not eq or not flag:
         raise UserError(f"--vary '{text}' is not FLAG=V1,V2,... (e.g. --vary nce_k=256,1024)")
-    items = [v.strip() for v in values.split(",")]
+    items = [v.strip() for v in values.split(";" if ";" in values else ",")]
     if not values.strip() or "" in items:
         raise UserError(f"--vary {flag}= has an empty value ('{values}'); give comma-separated values such as "
                         f"{flag}=1,2")
@@ -95,6 +96,8 @@ def label(value) -> str:
     stored 0.1 are one label."""
     if isinstance(value, bool) or value is None:
         return str(value)
+    if isinstance(value, (list, tuple)):  # --lr_decay_epochs 150,180 is stored as [150, 180]
+        return ",".join(map(label, value))
     try:
         return f"{float(value):g}"
     except (TypeError, ValueError):
@@ -147,13 +150,14 @@ class Grid:
         return importlib.import_module(self.program.module).parse_args
 
     def expand(self) -> list:
-        """[(run name, argv)] of every run, each grid point's argv checked by the entry's parser."""
+        """[(run name, index of its pair, argv)] of every run, each grid point's argv checked by the
+        entry's parser."""
         points, names = [], set()
         for pair, values in itertools.product(self.pairs, itertools.product(*self.axes.values())):
             flags = [*(pair.flags() if pair else []), *itertools.chain.from_iterable(
                 (f"--{flag}", value) for flag, value in zip(self.axes, values))]
             parsed = self.parse([*self.base, *flags])
-            for flag in self.axes:
+            for flag in self.axes:  # argparse takes a flag's prefix (--print for --print_freq); the table needs its name
                 if flag not in vars(parsed):
                     raise UserError(f"--vary {flag}: {self.entry} has no flag --{flag} (see its --help)")
             name = "_".join([self.name, *([f"{pair.name}-{pair.student}"] if pair else []),
@@ -163,9 +167,9 @@ class Grid:
                                 "or digits")
             names.add(name)
             for trial in range(1, self.trials + 1):
-                points.append((f"{name}_trial{trial}", self.pairs.index(pair), [*self.base, *flags, "--trial", str(trial),
-                                                        "--save_dir", str(self.save), "--run_name",
-                                                        f"{name}_trial{trial}", "--auto_resume"]))
+                run = f"{name}_trial{trial}"
+                points.append((run, self.pairs.index(pair), [*self.base, *flags, "--trial", str(trial), "--save_dir",
+                                                             str(self.save), "--run_name", run, "--auto_resume"]))
         return points
 
     def lines(self, python: str) -> list:
@@ -386,7 +390,8 @@ def build_parser() -> Parser:
     parser.add_argument("--entry", choices=tuple(ENTRIES), default="train_student.py", help="the trainer swept")
     parser.add_argument("--name", required=True, help="the ablation's name: its runs' name prefix and its folder")
     parser.add_argument("--vary", action="append", default=[], metavar="FLAG=V1,V2,...",
-                        help="an axis: the entry point's flag (without dashes) and its values; repeat for more axes")
+                        help="an axis: the entry point's flag (without dashes) and its values; repeat for more axes; "
+                             "values holding commas are separated by ';' (lr_decay_epochs='150,180;100,150')")
     parser.add_argument("--pair", action="append", default=[], metavar="TEACHER:STUDENT",
                         help="train_student.py's teacher (checkpoint or architecture) and student; repeatable")
     parser.add_argument("--teachers", default="save/teachers",

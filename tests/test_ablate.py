@@ -175,6 +175,15 @@ def test_the_command_lines(tmp_path, capsys):
     assert not (tmp_path / "abl").exists()
 
 
+def test_values_holding_commas_are_separated_by_semicolons(tmp_path, capsys):
+    assert ablate.main(["--name", "m", "--save", str(tmp_path), "--pair", f"{TEACHER}:resnet8", "--dry-run",
+                        "--vary", "lr_decay_epochs=150,180,210;100,150", "--", "--distill", "kd"]) == 0
+    parsed = [train_student.parse_args(shlex.split(line)[2:]) for line in capsys.readouterr().out.splitlines()]
+    assert [a.lr_decay_epochs for a in parsed] == [[150, 180, 210], [100, 150]]
+    assert parsed[1].run_name == "m_resnet8_digits_trial0-resnet8_lr_decay_epochs-100-150_trial1"
+    assert ablate.label([100, 150]) == ablate.label("100,150")   # args.json's list is the command's cell
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--vary", "nce_k"], "is not FLAG=V1,V2"),
     (["--vary", "nce_k="], "empty value"),
