@@ -2,7 +2,7 @@
 published numbers of scripts/published_ablations.csv beside ours) and figure.
 
     python scripts/ablate_cifar.py [--dry-run] [--launcher shell|submitit-local|slurm] [--table_only]
-        [--study NAME ...]
+        [--study NAME ...] [--metric last|best]
     EPOCHS=240 TRIALS=3 GPU=0 SAVE=save DATA=./data ABLATIONS=ablations JOBS=1 PY=python from the
     environment, as the table scripts (scripts/lib.sh) read them
 
@@ -48,7 +48,8 @@ def study_argv(study: str, args, env) -> list:
     save = env.get("SAVE", "save")
     return ["--name", study, "--save", str(Path(env.get("ABLATIONS", "ablations")) / study),
             "--teachers", f"{save}/teachers", "--trials", env.get("TRIALS", "3"), "--launcher", args.launcher,
-            "--jobs", env.get("JOBS", "1"), "--published", study, *(["--dry-run"] if args.dry_run else []),
+            "--jobs", env.get("JOBS", "1"), "--published", study, "--metric", args.metric,
+            *(["--dry-run"] if args.dry_run else []),
             *(["--table_only"] if args.table_only else []), *(g.format(save=save) for g in grid),
             "--", *flags, "--epochs", env.get("EPOCHS", "240"), "--data_folder", env.get("DATA", "./data")]
 
@@ -60,6 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--launcher", choices=("shell", "submitit-local", "slurm"), default="shell")
     parser.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the command lines and stop")
     parser.add_argument("--table_only", action="store_true", help="make the tables of the runs finished; run nothing")
+    ablate.add_metric_flag(parser)
     args = exits_cleanly(parser.parse_args)(argv)
     if args.launcher == "shell" and "GPU" in os.environ:
         os.environ["CUDA_VISIBLE_DEVICES"] = os.environ["GPU"]

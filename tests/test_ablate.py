@@ -237,6 +237,13 @@ def test_the_cifar_ablations_print_valid_command_lines(capsys, monkeypatch):
     assert all(a.trial in ("1", "2") for a in parsed)
 
 
+def test_an_unknown_cifar_study_is_one_line_and_status_2(capsys):
+    with pytest.raises(SystemExit) as stop:
+        ablate_cifar.main(["--study", "nce_k", "--dry-run"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "invalid choice: 'nce_k'" in err and len(err.splitlines()) == 1
+
+
 def test_the_cifar_ablations_take_the_registrys_weights_or_say_why_not(capsys):
     departed = set()
     for line in cifar_lines(capsys):
