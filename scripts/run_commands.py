@@ -140,7 +140,12 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Run entry-point command lines read from stdin in one process.")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes for independent commands")
     jobs = parser.parse_args(argv).jobs
-    lines = [line.strip() for line in sys.stdin if line.strip() and not line.startswith("#")]
+    return run_lines([line.strip() for line in sys.stdin if line.strip() and not line.startswith("#")], jobs)
+
+
+def run_lines(lines: list, jobs: int = 1) -> int:
+    """Run `lines` (with --jobs 1 in this process, one after another), report, and return the
+    exit status: 1 if any failed."""
     numbered = [(k, len(lines), line) for k, line in enumerate(lines, 1)]
     start = time.perf_counter()
     if jobs > 1:
