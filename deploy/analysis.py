@@ -2,11 +2,11 @@
 scripts/analyze.py, on tensors collected in one pass over the test split.
 
 - Linear CKA (Kornblith et al., "Similarity of Neural Network Representations Revisited",
-  ICML 2019, Eq. 4 in its Gram form): CKA(X, Y) = <HKH, HLH>_F / (||HKH||_F ||HLH||_F) with
+  ICML 2019, in its Gram form): CKA(X, Y) = <HKH, HLH>_F / (||HKH||_F ||HLH||_F) with
   K = X X^T, L = Y Y^T over the same n examples and H the centering matrix; every stage's output
   is flattened per example, so stages of any shape compare.
 - The teacher–student difference of class-logit correlations (Tian et al., "Contrastive
-  Representation Distillation", ICLR 2020, Fig. 3; neither paper nor RepDistiller gives code, so
+  Representation Distillation", ICLR 2020, its correlation figure; neither paper nor RepDistiller gives code, so
   the computation is mdistiller's tools/visualizations/correlation.ipynb, which drew the same
   figure for DKD): per true class c, the mean logit vector of the test images of c (a C x C
   matrix for each network); the figure is |student - teacher| with the diagonal set to 0, on a

@@ -6,7 +6,7 @@ For each run directory (train_student.py's: args.json, best.pth; its teacher is 
 checkpoint of the run's --path_t) one pass over the run's data set's test split, then in
 <run>/analysis/: report.md, analysis.json, and every figure as PNG and PDF:
 
-- correlation_difference: |student - teacher| of the class-mean logits (CRD's Fig. 3, drawn as
+- correlation_difference: |student - teacher| of the class-mean logits (CRD's correlation figure, drawn as
   mdistiller draws it; deploy/analysis.py), colour scale 0..3;
 - cka: linear CKA (Kornblith et al. 2019) of every teacher stage with every student stage, on
   the first --stage_images test images;
@@ -23,6 +23,7 @@ class) are also logged to the run's TensorBoard (its own event files, tags analy
 """
 import argparse
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -58,8 +59,9 @@ from engine.precision import resolve_amp  # noqa: E402
 from engine.teacher import build_teacher  # noqa: E402
 
 FOLDER = "analysis"
+EMBEDDING_STEP = "00000"  # where add_embedding writes a tag without a global step
 FIGURES = {
-    "correlation_difference": "|student − teacher| of the class-mean logits (CRD's Fig. 3), diagonal left out",
+    "correlation_difference": "|student − teacher| of the class-mean logits (CRD's correlation figure), diagonal left out",
     "cka": "linear CKA between every stage of teacher and student",
     "tsne": "t-SNE of the penultimate features, coloured by class",
     "reliability": f"reliability diagrams ({ECE_BINS} equal-width confidence bins, ECE's)",
@@ -329,8 +331,10 @@ def log_tensorboard(run_dir: Path, m: dict, figures: dict, text: str, n: int) ->
             writer.add_image(f"{FOLDER}/{name}", image, dataformats="HWC")
         writer.add_text(f"{FOLDER}/report", text)
         labels = m["targets"][:n].tolist()
-        writer.add_embedding(m["pooled_s"][:n], metadata=labels, tag=f"{FOLDER}/penultimate_student")
-        writer.add_embedding(m["pooled_t"][:n], metadata=labels, tag=f"{FOLDER}/penultimate_teacher")
+        for who, key in (("student", "pooled_s"), ("teacher", "pooled_t")):
+            tag = f"{FOLDER}_penultimate_{who}"
+            shutil.rmtree(run_dir / EMBEDDING_STEP / tag, ignore_errors=True)  # an earlier analysis's
+            writer.add_embedding(m[key][:n], metadata=labels, tag=tag)
     finally:
         writer.close()
 
@@ -344,7 +348,7 @@ def main(argv=None) -> list:
     reports = []
     for run in found:
         m = measure(run, args, ctx, amp_dtype)
-        names = {"student": run["arch"], "teacher": run["arch_t"]}
+        names = {"student": f"{run['arch']} ({run['args'].get('distill', '?')})", "teacher": run["arch_t"]}
         report = write_outputs(run, m, draw(m, names, args), args)
         print(f"{run['dir']}: {report}")
         reports.append(report)

@@ -16,8 +16,8 @@ BatchNorm statistics do not move while the probe trains: frozen means frozen.
 
 Rows: every teacher the distilled runs name (their --path_t), every run trained from labels alone
 (the vanilla students) and every distilled student; a column per probe data set with the test
-top-1 (%) after the last epoch. Written to --out as transfer.md, transfer.csv and transfer.json,
-and printed.
+top-1 (%) after the last epoch. Written to --out as transfer.md, transfer.csv, transfer.json and
+a bar chart (transfer.png, transfer.pdf), and printed.
 """
 import argparse
 import csv
@@ -25,9 +25,13 @@ import io
 import sys
 from pathlib import Path
 
+import matplotlib
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+matplotlib.use("Agg")  # files only: no display on the machines this runs on
+import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -153,6 +157,29 @@ def table(rows: list, probes: list) -> tuple:
     return markdown, text.getvalue()
 
 
+def row_label(row: dict) -> str:
+    return f"{row['method'] or row['role']}: {row['arch']}"
+
+
+def figure(rows: list, probes: list, path: Path) -> None:
+    """One horizontal bar per network and probe data set, the value written at its end; PNG and PDF."""
+    height = 0.8 / len(probes)
+    fig, ax = plt.subplots(figsize=(6.5, 0.9 + 0.45 * len(rows) * len(probes)))
+    for k, probe in enumerate(probes):
+        ys = [i + k * height for i in range(len(rows))]
+        values = [r[probe] for r in rows]
+        ax.barh(ys, values, height=height, label=PROBES[probe].title)
+        for y, value in zip(ys, values):
+            ax.text(value + 0.5, y, f"{value:.1f}", va="center", fontsize=8)
+    ax.set_yticks([i + height * (len(probes) - 1) / 2 for i in range(len(rows))], [row_label(r) for r in rows])
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 105), xlabel="linear-probe test top-1 (%)", title="transfer of the frozen penultimate features")
+    ax.legend(loc="lower right")
+    for suffix in ("png", "pdf"):
+        fig.savefig(path.with_suffix(f".{suffix}"), dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
 @exits_cleanly
 def main(argv=None) -> list:
     args = parse_args(argv)
@@ -172,6 +199,7 @@ def main(argv=None) -> list:
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "transfer.md", markdown.encode())
     write_atomic(out / "transfer.csv", text.encode())
+    figure(rows, args.probe, out / "transfer.png")
     runs.write_json(out / "transfer.json", {"probes": args.probe, "epochs": args.epochs, "rows": [
         {k: str(v) if k == "path" else v for k, v in r.items() if k != "state"} for r in rows]})
     print(markdown, end="")

@@ -32,7 +32,7 @@ import transfer  # noqa: E402
 
 # --- CKA ---------------------------------------------------------------------------------------
 def feature_space_cka(x, y) -> float:
-    """Kornblith et al. (2019), Eq. 5 (linear CKA in feature space): ||Y^T X||_F^2 /
+    """Kornblith et al. (2019), linear CKA in its feature-space form: ||Y^T X||_F^2 /
     (||X^T X||_F ||Y^T Y||_F) on column-centred features; the library uses the Gram form."""
     x, y = x.flatten(1).double(), y.flatten(1).double()
     x, y = x - x.mean(0), y - y.mean(0)
@@ -205,7 +205,7 @@ def test_analysis_report_of_a_kd_and_a_crd_student(students):
         assert sum(map(sum, numbers["confusion_student"])) == 360
         events = EventAccumulator(str(run)).Reload()
         assert {f"analysis/{name}" for name in analyze.FIGURES} <= set(events.Tags()["images"])
-        assert "analysis/penultimate_student" in (run / "projector_config.pbtxt").read_text()
+        assert "analysis_penultimate_teacher" in (run / "projector_config.pbtxt").read_text()
 
 
 @pytest.mark.e2e
@@ -242,6 +242,7 @@ def test_transfer_table_has_teacher_vanilla_kd_and_crd_rows(students, tmp_path):
         for column in ("STL-10 top-1 (%)", "Tiny-ImageNet top-1 (%)"):
             assert 0 <= float(row[column]) <= 100
     assert "| teacher |" in (out / "transfer.md").read_text()
+    assert (out / "transfer.png").stat().st_size > 1000 and (out / "transfer.pdf").stat().st_size > 1000
 
 
 class PixelFeatures(torch.nn.Module):
