@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from sklearn.manifold import TSNE
 
 matplotlib.use("Agg")  # files only: no display on the machines this runs on
 import matplotlib.pyplot as plt  # noqa: E402
@@ -81,7 +82,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--classes", type=int, default=5, valid=at_least(1),
                         help="classes of largest disagreement named in the report and figure")
     parser.add_argument("--batch_size", type=int, default=256, valid=at_least(1), help="test batch size")
-    parser.add_argument("--loader", type=str, default="auto", choices=LOADERS[:3])
+    parser.add_argument("--loader", type=str, default="auto", choices=LOADERS)
     parser.add_argument("--num_workers", type=int, default=8, valid=at_least(0), help="DataLoader workers (torch loader)")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or cuda:<k>")
     parser.add_argument("--amp", type=str, default="off", choices=("off", "auto", "bf16", "fp16"),
@@ -173,7 +174,6 @@ def cka_figure(m: dict, names: dict):
 
 
 def tsne_figure(m: dict, names: dict, n: int):
-    from sklearn.manifold import TSNE
     targets = m["targets"][:n].numpy()
     cmap = plt.get_cmap("tab10" if m["classes"] <= 10 else "tab20" if m["classes"] <= 20 else "nipy_spectral")
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.8))

@@ -174,7 +174,7 @@ def figure(rows: list, probes: list, path: Path) -> None:
     ax.set_yticks([i + height * (len(probes) - 1) / 2 for i in range(len(rows))], [row_label(r) for r in rows])
     ax.invert_yaxis()
     ax.set(xlim=(0, 105), xlabel="linear-probe test top-1 (%)", title="transfer of the frozen penultimate features")
-    ax.legend(loc="lower right")
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))  # outside: long bars never hide it
     for suffix in ("png", "pdf"):
         fig.savefig(path.with_suffix(f".{suffix}"), dpi=150, bbox_inches="tight")
     plt.close(fig)
