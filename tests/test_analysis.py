@@ -22,7 +22,7 @@ from dataset.digits import load_digits_split
 from dataset.probe import STL10_FOLDER, probe_dataset
 from deploy import analysis
 from deploy.metrics import expected_calibration_error, prediction_entropy
-from method_helpers import one_digits_epoch, quarter_digits
+from method_helpers import one_digits_epoch, quarter_digits, wave
 from models import model_dict
 
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -75,6 +75,22 @@ def test_correlation_difference_by_hand_and_zero_for_a_student_equal_to_its_teac
     diff = analysis.logit_correlation_difference(student, teacher, targets, 2)
     assert diff.tolist() == [[0.0, 0.5], [0.0, 0.0]]
     assert analysis.logit_correlation_difference(teacher, teacher, targets, 2).abs().max() == 0
+
+
+# mdistiller, tools/visualizations/correlation.ipynb at commit a08d46f: its get_output_metric cell run
+# offline on these inputs (a stand-in model returning the logits, the loader in two batches of 6),
+# then |ms - mt| with the diagonal set to 0 as its get_tea_stu_diff does (MAX_DIFF scaling left out).
+MDISTILLER_DIFF = [[0.0, 2.0192707479, 1.6688303749, 1.079082489],
+                   [0.6813538074, 0.0, 1.49861827, 1.8618770738],
+                   [0.9463742773, 1.2792080343, 0.0, 1.1380571127],
+                   [0.7623911301, 0.0457972685, 0.717546863, 0.0]]
+
+
+def test_correlation_difference_equals_mdistillers_on_fixed_inputs():
+    targets = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0, 2, 1, 3])
+    diff = analysis.logit_correlation_difference(wave(12, 4, phase=0.3, scale=2.0), wave(12, 4, phase=1.1, scale=3.0),
+                                                 targets, 4)
+    assert torch.allclose(diff, torch.tensor(MDISTILLER_DIFF, dtype=torch.float64), atol=1e-6)
 
 
 def test_reliability_bins_by_hand():
