@@ -9,6 +9,7 @@ import shutil
 import sys
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -64,6 +65,16 @@ def test_cka_gram_form_equals_the_feature_space_form_and_its_invariances():
     rotation, _ = torch.linalg.qr(torch.randn(36, 36, generator=generator, dtype=torch.float64))
     assert analysis.linear_cka(3.0 * x.flatten(1).double() @ rotation, y) == pytest.approx(value, abs=1e-12)
     assert analysis.cka_matrix([x, y], [y])[0, 0].item() == pytest.approx(value, abs=1e-12)
+
+
+def test_cka_equals_the_papers_demo_output():
+    """google-research/google-research representation_similarity/Demo.ipynb (commit 10bf941), the
+    paper's own demo: np.random.seed(1337); X = randn(100, 10); Y = randn(100, 10) + X prints
+    "Linear CKA from Examples: 0.55761"."""
+    state = np.random.RandomState(1337)
+    x = state.randn(100, 10)
+    y = state.randn(100, 10) + x
+    assert analysis.linear_cka(torch.from_numpy(x), torch.from_numpy(y)) == pytest.approx(0.55761, abs=5e-6)
 
 
 # --- correlation difference, calibration, per class --------------------------------------------
