@@ -48,21 +48,34 @@ def topk_accuracy(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> lis
     return [100.0 * h / targets.shape[0] for h in hits]
 
 
-def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> float:
-    """Guo et al. (2017): equal-width bins (lo, hi] of the top-1 confidence, as a fraction."""
+def confidence_bins(probs: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> tuple:
+    """Guo et al. (2017)'s binning of the top-1 confidence into equal-width bins (lo, hi]:
+    per bin (samples, correct predictions, sum of confidences), float64."""
     confidence, prediction = probs.max(1)
     correct = prediction.eq(targets).double()
     edges = torch.linspace(0, 1, bins + 1, dtype=confidence.dtype)[1:]
     index = torch.bucketize(confidence, edges).clamp(max=bins - 1)
+    count = torch.bincount(index, minlength=bins).double()
     hits = torch.bincount(index, weights=correct, minlength=bins)
     confidence_sum = torch.bincount(index, weights=confidence.double(), minlength=bins)
+    return count, hits, confidence_sum
+
+
+def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """Guo et al. (2017): over the bins of `confidence_bins`, as a fraction."""
+    _, hits, confidence_sum = confidence_bins(probs, targets, bins)
     gap = (hits - confidence_sum).abs()
     return float(gap.sum() / targets.shape[0])
 
 
+def prediction_entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Per sample -sum_c p_c log p_c, in nats (0 log 0 = 0), float64."""
+    return torch.special.entr(probs.double()).sum(1)
+
+
 def mean_entropy(probs: torch.Tensor) -> float:
-    """Mean over samples of -sum_c p_c log p_c, in nats (0 log 0 = 0)."""
-    return float(torch.special.entr(probs.double()).sum(1).mean())
+    """Mean over samples of `prediction_entropy`."""
+    return float(prediction_entropy(probs).mean())
 
 
 def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> float:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from core.errors import UserError
 from engine import runs
+from engine.args import split_paths
 from engine.build import check_model_name
 from engine.teacher import build_teacher, read_teacher
 
@@ -35,3 +36,23 @@ def run_data(path, state: dict, dataset=None, data_folder=None):
         raise UserError(f"{path} was trained on {trained}, not {dataset}; "
                         f"leave out --dataset or pass --dataset {trained}")
     return dataset or trained or "cifar100", data_folder or stored.get("data_folder", "./data")
+
+
+def read_run(run_dir) -> dict:
+    """A run directory's best.pth and what it was trained on, read before any data loads:
+    {'dir', 'args' (args.json), 'path' (best.pth), 'state', 'arch', 'dataset', 'data_folder',
+    'teachers' (the checkpoints of its --path_t, in order; none for a run from labels alone)}."""
+    run_dir = Path(run_dir)
+    if not (run_dir / runs.ARGS_FILE).is_file():
+        raise UserError(f"{run_dir} is not a run directory (no {runs.ARGS_FILE}); name a folder that "
+                        "train_student.py or train_teacher.py wrote, such as save/students/<run>")
+    stored = runs.load_run_args(run_dir)
+    path = run_dir / runs.BEST_CKPT
+    if not path.is_file():
+        raise UserError(f"{run_dir} holds no {runs.BEST_CKPT} (it has not finished an epoch); "
+                        f"resume it first: python train_student.py --resume {run_dir}")
+    state, arch = read_network(path)
+    dataset, data_folder = run_data(path, state)
+    teachers = split_paths(stored["path_t"]) if stored.get("path_t") else []
+    return {"dir": run_dir, "args": stored, "path": path, "state": state, "arch": arch, "dataset": dataset,
+            "data_folder": data_folder, "teachers": teachers}
