@@ -31,6 +31,7 @@ the study holds --n_trials finished trials, waiting for the others' running tria
 import argparse
 import csv
 import io
+import json
 import math
 import os
 import re
@@ -48,7 +49,7 @@ sys.path.insert(0, str(ROOT))
 from core.errors import UserError, exits_cleanly  # noqa: E402  (after the path insert)
 from engine import lock  # noqa: E402
 from engine.atomic import write_atomic  # noqa: E402
-from engine.runs import RESULTS_FILE, RUN_DIR_NOTE, read_results  # noqa: E402
+from engine.runs import ARGS_FILE, RESULTS_FILE, RUN_DIR_NOTE, read_results  # noqa: E402
 from scripts.make_table import METRICS, add_metric_flag  # noqa: E402
 from scripts.slurm import die_with, ended_how, find_prctl  # noqa: E402
 
@@ -303,13 +304,17 @@ def open_study(args, config: dict, check):
     return study
 
 
-def tally(study) -> dict:
-    """The study's trials by what they mean for its end: done (complete, pruned, or failed by
-    their run), running, waiting (a retry queued)."""
+def tally(study, max_retry: int) -> dict:
+    """The study's trials by what they mean for its end: done (complete, pruned, failed by
+    their run, or interrupted once more than --max_retry allows), running, waiting (a retry
+    queued). An interrupted trial with retries left is none of these: its retry counts."""
+    optuna = optuna_module()
     from optuna.trial import TrialState
+    tries = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history
     counts = {"done": 0, "running": 0, "waiting": 0}
     for trial in study.get_trials(deepcopy=False):
-        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or "failure" in trial.user_attrs:
+        gave_up = trial.state == TrialState.FAIL and len(tries(trial)) >= max_retry
+        if trial.state in (TrialState.COMPLETE, TrialState.PRUNED) or "failure" in trial.user_attrs or gave_up:
             counts["done"] += 1
         elif trial.state == TrialState.RUNNING:
             counts["running"] += 1
@@ -339,12 +344,18 @@ class Worker:
             self.child.send_signal(signal.SIGTERM)
 
     def run(self) -> None:
+        previous = {signum: signal.signal(signum, self.stop) for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.trials()
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def trials(self) -> None:
         import optuna
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self.stop)
         while self.stop_signal is None:
             optuna.storages.fail_stale_trials(self.study)
-            counts = tally(self.study)
+            counts = tally(self.study, self.args.max_retry)
             if counts["done"] >= self.args.n_trials:
                 return
             if not counts["waiting"] and counts["done"] + counts["running"] >= self.args.n_trials:
@@ -439,14 +450,15 @@ def program_words(program: str) -> list:
 def watch(child, metrics: Path, trial):
     """Until `child` ends: report each new main-stage epoch's test_top1 of `metrics` (a growing
     metrics.csv) to `trial`; when the pruner says so, stop the child with SIGTERM and wait for
-    it. Returns (epoch, top-1) of the epoch that pruned it, or None."""
+    it (never after the run's last epoch, which args.json beside it gives). Returns (epoch,
+    top-1) of the epoch that pruned it, or None."""
     reported, pruned = 0, None
     while True:
         ended = child.poll() is not None
         for epoch, top1 in new_epochs(metrics, reported):
             trial.report(top1, epoch)
             reported = epoch
-            if pruned is None and not ended and trial.should_prune():
+            if pruned is None and not ended and epoch < last_epoch(metrics.parent) and trial.should_prune():
                 pruned = (epoch, top1)
                 child.send_signal(signal.SIGTERM)
                 break
@@ -459,6 +471,14 @@ def watch(child, metrics: Path, trial):
         child.kill()
         child.wait()
     return pruned
+
+
+def last_epoch(run_dir: Path) -> float:
+    """The run's --epochs from its args.json (unknown: infinity)."""
+    try:
+        return int(json.loads((run_dir / ARGS_FILE).read_text())["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def new_epochs(metrics: Path, after: int) -> list:
@@ -526,18 +546,55 @@ def fmt(value) -> str:
 
 
 def figure(study, out: Path, metric: str) -> list:
-    """Optuna's parallel-coordinates plot of the complete trials (none yet: no figure)."""
+    """Parallel coordinates (PNG and PDF): a line per complete trial through its values, each on
+    its searched range (log where searched so), ending at its top-1, coloured by it, the best
+    one in red; pruned trials dashed grey, ending at the top-1 of the epoch that pruned them.
+    Optuna's own plot draws complete trials only and loses the lines at an axis's ends."""
     from optuna.trial import TrialState
-    if not study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    params = [parse_search(spec) for spec in study.user_attrs["search"]]
+    drawn = [t for t in study.get_trials(deepcopy=False) if set(t.params) >= {p.name for p in params}
+             and (t.state == TrialState.COMPLETE or (t.state == TrialState.PRUNED and t.intermediate_values))]
+    complete = [t for t in drawn if t.state == TrialState.COMPLETE]
+    if not complete:
         return []
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from optuna.visualization.matplotlib import plot_parallel_coordinate
-    ax = plot_parallel_coordinate(study, target_name=f"{metric}-epoch top-1 (%)")
-    ax.set_title(f"{study.study_name}: {len(study.trials)} trials (complete ones drawn)")
-    fig = ax.figure
-    fig.set_size_inches(max(6, 1.6 * len(study.user_attrs["names"]) + 3), 4.5)
+    score = {t.number: t.value if t.value is not None else t.intermediate_values[max(t.intermediate_values)]
+             for t in drawn}
+    low, high = min(score.values()), max(score.values())
+    high = high if high > low else low + 1
+    axes = [(p.name, lambda t, p=p: position(p, t.params[p.name]), ticks(p)) for p in params]
+    label = f"{metric}-epoch top-1 (%)"
+    axes.append((label, lambda t: (score[t.number] - low) / (high - low),
+                 [((v - low) / (high - low), f"{v:.1f}") for v in (low + k * (high - low) / 4 for k in range(5))]))
+    fig, ax = plt.subplots(figsize=(2.2 * len(axes) + 1.5, 4.5))
+    colours = plt.get_cmap("viridis")
+    best = study.best_trial.number
+    for t in sorted(drawn, key=lambda t: (t.number == best, t.state == TrialState.COMPLETE, score[t.number])):
+        ys = [where(t) for _, where, _ in axes]
+        if t.state == TrialState.PRUNED:
+            ax.plot(range(len(axes)), ys, color="0.6", linestyle="--", linewidth=1)
+        else:
+            ax.plot(range(len(axes)), ys, color="tab:red" if t.number == best else colours(ys[-1]),
+                    linewidth=3 if t.number == best else 1.6)
+    for x, (_, _, marks) in enumerate(axes):
+        ax.axvline(x, color="black", linewidth=0.8)
+        for y, text in marks:
+            ax.text(x - 0.04, y, text, ha="right", va="center", fontsize=8, zorder=5,
+                    bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
+    ax.set_xticks(range(len(axes)), [name for name, _, _ in axes])
+    ax.set_yticks([])
+    ax.set_ylim(-0.06, 1.06)
+    ax.set_xlim(-0.45, len(axes) - 0.8)
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    fig.colorbar(plt.cm.ScalarMappable(norm=plt.Normalize(low, high), cmap=colours), ax=ax, label=label)
+    ax.plot([], [], color="tab:red", linewidth=3, label=f"best: trial {best}")
+    if len(complete) < len(drawn):
+        ax.plot([], [], color="0.6", linestyle="--", label="pruned (top-1 when pruned)")
+    ax.legend(loc="upper left", bbox_to_anchor=(0, -0.1), ncol=2, frameon=False, fontsize=8)
+    ax.set_title(f"{study.study_name}: {len(complete)} complete and {len(drawn) - len(complete)} pruned trials")
     fig.tight_layout()
     paths = []
     for suffix in ("png", "pdf"):
@@ -547,6 +604,26 @@ def figure(study, out: Path, metric: str) -> list:
         paths.append(out / f"parallel_coordinates.{suffix}")
     plt.close(fig)
     return paths
+
+
+def position(param: Param, value) -> float:
+    """Where `value` lies on the axis of `param`, 0 to 1: on its searched range (in log space
+    where searched so), or by the order of its choices."""
+    if param.kind in ("choice", "bool"):
+        return param.choices.index(value) / (len(param.choices) - 1)
+    scale = math.log if param.log else float
+    return (scale(value) - scale(param.low)) / (scale(param.high) - scale(param.low))
+
+
+def ticks(param: Param) -> list:
+    """(position, label) of the axis's marks: every choice, or five values across the range."""
+    if param.kind in ("choice", "bool"):
+        return [(position(param, c), str(c)) for c in param.choices]
+    if param.log:
+        values = [param.low * (param.high / param.low) ** (k / 4) for k in range(5)]
+    else:
+        values = [param.low + (param.high - param.low) * k / 4 for k in range(5)]
+    return [(position(param, v), f"{v:.3g}") for v in values]
 
 
 def report(study, out: Path) -> None:

@@ -132,16 +132,22 @@ FAKE_RUN = textwrap.dedent("""
 
 def test_pruning_stops_the_run_at_the_pruned_epoch(tmp_path):
     """A run whose metrics.csv grows one epoch at a time: every main-stage epoch reaches the
-    trial, and the first one under the threshold stops the run with SIGTERM."""
+    trial, and the first one under the threshold stops the run with SIGTERM; the last epoch
+    (args.json's) is never pruned."""
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=50.0))
     trial = study.ask()
     metrics = tmp_path / "metrics.csv"
+    (tmp_path / "args.json").write_text('{"epochs": 4}')
     child = subprocess.Popen([sys.executable, "-c", FAKE_RUN, str(metrics), "90", "70", "20", "95"])
     pruned = tune.watch(child, metrics, trial)
     assert pruned == (3, 20.0)
     assert child.returncode == -signal.SIGTERM
     study.tell(trial, state=optuna.trial.TrialState.PRUNED)
     assert study.trials[0].intermediate_values == {1: 90.0, 2: 70.0, 3: 20.0}
+    (tmp_path / "args.json").write_text('{"epochs": 3}')
+    child = subprocess.Popen([sys.executable, "-c", FAKE_RUN.replace("time.sleep(120)", "pass"), str(metrics),
+                              "90", "70", "20"])
+    assert tune.watch(child, metrics, study.ask()) is None and child.returncode == 0
 
 
 def test_an_unpruned_run_reports_every_epoch(tmp_path):
@@ -168,6 +174,88 @@ def test_worker_lines_for_the_launchers(tmp_path, capsys):
         assert (args.worker, args.launcher, args.search, args.command) == \
             (k, "here", ["kd_T=float:1:8"], ["--dataset", "digits", "--epochs", "2"])
         assert args.storage == f"sqlite:///{tmp_path / 'o' / 'study.db'}"
+
+
+FAKE_PROGRAM = textwrap.dedent("""
+    # a stand-in for train_student.py: its --help lists --kd_T; a run appends its argv to
+    # calls.txt, then exits with the status its run directory's first line of plan.txt gives
+    # (one line used per start), having written results.json when that status is 0
+    import json, os, sys
+    if "--help" in sys.argv:
+        print("options:\\n  --kd_T KD_T  the temperature\\n  --dot  a switch")
+        sys.exit(0)
+    argv = sys.argv[1:]
+    run = os.path.join(argv[argv.index("--save_dir") + 1], "students", argv[argv.index("--run_name") + 1])
+    os.makedirs(run, exist_ok=True)
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, "calls.txt"), "a") as f:
+        f.write(" ".join(argv) + "\\n")
+    with open(os.path.join(here, "plan.txt")) as f:
+        plan = f.read().split()
+    with open(os.path.join(here, "plan.txt"), "w") as f:
+        f.write(" ".join(plan[1:]))
+    status = int(plan[0])
+    if status == 0:
+        with open(os.path.join(run, "results.json"), "w") as f:
+            json.dump({"last_top1": 10 * float(argv[argv.index("--kd_T") + 1]), "best_top1": 0}, f)
+    print("stopped: SIGTERM at step 3 of main 1/1" if status == 143 else "the run's last line")
+    sys.exit(status)
+""")
+
+
+def fake_study(tmp_path, plan: str, *flags):
+    """scripts/tune.py in this process on FAKE_PROGRAM, whose successive runs exit with the
+    statuses of `plan`: (exit status, the study, the runs' command lines)."""
+    (tmp_path / "fake.py").write_text(FAKE_PROGRAM)
+    (tmp_path / "plan.txt").write_text(plan)
+    argv = ["--study", "fake", "--out", str(tmp_path / "out"), "--program", f"{sys.executable} {tmp_path / 'fake.py'}",
+            "--search", "kd_T=float:1:8", "--pruner", "none", *flags, "--", "--epochs", "1"]
+    try:
+        status = tune.main(argv)
+    except SystemExit as stop:
+        status = stop.code
+    study = optuna.load_study(study_name="fake", storage=f"sqlite:///{tmp_path / 'out' / 'study.db'}")
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    return status, study, calls
+
+
+def test_a_run_stopped_by_a_signal_is_retried_in_its_run_directory(tmp_path):
+    """A run that exits 128 + SIGTERM (a scheduler's notice reached it): its trial is handed
+    back at once and its values run again with --auto_resume in the same run directory; a
+    complete trial is never run again."""
+    status, study, calls = fake_study(tmp_path, "143 0 143 0", "--n_trials", "2")
+    assert status == 0
+    assert [t.state.name for t in study.trials] == ["FAIL", "COMPLETE", "FAIL", "COMPLETE"]
+    assert [t.user_attrs["run"] for t in study.trials] == ["trial_0", "trial_0", "trial_2", "trial_2"]
+    assert study.trials[1].params == study.trials[0].params and study.trials[3].params == study.trials[2].params
+    assert len(calls) == 4 and calls[0] == calls[1] and calls[2] == calls[3] and "--auto_resume" in calls[0]
+    assert study.trials[1].value == pytest.approx(10 * study.trials[1].params["kd_T"])
+
+
+def test_failures_count_and_retries_end(tmp_path):
+    """A run that fails (status 1) is a finished trial with its reason; a run stopped more often
+    than --max_retry allows is given up, so the study still ends."""
+    status, study, calls = fake_study(tmp_path, "1 143 143", "--n_trials", "2", "--max_retry", "1")
+    assert status == 0 and len(calls) == 3
+    assert [t.state.name for t in study.trials] == ["FAIL", "FAIL", "FAIL"]
+    assert study.trials[0].user_attrs["failure"] == "exit status 1: the run's last line"
+    assert "failure" not in study.trials[2].user_attrs and study.trials[2].user_attrs["run"] == "trial_1"
+
+
+def test_a_refused_trial_command_stops_the_worker(tmp_path, capsys):
+    status, study, calls = fake_study(tmp_path, "2 0", "--n_trials", "2")
+    assert status == 2 and len(calls) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: trial 0's command was refused: the run's last line;") and "\n" not in err
+
+
+def test_a_worker_with_another_space_is_refused(tmp_path, capsys):
+    fake_study(tmp_path, "0", "--n_trials", "1")
+    with pytest.raises(SystemExit) as stop:
+        tune.main(["--study", "fake", "--out", str(tmp_path / "out"), "--search", "kd_T=float:1:9", "--",
+                   "--epochs", "1"])
+    assert stop.value.code == 2
+    assert "was made with another search, program" in capsys.readouterr().err
 
 
 def start_worker(out, teacher, worker: int, log):
@@ -220,3 +308,21 @@ def test_two_workers_share_a_study_and_resume_a_killed_one(digits_teacher, tmp_p
     assert {"trials.csv", "trials.md", "parallel_coordinates.png", "parallel_coordinates.pdf"} <= \
         {p.name for p in out.iterdir()}
     assert len((out / "trials.csv").read_text().splitlines()) == 1 + len(study.trials)
+
+
+def test_an_unusable_storage_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tune, "program_flags", lambda program: FLAGS)
+    with pytest.raises(SystemExit) as stop:
+        tune.main(["--storage", "nosuchdb://host/x", "--out", str(tmp_path / "out"), "--search", "kd_T=float:1:8"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and err.startswith("error: cannot open --storage nosuchdb://host/x") and "\n" not in err
+
+
+def test_figure_axes_place_values_on_the_searched_range():
+    log = tune.parse_search("alpha=float:0.1:10:log")
+    assert tune.position(log, 1.0) == pytest.approx(0.5) and tune.position(log, 10.0) == pytest.approx(1.0)
+    assert [label for _, label in tune.ticks(log)] == ["0.1", "0.316", "1", "3.16", "10"]
+    linear = tune.parse_search("kd_T=float:1:9")
+    assert tune.position(linear, 3.0) == pytest.approx(0.25)
+    choice = tune.parse_search("gamma=choice:0.1,0.5,1")
+    assert [tune.position(choice, c) for c in ("0.1", "0.5", "1")] == [0.0, 0.5, 1.0]
