@@ -338,7 +338,7 @@ class Worker:
 
     def stop(self, signum, frame) -> None:
         """SIGTERM/SIGINT: the running trial's run stops after its current step, the trial is
-        handed back (WorkerStopped), the worker ends."""
+        handed back, the worker ends."""
         self.stop_signal = signum
         if self.child is not None and self.child.poll() is None:
             self.child.send_signal(signal.SIGTERM)
@@ -644,8 +644,8 @@ def report(study, out: Path) -> None:
 # ----- workers through the launchers -----
 
 def worker_lines(argv: list, args) -> list:
-    """One `python scripts/tune.py ... --worker k` line per worker, with --out and --storage
-    absolute (a job runs in the checkout's root)."""
+    """One `python scripts/tune.py ... --worker k` line per worker, run by this interpreter, with
+    --out and --storage absolute (a job runs in the checkout's root)."""
     kept, skip = [], False
     for word in argv[:argv.index("--")] if "--" in argv else argv:
         if skip:
@@ -658,7 +658,7 @@ def worker_lines(argv: list, args) -> list:
         if name != "--dry-run":
             kept.append(word)
     command = argv[argv.index("--"):] if "--" in argv else ["--", *args.command]
-    base = ["python", "scripts/tune.py", *kept, "--out", str(Path(args.out).resolve()), "--storage", args.storage]
+    base = [sys.executable, "scripts/tune.py", *kept, "--out", str(Path(args.out).resolve()), "--storage", args.storage]
     return [shlex.join([*base, "--worker", str(k), *command]) for k in range(args.workers)]
 
 

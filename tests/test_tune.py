@@ -169,7 +169,7 @@ def test_worker_lines_for_the_launchers(tmp_path, capsys):
     assert len(lines) == 3 and not (tmp_path / "o").exists()
     for k, line in enumerate(lines):
         words = shlex.split(line)
-        assert words[:2] == ["python", "scripts/tune.py"]
+        assert words[:2] == [sys.executable, "scripts/tune.py"]
         args = tune.parse_args(words[2:])
         assert (args.worker, args.launcher, args.search, args.command) == \
             (k, "here", ["kd_T=float:1:8"], ["--dataset", "digits", "--epochs", "2"])
