@@ -280,7 +280,7 @@ def open_study(args, config: dict, check):
     file = sqlite_file(args.storage)
     switches = check() if config is not None and (file is None or not file.exists()) else None
     storage = make_storage(args)
-    sampler = optuna.samplers.TPESampler(seed=args.seed + args.worker)
+    sampler = optuna.samplers.TPESampler(n_startup_trials=args.random_trials, seed=args.seed + args.worker)
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=args.prune_startup, n_warmup_steps=args.prune_warmup + 1)
               if args.pruner == "median" else optuna.pruners.NopPruner())
     try:
@@ -692,6 +692,8 @@ def parse_args(argv):
     parser.add_argument("--prune_warmup", type=int, default=1, help="epochs of a trial never pruned (default 1)")
     parser.add_argument("--prune_startup", type=int, default=5, help="complete trials before any is pruned (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="TPE's seed; worker k samples with seed + k")
+    parser.add_argument("--random_trials", type=int, default=10,
+                        help="trials drawn at random before TPE models the others (default 10, Optuna's)")
     parser.add_argument("--worker", type=int, default=0, help="this worker's number (its sampler's seed offset)")
     parser.add_argument("--heartbeat", type=int, default=60,
                         help="seconds between a running trial's heartbeats; a trial silent for twice this is retried")
@@ -712,7 +714,7 @@ def parse_args(argv):
     for name in ("n_trials", "heartbeat", "workers"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("prune_warmup", "prune_startup", "seed", "worker", "max_retry"):
+    for name in ("prune_warmup", "prune_startup", "seed", "random_trials", "worker", "max_retry"):
         if getattr(args, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not NAME.match(args.study):

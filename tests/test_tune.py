@@ -194,6 +194,11 @@ FAKE_PROGRAM = textwrap.dedent("""
         plan = f.read().split()
     with open(os.path.join(here, "plan.txt"), "w") as f:
         f.write(" ".join(plan[1:]))
+    if plan[0] == "stop":  # the worker is told to stop (a Slurm preemption): it stops this run
+        import signal, time
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        os.kill(os.getppid(), signal.SIGTERM)
+        time.sleep(60)
     status = int(plan[0])
     if status == 0:
         with open(os.path.join(run, "results.json"), "w") as f:
@@ -230,6 +235,18 @@ def test_a_run_stopped_by_a_signal_is_retried_in_its_run_directory(tmp_path):
     assert study.trials[1].params == study.trials[0].params and study.trials[3].params == study.trials[2].params
     assert len(calls) == 4 and calls[0] == calls[1] and calls[2] == calls[3] and "--auto_resume" in calls[0]
     assert study.trials[1].value == pytest.approx(10 * study.trials[1].params["kd_T"])
+
+
+def test_a_stopped_worker_hands_its_trial_back(tmp_path, capsys):
+    """SIGTERM to the worker: it stops its run, queues the trial's values again and exits 143;
+    the same command again resumes that trial's run and ends the study."""
+    status, study, calls = fake_study(tmp_path, "stop 0", "--n_trials", "1")
+    assert status == 128 + signal.SIGTERM and "stopped: SIGTERM" in capsys.readouterr().err
+    assert [t.state.name for t in study.trials] == ["FAIL", "WAITING"]
+    assert study.trials[1].params == study.trials[0].params and study.trials[1].user_attrs["run"] == "trial_0"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the worker's handler is gone with it
+    status, study, calls = fake_study(tmp_path, "0", "--n_trials", "1")
+    assert status == 0 and [t.state.name for t in study.trials] == ["FAIL", "COMPLETE"] and calls[0] == calls[1]
 
 
 def test_failures_count_and_retries_end(tmp_path):
