@@ -259,11 +259,33 @@ def make_storage(args):
         # workers wait for each other's writes rather than fail on a locked file
         engine = {"connect_args": {"timeout": 120}}
     try:
-        return optuna.storages.RDBStorage(
+        storage = optuna.storages.RDBStorage(
             args.storage, engine_kwargs=engine, heartbeat_interval=args.heartbeat, grace_period=2 * args.heartbeat,
             heartbeat_stale_trial_callback=retry_callback(args))
     except Exception as err:  # SQLAlchemy's errors for a bad URL, a missing driver, a refused connection
         raise UserError(f"cannot open --storage {args.storage}: {str(err).splitlines()[0]}") from None
+    if file is not None:
+        serialize_sqlite(storage.engine)
+    return storage
+
+
+def serialize_sqlite(engine) -> None:
+    """Make each of the engine's transactions take SQLite's write lock when it begins (BEGIN
+    IMMEDIATE). Optuna claims a queued trial by reading its state and then writing it, guarded
+    by SELECT ... FOR UPDATE, which SQLite ignores: in SQLite's default deferred transactions two
+    workers both read WAITING and both take the trial (seen in tests/test_tune.py's two-worker
+    study: two runs in one directory). This is SQLAlchemy's recipe for pysqlite's transactions."""
+    from sqlalchemy import event
+
+    @event.listens_for(engine, "connect")
+    def leave_begin_to_sqlalchemy(connection, record):
+        connection.isolation_level = None  # pysqlite would otherwise begin (deferred) by itself
+
+    @event.listens_for(engine, "begin")
+    def begin_immediate(connection):
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened while Optuna made its tables start afresh with the hooks
 
 
 def stored_config(args, params) -> dict:

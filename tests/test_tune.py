@@ -275,26 +275,26 @@ def test_a_worker_with_another_space_is_refused(tmp_path, capsys):
     assert "was made with another search, program" in capsys.readouterr().err
 
 
-def start_worker(out, teacher, worker: int, log):
+def start_worker(out, teacher, worker: int, log, **env):
     argv = [sys.executable, str(ROOT / "scripts" / "tune.py"), "--study", "kd", "--out", str(out), "--n_trials", "2",
             "--heartbeat", "1", "--worker", str(worker), "--program", WRAPPER, "--pruner", "none",
             "--search", "kd_T=float:1:8", "--search", "a=float:0.1:2:log", "--",
             "--dataset", "digits", "--path_t", str(teacher), "--distill", "kd", "--epochs", "1", "--batch_size", "128",
             "--amp", "off", "--no-channels_last", "--print_freq", "5"]
     return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **env})
 
 
 def test_two_workers_share_a_study_and_resume_a_killed_one(digits_teacher, tmp_path):
-    """Worker 0 is killed (SIGKILL) inside its first trial; once that trial's heartbeat (1 s) is
-    past its grace (2 s), workers 1 and 2 share the same SQLite file: one fails the trial and
-    runs its values again in its run directory while the other runs a new trial, and the
-    study ends with 2 complete trials and its best command."""
+    """Worker 0 is killed (SIGKILL) inside its first trial (its run held before it starts);
+    once that trial's heartbeat (1 s) is past its grace (2 s), workers 1 and 2 share the same
+    SQLite file: one fails the trial and runs its values again in its run directory while the
+    other runs a new trial, and the study ends with 2 complete trials and its best command."""
     _, teacher_dir = digits_teacher
     out = tmp_path / "tune"
     with open(tmp_path / "w0.log", "w") as log:
-        first = start_worker(out, teacher_dir / "best.pth", 0, log)
-        while not (out / "students" / "trial_0" / "args.json").exists():
+        first = start_worker(out, teacher_dir / "best.pth", 0, log, QUARTER_STUDENT_HOLD="1")
+        while not (out / "logs" / "trial_0.log").exists():  # the trial is running: its run started
             assert first.poll() is None, (tmp_path / "w0.log").read_text()
             time.sleep(0.2)
         first.send_signal(signal.SIGKILL)
