@@ -1,5 +1,6 @@
 """Tune a method's weights and temperatures with Optuna (Akiba et al., KDD 2019): a seeded TPE
-sampler, trials pruned on the test top-1 that every epoch of a run reports, the study in a
+sampler (Bergstra et al., NeurIPS 2011), trials stopped by the median rule (Golovin et al.,
+Google Vizier, KDD 2017) on the test top-1 that every epoch of a run reports, the study in a
 database that any number of workers share.
 
     python scripts/tune.py --study kd_digits --n_trials 20 \\
@@ -62,8 +63,8 @@ POLL_S = 0.5
 # a pruned or interrupted run stops after its current step; past this it is killed (its last
 # completed epoch is on disk either way)
 STOP_GRACE_S = 300
-STORED = ("search", "command", "program", "metric")
 MAIN_STAGE = "main"
+STUDY_ATTR = "tune"  # the study's user attribute holding its settings
 # a run stopped by one of these exits with 128 + the signal, its last epoch kept (engine/signals.py)
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2}
 
@@ -313,17 +314,22 @@ def open_study(args, config: dict, check):
         study = optuna.create_study(study_name=args.study, storage=storage, sampler=sampler, pruner=pruner,
                                     direction="maximize", load_if_exists=True)
     if config is None:
+        if STUDY_ATTR not in study.user_attrs:
+            raise UserError(f"study {args.study!r} in {args.storage} was not made by scripts/tune.py")
         return study
-    if not study.user_attrs:
-        for key, value in {**config, "switches": check() if switches is None else switches}.items():
-            study.set_user_attr(key, value)
-    stored = {key: study.user_attrs.get(key) for key in config}
-    if stored != config:
-        differs = ", ".join(k for k in config if stored.get(k) != config[k])
-        raise UserError(f"study {args.study!r} in {args.storage} was made with another {differs} "
-                        f"({differs}: {', '.join(repr(stored.get(k)) for k in config if stored.get(k) != config[k])}); "
+    if STUDY_ATTR not in study.user_attrs:  # one attribute, written at once: a joining worker sees all or none
+        study.set_user_attr(STUDY_ATTR, {**config, "switches": check() if switches is None else switches})
+    stored = settings(study)
+    differs = [f"{key} {stored.get(key)!r} (given: {value!r})" for key, value in config.items() if stored.get(key) != value]
+    if differs:
+        raise UserError(f"study {args.study!r} in {args.storage} was made with {'; '.join(differs)}; "
                         "give the same, or another --study")
     return study
+
+
+def settings(study) -> dict:
+    """The search space, command, program, metric and switches the study was made with."""
+    return study.user_attrs[STUDY_ATTR]
 
 
 def tally(study, max_retry: int) -> dict:
@@ -352,8 +358,8 @@ class Worker:
 
     def __init__(self, args, study):
         self.args, self.study = args, study
-        self.params = [parse_search(spec) for spec in study.user_attrs["search"]]
-        self.switches = study.user_attrs["switches"]
+        self.params = [parse_search(spec) for spec in settings(study)["search"]]
+        self.switches = settings(study)["switches"]
         self.out = Path(args.out)
         self.retry = retry_callback(args)
         self.child = self.current = self.stop_signal = None
@@ -534,7 +540,7 @@ def last_line(log: Path) -> str:
 
 def best_command(study) -> str:
     """The command line that reproduces the best trial (in the default save directory)."""
-    config = study.user_attrs
+    config = settings(study)
     best = study.best_trial
     words = [w for spec in config["search"] for p in [parse_search(spec)]
              for w in p.words(best.params[p.name], config["switches"])]
@@ -544,8 +550,7 @@ def best_command(study) -> str:
 def export(study, out: Path) -> list:
     """trials.csv, trials.md and the parallel-coordinates figure (PNG and PDF) in `out`; the
     paths written."""
-    names = study.user_attrs["names"]
-    metric = study.user_attrs["metric"]
+    names, metric = settings(study)["names"], settings(study)["metric"]
     header = ["trial", "state", f"{metric}_top1", *names, "epochs", "run"]
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -573,7 +578,7 @@ def figure(study, out: Path, metric: str) -> list:
     one in red; pruned trials dashed grey, ending at the top-1 of the epoch that pruned them.
     Optuna's own plot draws complete trials only and loses the lines at an axis's ends."""
     from optuna.trial import TrialState
-    params = [parse_search(spec) for spec in study.user_attrs["search"]]
+    params = [parse_search(spec) for spec in settings(study)["search"]]
     drawn = [t for t in study.get_trials(deepcopy=False) if set(t.params) >= {p.name for p in params}
              and (t.state == TrialState.COMPLETE or (t.state == TrialState.PRUNED and t.intermediate_values))]
     complete = [t for t in drawn if t.state == TrialState.COMPLETE]
@@ -659,7 +664,7 @@ def report(study, out: Path) -> None:
           f"{', '.join(str(p) for p in written)}")
     if TrialState.COMPLETE in states:
         best = study.best_trial
-        print(f"best trial {best.number}: {study.user_attrs['metric']}-epoch top-1 {best.value:.2f}; "
+        print(f"best trial {best.number}: {settings(study)['metric']}-epoch top-1 {best.value:.2f}; "
               f"reproduce it with:\n  {best_command(study)}")
 
 

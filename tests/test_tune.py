@@ -93,8 +93,7 @@ def test_best_command_parses_back(tmp_path):
     command = ["--dataset", "digits", "--distill", "crd", "--path_t", str(tmp_path / "best.pth"), "--epochs", "3"]
     config = {"search": specs, "command": command, "program": tune.DEFAULT_PROGRAM, "metric": "last",
               "names": [p.name for p in params], "switches": tune.check_space(params, command, FLAGS)}
-    for key, value in config.items():
-        study.set_user_attr(key, value)
+    study.set_user_attr("tune", config)
     chosen = {"kd_T": 3.141592653589793, "a": 0.123456789012345, "nce_k": 1234, "mode": "relax", "dot": True,
               "logit_stand": False}
     distributions = {p.name: optuna.distributions.FloatDistribution(p.low, p.high, log=p.log) if p.kind == "float"
@@ -272,7 +271,8 @@ def test_a_worker_with_another_space_is_refused(tmp_path, capsys):
         tune.main(["--study", "fake", "--out", str(tmp_path / "out"), "--search", "kd_T=float:1:9", "--",
                    "--epochs", "1"])
     assert stop.value.code == 2
-    assert "was made with another search, program" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "was made with search ['kd_T=float:1:8'] (given: ['kd_T=float:1:9']); program " in err
 
 
 def start_worker(out, teacher, worker: int, log, **env):
