@@ -193,12 +193,10 @@ def launch(grid: Grid, launcher: str, jobs: int, python: str) -> int:
     if launcher == "shell":
         from scripts.run_commands import run_lines
         return run_lines(lines, jobs)
-    env = os.environ
+    # slurm.py reads the Slurm settings (PARTITION, TIME_LIMIT, ...) from the environment
     submit = [python, str(ROOT / "scripts" / "slurm.py"), "submit", "--launcher", launcher,
-              "--folder", env.get("SWEEP", str(grid.save / "slurm")), "--after", env.get("AFTER", ""),
-              "--partition", env.get("PARTITION", ""), "--time_limit", env.get("TIME_LIMIT", "1440"),
-              "--gpus_per_node", env.get("GPUS_PER_JOB", "1"), "--cpus_per_task", env.get("CPUS_PER_JOB", "8"),
-              "--jobs", str(jobs), *(["--mem_gb", env["MEM_GB"]] if env.get("MEM_GB") else [])]
+              "--folder", os.environ.get("SWEEP", str(grid.save / "slurm")), "--after", os.environ.get("AFTER", ""),
+              "--jobs", str(jobs)]
     return subprocess.run(submit, input="\n".join(lines) + "\n", text=True).returncode
 
 

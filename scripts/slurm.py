@@ -409,12 +409,19 @@ def parse_args(argv):
     submit.add_argument("--launcher", choices=("slurm", "submitit-local"), default="slurm")
     submit.add_argument("--folder", default="save/slurm", help="submitit's logs and the sweep's record")
     submit.add_argument("--after", default="", help="job ids (comma-separated) these jobs wait for (afterok)")
-    submit.add_argument("--partition", default="")
-    submit.add_argument("--time_limit", type=int, default=1440, help="minutes per job (requeued past it)")
-    submit.add_argument("--gpus_per_node", type=int, default=1)
-    submit.add_argument("--nodes", type=int, default=1, help="nodes per job (a torchrun group)")
-    submit.add_argument("--cpus_per_task", type=int, default=8)
-    submit.add_argument("--mem_gb", type=float, default=None)
+    # the defaults are the table scripts' settings from the environment (scripts/lib.sh), so
+    # every tool that submits (ablate.py, tune.py) reads them the same way
+    env = os.environ
+    submit.add_argument("--partition", default=env.get("PARTITION", ""), help="default: $PARTITION")
+    submit.add_argument("--time_limit", type=int, default=env.get("TIME_LIMIT", "1440"),
+                        help="minutes per job (requeued past it); default: $TIME_LIMIT or 1440")
+    submit.add_argument("--gpus_per_node", type=int, default=env.get("GPUS_PER_JOB", "1"),
+                        help="default: $GPUS_PER_JOB or 1")
+    submit.add_argument("--nodes", type=int, default=env.get("NODES_PER_JOB", "1"),
+                        help="nodes per job (a torchrun group); default: $NODES_PER_JOB or 1")
+    submit.add_argument("--cpus_per_task", type=int, default=env.get("CPUS_PER_JOB", "8"),
+                        help="default: $CPUS_PER_JOB or 8")
+    submit.add_argument("--mem_gb", type=float, default=env.get("MEM_GB") or None, help="default: $MEM_GB")
     submit.add_argument("--name", default="distillbench")
     submit.add_argument("--jobs", type=int, default=1, help="submitit-local: jobs at a time")
     status = commands.add_parser("status", help="finished, running and failed runs of a sweep")

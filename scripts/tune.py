@@ -691,13 +691,10 @@ def worker_lines(argv: list, args) -> list:
 
 def launch(lines: list, args) -> int:
     """Hand the worker lines to scripts/slurm.py submit (a job each; the launcher the table
-    scripts use), with the table scripts' Slurm settings from the environment."""
-    env = os.environ
+    scripts use), which reads the table scripts' Slurm settings from the environment."""
     submit = [sys.executable, str(ROOT / "scripts" / "slurm.py"), "submit", "--launcher", args.launcher,
               "--folder", str(Path(args.out).resolve() / "slurm"), "--jobs", str(args.workers),
-              "--name", f"tune-{args.study}", "--partition", env.get("PARTITION", ""),
-              "--time_limit", env.get("TIME_LIMIT", "1440"), "--gpus_per_node", env.get("GPUS_PER_JOB", "1"),
-              "--cpus_per_task", env.get("CPUS_PER_JOB", "8"), *(["--mem_gb", env["MEM_GB"]] if "MEM_GB" in env else [])]
+              "--name", f"tune-{args.study}"]
     return subprocess.run(submit, input="".join(line + "\n" for line in lines), text=True, cwd=ROOT).returncode
 
 

@@ -14,6 +14,7 @@ import scripts.ablate_cifar as ablate_cifar
 import train_student
 from conftest import read_json
 from method_helpers import quarter_digits
+from scripts import slurm
 from test_table_scripts import departures, weights
 
 
@@ -156,9 +157,9 @@ def test_slurm_gets_the_lines_and_lib_sh_settings(tmp_path, monkeypatch, capsys)
     assert ablate.main(grid_argv(save, "--launcher", "slurm")) == 0
     argv = submitted["argv"]
     assert argv[1].endswith("scripts/slurm.py") and argv[2:5] == ["submit", "--launcher", "slurm"]
-    options = dict(zip(argv[5::2], argv[6::2]))
-    assert options["--partition"] == "gpu" and options["--time_limit"] == "30" and options["--after"] == "41"
-    assert options["--mem_gb"] == "16" and options["--folder"] == str(save / "slurm")
+    options = slurm.parse_args(argv[2:])  # as the submitting process reads them, environment included
+    assert (options.partition, options.time_limit, options.after, options.mem_gb) == ("gpu", 30, "41", 16.0)
+    assert options.folder == str(save / "slurm")
     assert submitted["lines"] == (save / "commands.txt").read_text().splitlines() and len(submitted["lines"]) == 12
     assert not (save / "table.md").exists() and "--table_only" in capsys.readouterr().out
 
