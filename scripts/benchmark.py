@@ -310,15 +310,15 @@ def measure(path: str, opts, config: Config, data_folder: str, work: Path) -> di
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     was_reset = reset_host_peak()
-    args, ctx, loader, task = build_path(path, opts, config, data_folder, work)
-    prepared = prepare(args, ctx, task, loader)  # what the trainer does before training
+    run_config, ctx, loader, task = build_path(path, opts, config, data_folder, work)
+    prepared = prepare(run_config, ctx, task, loader)  # what the trainer does before training
     execution, scaler = prepared.execution, prepared.scaler
     amp_dtype, channels_last = execution.amp_dtype, execution.channels_last
     if path == "plain":
-        optimizer = torch.optim.SGD(task.main_parameters(), lr=args.learning_rate, momentum=args.momentum,
-                                    weight_decay=args.weight_decay, foreach=False)
+        optimizer = torch.optim.SGD(task.main_parameters(), lr=run_config.learning_rate, momentum=run_config.momentum,
+                                    weight_decay=run_config.weight_decay, foreach=False)
     else:
-        optimizer = build_sgd(task.main_parameters(), args, ctx.device)
+        optimizer = build_sgd(task.main_parameters(), run_config, ctx.device)
     task.set_epoch(1)
     task.train()
     task.keep_frozen_in_eval()
@@ -334,7 +334,7 @@ def measure(path: str, opts, config: Config, data_folder: str, work: Path) -> di
     result = {"images_per_s": timed["images_per_s"], "seconds": timed["epoch_time"],
               "train_loss": timed["train_loss"], "peak_host_mib": host_peak_mib(was_reset),
               "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-              "channels_last": channels_last, "loader": args.loader, "optimizer": _optimizer_kind(optimizer),
+              "channels_last": channels_last, "loader": run_config.loader, "optimizer": _optimizer_kind(optimizer),
               "execution": execution.describe()}
     if cuda:
         torch.cuda.synchronize()
