@@ -1,84 +1,25 @@
-"""Deep Mutual Learning: Zhang, Xiang, Hospedales & Lu, "Deep Mutual Learning", CVPR 2018.
-
-K >= 2 peers of any architectures train together from scratch, with no pretrained teacher.
-Peer k minimises its own cross-entropy plus the mean KL divergence from each other peer's
-prediction to its own (the paper's eq. 10, at T = 1 as in the paper):
-
-    L_k = CE(z_k, y) + 1/(K-1) * sum_{l != k} KL(softmax(z_l) || softmax(z_k))
-
-The paper updates the peers in turn, each against the others' current predictions. Here every
-peer takes its step at once from one forward pass, the other peers' predictions detached, so
-each peer's gradient is that of its own L_k and the sum of the L_k is what one optimizer
-minimises; the difference from the alternating updates is only which weights the other peers
-hold during a step (those before it rather than those after their own update in the same step).
-
-Every peer is evaluated each epoch (metrics.csv columns test_top1_peer<k>_<arch>, ...; the same
-TensorBoard scalars) and saved as <run>/peer<k>_<arch>/best.pth in the checkpoint format of
-best.pth, so evaluate.py reads it and train_student.py takes it as --path_t. The run's own
-best.pth, test_top1 and results.json's best_top1 are peer 0's.
+"""Deep Mutual Learning (Zhang et al., CVPR 2018): K >= 2 peers of any architectures train
+together from scratch, each from the labels and the others' predictions (engine/mutual.py).
 
     python train_mutual.py --models resnet32,resnet32
     python train_mutual.py --models resnet8,resnet14 --dataset digits --epochs 2
 """
-from core.errors import UserError, exit_quietly_on_ctrl_c, exits_cleanly
+from core.errors import exit_quietly_on_ctrl_c, exits_cleanly
 
 exit_quietly_on_ctrl_c()  # before the imports below, which take seconds
 
 import argparse
 
-import torch.nn.functional as F
-from torch import nn
-
-from distiller_zoo.kd import DistillKL
 from engine.args import Parser, add_common_args, parse_with_config
-from engine.build import build_model, check_fits_dataset, check_model_name, default_lr
+from engine.config import MutualConfig
+from engine.mutual import run_name, train
 from engine.programs import MUTUAL
-from engine.session import build_data, create_run_dir, restore_args, start
-from engine.task import Task, compile_features
-from engine.trainer import Trainer
+from engine.session import configure
 
 EXAMPLES = """examples:
   python train_mutual.py --models resnet32,resnet32                 # CIFAR-100, RepDistiller's recipe
   python train_mutual.py --models resnet8,resnet14,wrn_16_2 --dataset digits --epochs 2
 """
-
-
-class MutualTask(Task):
-    """The peers, peer 0 as `model`; every peer a side network of the trainer."""
-
-    def __init__(self, peers, archs, num_classes: int):
-        super().__init__(peers[0], num_classes)
-        self.peers = nn.ModuleList(peers)
-        self.archs = list(archs)
-        self.kl = DistillKL(T=1.0)
-
-    def forward(self, images, targets, *unused):
-        logits = [peer(images).float() for peer in self.peers]
-        others = len(logits) - 1
-        terms, loss = {}, 0.0
-        for k, z in enumerate(logits):
-            ce = F.cross_entropy(z, targets)
-            kl = sum(self.kl(z, other.detach()) for l, other in enumerate(logits) if l != k) / others
-            terms[f"ce_peer{k}"], terms[f"kl_peer{k}"] = ce, kl
-            loss = loss + ce + kl
-        terms["loss"] = loss
-        return terms, logits[0]
-
-    def main_parameters(self) -> list:
-        return [p for p in self.peers.parameters() if p.requires_grad]
-
-    def side_networks(self) -> dict:
-        return {f"peer{k}_{arch}": (arch, peer) for k, (arch, peer) in enumerate(zip(self.archs, self.peers))}
-
-    def compile_networks(self) -> None:
-        for peer in self.peers:
-            compile_features(peer)
-
-    def extra_state(self) -> dict:
-        return {"peers": self.peers.state_dict()}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.peers.load_state_dict(state["peers"])
 
 
 def build_parser() -> Parser:
@@ -94,44 +35,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parse_with_config(build_parser(), argv)
 
 
-def peer_archs(args) -> list:
-    archs = [name.strip() for name in args.models.split(",")]  # an empty entry is an unknown model, not skipped
-    if len(archs) < 2:
-        raise UserError(f"--models needs two or more comma-separated architectures, got {args.models!r}")
-    for arch in archs:
-        check_model_name(arch, "--models")
-        check_fits_dataset(arch, args.dataset, "--models")
-    return archs
-
-
-def slowest_lr_model(args) -> str:
-    """The peer whose registry learning rate is smallest: the default rate must suit every peer
-    (RepDistiller gives MobileNetV2 and ShuffleNets 0.01, the others 0.05)."""
-    return min(peer_archs(args), key=default_lr)
-
-
-def run_name(args) -> str:
-    return f"DML-{'+'.join(peer_archs(args))}_{args.dataset}_trial{args.trial}"
-
-
 @exits_cleanly
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if isinstance(args.resume, str):
-        args = restore_args(args, MUTUAL.kind, run_name)
-    archs = peer_archs(args)
-    args, ctx, run_dir = start(args, MUTUAL.kind, slowest_lr_model, run_name)
-    train_loader, test_loader, info = build_data(args, ctx)
-    peers = [build_model(arch, info.num_classes).to(ctx.device) for arch in archs]
-    task = MutualTask(peers, archs, info.num_classes).to(ctx.device)
-    create_run_dir(args, ctx, run_dir)
-    trainer = Trainer(args, ctx, run_dir, task, archs[0], train_loader, test_loader,
-                      describe={"method": "dml", "teacher": "peers", "peers": archs})
-    results = trainer.fit()
-    if ctx.is_main:
-        best = ", ".join(f"{name} {results['best_top1_' + name]:.2f}" for name in task.side_networks())
-        print(f"mutual learning on {args.dataset}: best top-1 {best}; run directory {run_dir}")
-    return results
+    config, resume = configure(parse_args(argv), MUTUAL.kind, MutualConfig.from_dict, run_name)
+    return train(config, resume)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,10 @@ exit_quietly_on_ctrl_c()  # before the imports below, which take seconds
 import argparse
 
 from engine.args import Parser, add_common_args, parse_with_config
-from engine.build import build_model, check_fits_dataset, check_model_name
+from engine.config import TeacherConfig
 from engine.programs import TEACHER
-from engine.session import build_data, create_run_dir, start
-from engine.task import SupervisedTask
-from engine.trainer import Trainer
+from engine.session import configure
+from engine.teacher_run import run_name, train
 
 EXAMPLES = """examples:
   python train_teacher.py --model resnet32x4                      # CIFAR-100, RepDistiller's recipe
@@ -34,27 +33,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parse_with_config(build_parser(), argv)
 
 
-def run_name(args) -> str:
-    return f"{args.model}_{args.dataset}_trial{args.trial}"
-
-
 @exits_cleanly
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    check_model_name(args.model)
-    check_fits_dataset(args.model, args.dataset)
-    args, ctx, run_dir = start(args, TEACHER.kind, lambda a: a.model, run_name)
-    train_loader, test_loader, info = build_data(args, ctx)
-    model = build_model(args.model, info.num_classes).to(ctx.device)
-    task = SupervisedTask(model, info.num_classes)
-    create_run_dir(args, ctx, run_dir)
-    trainer = Trainer(args, ctx, run_dir, task, args.model, train_loader, test_loader,
-                      describe={"method": "vanilla"})
-    results = trainer.fit()
-    if ctx.is_main:
-        print(f"{args.model} on {args.dataset}: best top-1 {results['best_top1']:.2f} "
-              f"(epoch {results['best_epoch']}), last {results['last_top1']:.2f}; run directory {run_dir}")
-    return results
+    config, resume = configure(parse_args(argv), TEACHER.kind, TeacherConfig.from_dict, run_name)
+    return train(config, resume)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ The loss is cross-entropy and, given a teacher, still KD, at T = 1 by default (t
 8-bit QAT: match the teacher's actual probabilities, which an 8-bit network can still represent,
 rather than softened ones). QAT fine-tunes a trained network: a small constant learning rate,
 not the schedule's start, on deploy/data.py's CPU batches (fp32; the graph is traced there)."""
-import os
+from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -15,16 +16,17 @@ import torch.nn.functional as F
 from core.errors import UserError
 from deploy import data as deploy_data
 from deploy import extras
-from deploy.network import load_network
+from deploy.network import load_network, read_network
 from deploy.qat import float_state, observers_frozen, prepare_qat, write_int8
 from distiller_zoo.base import DeployedNetwork
 from distiller_zoo.kd import DistillKL
+from engine.config import StudentConfig, world_size
 from engine.loop import NonFiniteLoss
 from engine.programs import STUDENT
 from engine.session import create_run_dir, start
 from engine.task import Task
 from engine.teacher import find_best_teacher
-from engine.trainer import Trainer
+from engine.trainer import Trainer, prepare
 
 METHOD = "qat"
 
@@ -92,58 +94,68 @@ class QATTask(Task):
         self.prepared.load_state_dict(state["qat_state"])
 
 
-def run_name(args) -> str:
-    return f"QAT-{args.model_s}_{args.dataset}_a{args.alpha:g}_T{args.kd_T:g}_trial{args.trial}"
+def run_name(config: StudentConfig) -> str:
+    return f"QAT-{config.model_s}_{config.dataset}_a{config.alpha:g}_T{config.kd_T:g}_trial{config.trial}"
 
 
-def settle_args(args, arch: str) -> None:
-    """A QAT run's flags in the names every run uses (what args.json records and the trainer reads)."""
-    args.model_s, args.method = arch, METHOD
-    args.epochs, args.learning_rate = args.qat_epochs, args.qat_lr
-    args.gamma = 1.0 if args.gamma is None else args.gamma
-    args.alpha = args.alpha or 0.0
-    args.kd_T = 1.0 if args.kd_T is None else args.kd_T
-    args.batch_size, args.device, args.amp, args.channels_last, args.compile = (
-        deploy_data.BATCH, "cpu", "off", False, False)
-
-
-def describe(args, teacher_arch) -> dict:
-    return {"method": METHOD, "teacher": teacher_arch or "none", "path_t": args.path_t if teacher_arch else None,
-            "init_student": args.init_student, "gamma": args.gamma, "alpha": args.alpha, "kd_T": args.kd_T,
-            "qat": {"epochs": args.epochs, "learning_rate": args.learning_rate, "momentum": args.momentum,
-                    "weight_decay": args.weight_decay, "gamma": args.gamma, "alpha": args.alpha, "kd_T": args.kd_T}}
-
-
-def check_qat_args(args) -> None:
-    if args.init_student is None:
-        raise UserError("--qat_epochs needs --init_student, the distilled student's checkpoint")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise UserError("--qat_epochs runs on one process; run it without torchrun")
-
-
-def run_qat(args) -> dict:
-    """The QAT run of train_student.py's parsed arguments (a --resume'd run's restored already),
-    then its int8.onnx; returns results.json's content."""
+def configure(flags: Mapping) -> "QATRun":
+    """The QAT run of train_student.py's flag values (a resumed run's stored ones): the student's
+    architecture from --init_student, and the flags in the names every run uses (what args.json
+    records and the trainer reads): QAT's epochs and constant learning rate, deploy/data.py's
+    batch on the CPU in fp32, KD at T = 1 unless given."""
     extras.require()
-    check_qat_args(args)
-    train_loader, test_loader, info = deploy_data.loaders(args.dataset, args.data_folder)
-    student, arch = load_network(args.init_student, None, info.num_classes, args.dataset)
-    if isinstance(student, DeployedNetwork):
-        raise UserError(f"--init_student {args.init_student} deploys a method's head beside the student (SimKD); "
-                        "QAT covers plain networks only; evaluate or export it as it is")
-    settle_args(args, arch)
-    teacher, teacher_arch = None, None
-    if args.alpha:
-        args.path_t = args.path_t or str(find_best_teacher(args.save_dir, args.dataset))
-        teacher, teacher_arch = load_network(args.path_t, args.model_t, info.num_classes, args.dataset)
-    args, ctx, run_dir = start(args, STUDENT.kind, lambda a: a.model_s, run_name)
-    prepared = prepare_qat(student, next(iter(test_loader))[0])
-    task = QATTask(student, prepared, info.num_classes, args.learning_rate, args.gamma, args.alpha, args.kd_T,
-                   teacher).to(ctx.device)
-    create_run_dir(args, ctx, run_dir)
-    results = Trainer(args, ctx, run_dir, task, arch, train_loader, test_loader,
-                      describe=describe(args, teacher_arch)).fit()
-    int8 = write_int8(run_dir, student, train_loader)
-    print(f"QAT of {args.init_student}: fake-quantised best top-1 {results['best_top1']:.2f}; "
-          f"{run_dir / 'best.pth'}, {int8}")
-    return results
+    if flags["init_student"] is None:
+        raise UserError("--qat_epochs needs --init_student, the distilled student's checkpoint")
+    if world_size() > 1:
+        raise UserError("--qat_epochs runs on one process; run it without torchrun")
+    _, arch = read_network(flags["init_student"])
+    alpha = flags["alpha"] or 0.0
+    path_t = flags["path_t"]
+    if alpha and not path_t:
+        path_t = str(find_best_teacher(flags["save_dir"], flags["dataset"]))
+    return QATRun(StudentConfig.from_dict({
+        **flags, "model_s": arch, "method": METHOD, "epochs": flags["qat_epochs"], "learning_rate": flags["qat_lr"],
+        "gamma": 1.0 if flags["gamma"] is None else flags["gamma"], "alpha": alpha, "path_t": path_t,
+        "kd_T": 1.0 if flags["kd_T"] is None else flags["kd_T"], "batch_size": deploy_data.BATCH,
+        "device": "cpu", "amp": "off", "channels_last": False, "compile": False}))
+
+
+def describe(config: StudentConfig, teacher_arch) -> dict:
+    return {"method": METHOD, "teacher": teacher_arch or "none", "path_t": config.path_t if teacher_arch else None,
+            "init_student": config.init_student, "gamma": config.gamma, "alpha": config.alpha, "kd_T": config.kd_T,
+            "qat": {"epochs": config.epochs, "learning_rate": config.learning_rate, "momentum": config.momentum,
+                    "weight_decay": config.weight_decay, "gamma": config.gamma, "alpha": config.alpha,
+                    "kd_T": config.kd_T}}
+
+
+@dataclass
+class QATRun:
+    config: StudentConfig
+
+    def name(self) -> str:
+        return run_name(self.config)
+
+    def train(self, resume=False) -> dict:
+        """The QAT run, then its int8.onnx; returns results.json's content. `resume` is the run
+        directory to go on with (or False)."""
+        config = self.config
+        train_loader, test_loader, info = deploy_data.loaders(config.dataset, config.data_folder)
+        student, arch = load_network(config.init_student, None, info.num_classes, config.dataset)
+        if isinstance(student, DeployedNetwork):
+            raise UserError(f"--init_student {config.init_student} deploys a method's head beside the student "
+                            "(SimKD); QAT covers plain networks only; evaluate or export it as it is")
+        teacher, teacher_arch = None, None
+        if config.alpha:
+            teacher, teacher_arch = load_network(config.path_t, config.model_t, info.num_classes, config.dataset)
+        ctx, run_dir = start(config, STUDENT.kind, run_name, resume)
+        prepared = prepare_qat(student, next(iter(test_loader))[0])
+        task = QATTask(student, prepared, info.num_classes, config.learning_rate, config.gamma, config.alpha,
+                       config.kd_T, teacher).to(ctx.device)
+        create_run_dir(config, ctx, run_dir, resume)
+        execution = prepare(config, ctx, task, train_loader, run_dir, resume, arch)
+        results = Trainer(config, ctx, run_dir, task, arch, train_loader, test_loader, execution,
+                          describe=describe(config, teacher_arch)).fit()
+        int8 = write_int8(run_dir, student, train_loader)
+        print(f"QAT of {config.init_student}: fake-quantised best top-1 {results['best_top1']:.2f}; "
+              f"{run_dir / 'best.pth'}, {int8}")
+        return results

@@ -8,7 +8,7 @@ takes the first method's defaults.
 """
 from dataclasses import dataclass, field
 from types import SimpleNamespace
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from core.errors import UserError
 from core.ranges import NON_NEGATIVE, Parsed, check_value
@@ -16,6 +16,8 @@ from distiller_zoo.base import MethodSpec, resolve
 from distiller_zoo.kd import DistillKL
 from distiller_zoo.options import DataNeeds, Pair, pair_key, resolve_options, resolve_value
 
+# --distill's default: Hinton et al.'s KD
+DEFAULT_DISTILL = "kd"
 # Logit standardisation's CIFAR-100 weights for plain KD (Sun et al., CVPR 2024).
 LOGIT_STAND_KD = (0.1, 9.0)
 
@@ -68,16 +70,16 @@ class Objective:
             needs = needs.merge(term.needs)
         return needs
 
-    def resolve_options(self, args, pair: Pair) -> None:
-        """Every method's typed options from the parsed flags (published per-pair values where a
-        flag is not given); written back to `args` with where each came from (`option_sources`),
-        so args.json records them and a resumed run describes them as the run did. A flag two
-        methods share (sdd_dkd and dkd: --dkd_beta) has one value: where their published values
-        for the pair differ, the user must give it."""
-        recorded = getattr(args, "option_sources", None) or {}
+    def resolve_options(self, given: Mapping, pair: Pair, recorded: Optional[Mapping] = None) -> Tuple[dict, dict]:
+        """Every method's typed options from the flag values `given` (None where a flag is not
+        given: the value published for the pair, else the default), set on each term; returns
+        (values, sources) by flag name, what args.json records, so a resumed run (`recorded`: the
+        sources it stored, its values all looking given) describes them as the run did. A flag
+        two methods share (sdd_dkd and dkd: --dkd_beta) has one value: where their published
+        values for the pair differ, the user must give it."""
         resolved: Dict[str, Tuple[object, str]] = {}
         for term in self.methods:
-            flags = SimpleNamespace(**{opt.name: getattr(args, opt.name, None) for opt in term.spec.options})
+            flags = SimpleNamespace(**{opt.name: given.get(opt.name) for opt in term.spec.options})
             others = tuple(t.spec.name for t in self.methods if t is not term)
             term.options, term.option_sources = resolve_options(term.spec.options, flags, pair, others, recorded)
             for name, value in vars(term.options).items():
@@ -85,9 +87,8 @@ class Objective:
                 if first != value:
                     raise UserError(f"--{name} is {first} for {owner} but {value} for {term.spec.name} (their "
                                     f"published values for {pair[0]} -> {pair[1]}); give --{name} to choose one")
-        for name, (value, _) in resolved.items():
-            setattr(args, name, value)
-        args.option_sources = {k: v for term in self.methods for k, v in term.option_sources.items()}
+        sources = {k: v for term in self.methods for k, v in term.option_sources.items()}
+        return {name: value for name, (value, _) in resolved.items()}, sources
 
     def kd_term(self, temperature) -> Tuple[str, DistillKL]:
         """The -a term, KD at the run's temperature, and the name it is logged under."""

@@ -7,7 +7,7 @@
         def data_needs(cls, options) -> DataNeeds:
             return DataNeeds(contrast=(options.nce_k, options.mode))
 
-`train_student.py` turns every registered method's options into one argument group headed by
+`engine/student_run.py` turns every registered method's options into one argument group headed by
 the method's name, so `--help` shows each option under its method, with its default. A method
 receives its options as a typed namespace (`ctx.options`), never the argparse namespace.
 
@@ -119,15 +119,14 @@ def resolve_option(opt: Option, given, pair: Pair, others: Tuple[str, ...]):
 def resolve_options(options: Tuple[Option, ...], args, pair: Pair, others: Tuple[str, ...] = (),
                     recorded: Dict[str, str] = None) -> Tuple[SimpleNamespace, Dict[str, str]]:
     """A method's typed options from the parsed flags (None where the flag was not given), and
-    where each value came from; `others` names the run's other methods. The resolved values are
-    written back to `args`, so args.json records what ran; `recorded` holds the sources a
-    resumed run recorded (its stored values all look given)."""
+    where each value came from; `others` names the run's other methods; `recorded` holds the
+    sources a resumed run recorded (its stored values all look given). The run's configuration
+    records the values (engine/student_run.py), so args.json holds what ran."""
     values, sources = {}, {}
     for opt in options:
         value, source = resolve_option(opt, getattr(args, opt.name, None), pair, others)
         values[opt.name] = None if value is None else opt.type(value)
         sources[opt.name] = (recorded or {}).get(opt.name, source)
-        setattr(args, opt.name, values[opt.name])
     return SimpleNamespace(**values), sources
 
 

@@ -2,20 +2,13 @@
 parser that checks every flag against its declared range (core/ranges.py) before a run starts."""
 import argparse
 import os
-import zlib
 
 import yaml
 
 from core.errors import UserError
 from core.ranges import NAME, NON_NEGATIVE, POSITIVE, at_least, check_value, within
-from engine.build import default_lr
-from engine.recipe import apply_imagenet_recipe
+from engine.config import DERIVED
 from engine.torchvision_teacher import is_torchvision_spec
-
-REFERENCE_EPOCHS = 240
-REFERENCE_DECAY_EPOCHS = (150, 180, 210)
-REFERENCE_BATCH_SIZE = 64
-REFERENCE_WEIGHT_DECAY = 5e-4
 
 
 def path_text(value) -> str:
@@ -151,33 +144,10 @@ def add_common_args(parser: Parser) -> None:
                    help="CPU threads (torch.set_num_threads); default torch's (on --resume, the run's)", valid=at_least(1))
 
 
-def finalize_common_args(args: argparse.Namespace, trained_model: str) -> argparse.Namespace:
-    """Fill the defaults that depend on other flags (the flags' ranges were checked on parsing)."""
-    args = apply_imagenet_recipe(args, int(os.environ.get("WORLD_SIZE", "1")))
-    if args.epochs is None:
-        args.epochs = REFERENCE_EPOCHS
-    if args.batch_size is None:
-        args.batch_size = REFERENCE_BATCH_SIZE
-    if args.weight_decay is None:
-        args.weight_decay = REFERENCE_WEIGHT_DECAY
-    if args.learning_rate is None:
-        args.learning_rate = default_lr(trained_model)
-    if args.lr_decay_epochs is None:
-        args.lr_decay_epochs = [round(m * args.epochs / REFERENCE_EPOCHS) for m in REFERENCE_DECAY_EPOCHS]
-    if args.seed is None:
-        args.seed = seed_from_trial(args.trial)
-    args.skip_bad_images = bool(args.skip_bad_images)
-    return args
-
-
-def seed_from_trial(trial: str) -> int:
-    return int(trial) if str(trial).isdigit() else zlib.crc32(str(trial).encode()) % (2**31)
-
-
-def parse_with_config(parser: argparse.ArgumentParser, argv=None,
-                      derived=("method", "beta_label", "world_size", "effective_batch", "option_sources")):
+def parse_with_config(parser: argparse.ArgumentParser, argv=None):
     """Parse `argv`, with `--config FILE` (YAML, or a run's args.json) setting any flag first and
-    the command line overriding it. `derived` names keys an args.json records that are not flags.
+    the command line overriding it; a run's derived values (engine/config.py's DERIVED) in an
+    args.json are left to the configuration to compute again.
     `args.command_line` lists the flags the command line or the config file set (what a resume
     says it ignores); it is not stored in args.json."""
     parser.add_argument("--config", default=None, metavar="FILE", type=absolute_path,
@@ -185,7 +155,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv=None,
     known, _ = parser.parse_known_args(argv)
     configured = {}
     if known.config:
-        configured = read_config(known.config, parser, derived)
+        configured = read_config(known.config, parser, DERIVED)
         parser.set_defaults(**configured)
     args = parser.parse_args(argv)
     check_ranges(parser, args)

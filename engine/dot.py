@@ -22,7 +22,7 @@ delta 0.075, so the task momentum is 0.825 and the distillation momentum 0.975.
 
 Use:
     opt = DOT(params, lr=0.05, momentum=0.9, delta=0.075, weight_decay=5e-4)
-    opt.step_losses(task_loss, distill_loss)           # or, with gradients at hand:
+    opt.step_losses(task_loss, distill_loss)           # or opt.minimise(terms), or, with gradients at hand:
     opt.step_with(task_grads, distill_grads)           # sequences aligned with opt.params
 `step()` on the .grad fields is a plain SGD step with momentum mu (every gradient counted as a
 task gradient), so an init stage or a run without distillation behaves as SGD.
@@ -49,6 +49,11 @@ class DOT(torch.optim.Optimizer):
     def params(self) -> List[Tensor]:
         """Every parameter, in the order step_with expects its gradients."""
         return [p for group in self.param_groups for p in group["params"]]
+
+    def minimise(self, terms: dict) -> None:
+        """One step on a training step's loss terms (engine/optim.py's `minimise`): terms['task']
+        is the task's share of terms['loss'], the rest the distillation's."""
+        self.step_losses(terms["task"], terms["loss"] - terms["task"])
 
     def step_losses(self, task_loss: Tensor, distill_loss: Tensor) -> None:
         """Differentiate both losses with respect to the parameters and take one DOT step."""

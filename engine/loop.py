@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from core.distributed import all_reduce_sum, world_size
-from engine.dot import DOT
+from engine.optim import minimise
 from engine.precision import autocast
 from engine.progress import epoch_bar
 
@@ -77,8 +77,8 @@ def train_epoch(step_module, loader, optimizer, scaler, *, device, amp_dtype, ch
                 print_freq: int, desc: str, show_progress: bool, with_accuracy: bool = True, run: str = "",
                 stop=None) -> dict:
     """Optimise over one pass of `loader`. `step_module(*batch)` returns (terms, logits);
-    terms['loss'] is minimised, every term is reported. Under DOT, terms['task'] (the task's
-    share of the loss) and the rest are stepped apart. `stop` (engine.signals.StopRequest) ends
+    terms['loss'] is minimised (engine/optim.py's `minimise`: the optimiser may step shares of it
+    apart, as DOT does), every term is reported. `stop` (engine.signals.StopRequest) ends
     the epoch between steps with Interrupted. Returns means, seconds, images/s."""
     meter = EpochMeter(device)
     start = time.perf_counter()
@@ -88,12 +88,7 @@ def train_epoch(step_module, loader, optimizer, scaler, *, device, amp_dtype, ch
         with autocast(device, amp_dtype):
             terms, logits = step_module(images, targets, *rest)
         optimizer.zero_grad(set_to_none=True)
-        if isinstance(optimizer, DOT):  # never with fp16 loss scaling: train_student.py refuses it
-            optimizer.step_losses(terms["task"], terms["loss"] - terms["task"])
-        else:
-            scaler.scale(terms["loss"]).backward()
-            scaler.step(optimizer)
-            scaler.update()
+        minimise(optimizer, scaler, terms)
         meter.add(terms, logits, targets)
         bar.update(1)
         if step % print_freq == 0:

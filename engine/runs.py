@@ -27,16 +27,17 @@ def tell_launcher(run_dir: Path) -> None:
         write_atomic(note, (str(Path(run_dir).resolve()) + "\n").encode())
 
 
-def locate_run_dir(args, kind: str, default_name: str) -> Path:
-    """The run's directory, checked (`check_run_dir`). Creates nothing (under torchrun every
-    rank checks)."""
-    if isinstance(args.resume, str):
-        run_dir = Path(args.resume)
+def locate_run_dir(kind: str, default_name: str, save_dir, run_name=None, resume=False) -> Path:
+    """The run's directory, checked (`check_run_dir`): `resume`'s where it names one (a run
+    directory or a file in it), else save_dir/kind/(run_name or default_name). Creates nothing
+    (under torchrun every rank checks)."""
+    if isinstance(resume, (str, Path)):
+        run_dir = Path(resume)
         if run_dir.is_file():
             run_dir = run_dir.parent
     else:
-        run_dir = Path(args.save_dir) / kind / (args.run_name or default_name)
-    check_run_dir(run_dir, bool(args.resume))
+        run_dir = Path(save_dir) / kind / (run_name or default_name)
+    check_run_dir(run_dir, bool(resume))
     return run_dir
 
 

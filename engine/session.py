@@ -1,8 +1,9 @@
-"""Start-up shared by the entry points: arguments (restored on --resume), device,
+"""Start-up shared by the programs: the run configuration (restored on --resume), device,
 seeds, the run directory and its args.json."""
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable, Tuple
 
 import torch
 
@@ -11,7 +12,7 @@ from core.seeding import seed_everything
 from dataset.loaders import build_loaders
 from distiller_zoo.options import DataNeeds
 from engine import programs, runs
-from engine.args import finalize_common_args
+from engine.config import NOT_STORED, RunConfig
 from engine.lock import lock_run_dir
 from engine.loop import move_batch
 from engine.precision import set_threads
@@ -19,27 +20,40 @@ from engine.precision import set_threads
 # Flags that say how to run, not what to compute: on --resume the command line's values win,
 # those of KEPT_UNLESS_GIVEN only where the command line gives them (else the run keeps its own).
 # Any other flag the command line gives is ignored on --resume, and named in a warning.
-EXECUTION_FLAGS = ("device", "num_workers", "print_freq", "data_folder", "download", "resume", "save_dir",
+EXECUTION_FLAGS = ("device", "num_workers", "print_freq", "data_folder", "download", "save_dir",
                    "auto_resume", "amp", "channels_last", "compile", "threads", "skip_bad_images")
 KEPT_UNLESS_GIVEN = ("amp", "channels_last", "compile", "threads", "data_folder", "skip_bad_images")
-# derived at start-up, never stored in args.json
-UNSTORED = ("resume", "command_line")
 # what a run cannot be resumed without; a flag added to the code after a run started takes its default
 REQUIRED = ("dataset", "epochs", "batch_size", "learning_rate", "lr_decay_epochs", "seed", "trial")
 
 
-def restore_args(args: argparse.Namespace, kind: str, default_name) -> argparse.Namespace:
-    """On --resume, the run's stored arguments win over the command line, except how to run."""
-    by_directory = isinstance(args.resume, str)  # a run directory needs no name
-    run_dir = runs.locate_run_dir(args, kind, "" if by_directory else default_name(args))
+def configure(args: argparse.Namespace, kind: str, build: Callable[[dict], RunConfig],
+              default_name: Callable[[RunConfig], str]) -> Tuple[RunConfig, object]:
+    """(configuration, resume) of a parsed command line: `build(flags)` makes the configuration
+    of flag values, `default_name(config)` names a new run's directory. On --resume (or
+    --auto_resume of an interrupted run) the run's stored flags win over the command line's,
+    except how to run; `resume` is then the run's directory, or False where it has no checkpoint
+    to go on from (it starts again from scratch)."""
+    flags = {k: v for k, v in vars(args).items() if k not in NOT_STORED}
+    resume = args.resume
+    if args.auto_resume and not resume:
+        resume = resume_if_interrupted(Path(args.save_dir) / kind / (args.run_name or default_name(build(flags))))
+    if not resume:
+        return build(flags), False
+    by_directory = isinstance(resume, str)  # a run directory needs no name
+    run_dir = runs.locate_run_dir(kind, "" if by_directory else default_name(build(flags)),
+                                  args.save_dir, args.run_name, resume)
+    config = build(restored_flags(args, flags, kind, run_dir))
+    return config, run_dir if runs.checkpoints(run_dir) else False
+
+
+def restored_flags(args: argparse.Namespace, flags: dict, kind: str, run_dir: Path) -> dict:
+    """The run's stored flags, with the command line's execution flags."""
     stored = runs.load_run_args(run_dir, REQUIRED + (programs.BY_KIND[kind].trained,))
-    command_line = set(getattr(args, "command_line", vars(args)))
+    command_line = set(getattr(args, "command_line", flags))
     warn_ignored(args, stored, command_line, run_dir)
-    given = {k: getattr(args, k) for k in EXECUTION_FLAGS if k not in KEPT_UNLESS_GIVEN or k in command_line}
-    merged = argparse.Namespace(**{**vars(args), **stored, **given})
-    merged.run_name = run_dir.name
-    merged.save_dir = str(run_dir.parent.parent)
-    return merged
+    given = {k: flags[k] for k in EXECUTION_FLAGS if k not in KEPT_UNLESS_GIVEN or k in command_line}
+    return {**flags, **stored, **given, "run_name": run_dir.name, "save_dir": str(run_dir.parent.parent)}
 
 
 def warn_ignored(args, stored: dict, command_line: set, run_dir: Path) -> None:
@@ -64,53 +78,41 @@ def resume_if_interrupted(run_dir: Path) -> bool:
     return bool(runs.checkpoints(run_dir))
 
 
-def start(args: argparse.Namespace, kind: str, trained_model, default_name):
-    """Returns (args, ctx, run_dir). `default_name(args)` names a new run's directory, which
-    `create_run_dir` makes once the data and networks are known to be usable."""
-    if args.auto_resume and not args.resume:
-        args.resume = resume_if_interrupted(Path(args.save_dir) / kind / (args.run_name or default_name(args)))
-    if args.resume:
-        args = restore_args(args, kind, default_name)
-        args.resume = args.resume if runs.checkpoints(resumed_dir(args, kind)) else False
-    else:
-        args = finalize_common_args(args, trained_model(args))
-    set_threads(args.threads)
-    ctx = setup(args.device)
-    seed_everything(args.seed, args.deterministic)
-    run_dir = runs.locate_run_dir(args, kind, default_name(args))
-    if not args.resume and (run_dir / runs.ARGS_FILE).exists() and ctx.is_main:
+def start(config: RunConfig, kind: str, default_name: Callable[[RunConfig], str], resume=False):
+    """Returns (ctx, run_dir): threads, the process group, the seeds, and the run's directory
+    (`resume`'s, else named by `default_name(config)`), which `create_run_dir` makes once the
+    data and networks are known to be usable."""
+    set_threads(config.threads)
+    ctx = setup(config.device)
+    seed_everything(config.seed, config.deterministic)
+    run_dir = runs.locate_run_dir(kind, default_name(config), config.save_dir, config.run_name, resume)
+    if not resume and (run_dir / runs.ARGS_FILE).exists() and ctx.is_main:
         print(f"{run_dir} never reached its first checkpoint: starting it again from scratch")
-    args.world_size, args.effective_batch = ctx.world_size, ctx.world_size * args.batch_size
-    return args, ctx, run_dir
+    return ctx, run_dir
 
 
-def resumed_dir(args, kind: str) -> Path:
-    """The directory of a restored run (restore_args names it by save_dir and run_name)."""
-    return Path(args.save_dir) / kind / args.run_name
-
-
-def create_run_dir(args, ctx, run_dir: Path) -> None:
+def create_run_dir(config: RunConfig, ctx, run_dir: Path, resume=False) -> None:
     """Take the run directory for this process (rank 0), check it again now that no other
-    process can change it, and give a new run its args.json; a run that never checkpointed
-    first loses what its earlier start logged."""
+    process can change it, and give a new run its args.json (the configuration); a run that
+    never checkpointed first loses what its earlier start logged."""
     barrier()
     if ctx.is_main:
         lock_run_dir(run_dir)
         runs.tell_launcher(run_dir)
-        runs.check_run_dir(run_dir, bool(args.resume))
-    if ctx.is_main and not args.resume:
+        runs.check_run_dir(run_dir, bool(resume))
+    if ctx.is_main and not resume:
         runs.clear_unfinished(run_dir)
-        runs.write_json(Path(run_dir) / runs.ARGS_FILE, {k: v for k, v in vars(args).items() if k not in UNSTORED})
+        runs.write_json(Path(run_dir) / runs.ARGS_FILE, config.to_dict())
 
 
-def build_data(args, ctx, needs: DataNeeds = DataNeeds()):
+def build_data(config: RunConfig, ctx, needs: DataNeeds = DataNeeds()):
     """(train_loader, test_loader, info), the training batches carrying what `needs` asks
     (the active methods' data needs: contrastive negatives, a strong second view, rotated views)."""
-    return build_loaders(args.dataset, args.data_folder, args.batch_size, loader=args.loader,
-                         device=ctx.device, num_workers=args.num_workers, seed=args.seed,
-                         download=args.download, contrast=needs.contrast, rank=ctx.rank,
+    return build_loaders(config.dataset, config.data_folder, config.batch_size, loader=config.loader,
+                         device=ctx.device, num_workers=config.num_workers, seed=config.seed,
+                         download=config.download, contrast=needs.contrast, rank=ctx.rank,
                          world_size=ctx.world_size, channels_last=False, strong_view=needs.strong_view,
-                         rotations=needs.rotations, skip_bad_images=bool(args.skip_bad_images))
+                         rotations=needs.rotations, skip_bad_images=config.skip_bad_images)
 
 
 @torch.no_grad()

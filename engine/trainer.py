@@ -1,6 +1,8 @@
-"""The training driver the four training entry points share (train_teacher, train_student,
-train_mutual, train_self): stages, epochs, evaluation, checkpoints, resume, logging and the
-final results file.
+"""The training driver every program shares (teachers, students, mutual learning, self-
+distillation, QAT), in two steps: `prepare` (resume state, execution choice, channels_last,
+compile, gradient scaler, DistributedDataParallel wrapping) and `Trainer(...).fit()` (stages,
+epochs, evaluation, checkpoints, logging and the final results file). Both read the run's
+configuration (engine/config.py).
 
 A *task* is an nn.Module whose forward(images, targets, indices, ...) returns
 (loss terms, logits); terms['loss'] is what is minimised. It owns the trained
@@ -19,7 +21,7 @@ engine/teacher.py's `build_teacher` rebuilds the same network from them.
 import inspect
 import shlex
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -52,47 +54,95 @@ class Stage:
     constant_lr: Optional[float] = None  # None: the step-decay schedule; init stages use a constant lr
     lr_milestones: Tuple[int, ...] = ()  # with constant_lr: x0.1 after each of these epochs
 
-    def lr(self, epoch: int, args) -> float:
+    def lr(self, epoch: int, config) -> float:
         if self.constant_lr is None:
-            return lr_at(epoch, args)
+            return lr_at(epoch, config)
         return self.constant_lr * 0.1 ** sum(epoch > m for m in self.lr_milestones)
 
 
+@dataclass
+class Prepared:
+    """How a task runs, chosen once before training (`prepare`): the precision and memory
+    format, the gradient scaler, the resume state, and the DistributedDataParallel wrappers."""
+
+    execution: Execution
+    scaler: torch.amp.GradScaler
+    ctx: object
+    resume_state: Optional[dict] = None
+    _ddp: dict = field(default_factory=dict)
+
+    @property
+    def amp_dtype(self):
+        return self.execution.amp_dtype
+
+    @property
+    def channels_last(self) -> bool:
+        return self.execution.channels_last
+
+    def wrap(self, task, module: nn.Module, params) -> nn.Module:
+        """`module` under DistributedDataParallel when running under torchrun; one wrapper per
+        module, kept here (as a submodule of what it wraps it would form a cycle). DDP looks for
+        unused parameters only where the stage has some (the task says). A stage's wrapper is
+        made when it starts, not before: an init stage shares the student's parameters with the
+        main stage, and two live wrappers would both hook them."""
+        if not self.ctx.distributed:
+            return module
+        if id(module) not in self._ddp:
+            unused = task.has_unused_parameters(module, params)
+            self._ddp[id(module)] = wrap_ddp(module, self.ctx.device, find_unused_parameters=unused)
+        return self._ddp[id(module)]
+
+    def unwrap(self, module: nn.Module) -> None:
+        """Drop a finished stage's wrapper, its gradient buckets and its hooks on the parameters."""
+        self._ddp.pop(id(module), None)
+
+
+def prepare(config, ctx, task, train_loader, run_dir: Optional[Path] = None, resume=False,
+            model_name: Optional[str] = None) -> Prepared:
+    """Make `task` ready to train under `config` (engine/config.py) on `ctx`'s device: on a
+    resume, the run's last good checkpoint is read first (`run_dir`, `model_name`); the precision
+    and memory format are the run's recorded ones, else chosen (every rank runs rank 0's
+    choice, a measurement on a CPU); channels_last and torch.compile are applied, and the
+    gradient scaler made. What the benchmark scripts time is this preparation's result."""
+    resume_state = (load_resume_state(run_dir, ctx.world_size, config.batch_size, task.model, model_name)
+                    if resume else None)
+    recorded = (resume_state or {}).get("execution")
+    execution = Execution.recorded(recorded) if recorded else broadcast_from_main(resolve_execution(
+        config.amp, config.channels_last, ctx.device, task.model, task.frozen_networks(),
+        lambda: first_batch_shape(train_loader)))
+    if ctx.is_main and run_dir is not None:
+        run_line(Path(run_dir).name, f"execution: {ctx.device}, {torch.get_num_threads()} threads, "
+                                     f"{execution.describe()}")
+        if config.deterministic:
+            run_line(Path(run_dir).name, determinism_line())
+    if execution.channels_last:
+        task.to(memory_format=torch.channels_last)
+    if config.compile:
+        task.compile_networks()
+    return Prepared(execution, grad_scaler(ctx.device, execution.amp_dtype), ctx, resume_state)
+
+
 class Trainer:
-    def __init__(self, args, ctx, run_dir: Path, task, model_name: str, train_loader, test_loader,
-                 describe: Optional[dict] = None):
-        self.args, self.ctx, self.run_dir, self.task = args, ctx, Path(run_dir), task
+    """Runs a prepared task: `Trainer(config, ctx, run_dir, task, model_name, loaders,
+    prepare(...)).fit()` trains the stages, evaluates, checkpoints and writes results.json."""
+
+    def __init__(self, config, ctx, run_dir: Path, task, model_name: str, train_loader, test_loader,
+                 prepared: Prepared, describe: Optional[dict] = None):
+        self.config, self.ctx, self.run_dir, self.task = config, ctx, Path(run_dir), task
         self.model_name = model_name
         self.train_loader, self.test_loader = train_loader, test_loader
         self.describe = describe or {}
-        self.resume_state = (load_resume_state(run_dir, ctx.world_size, args.batch_size, task.model, model_name)
-                             if args.resume else None)
-        # every rank must run the same precision: rank 0's measurement decides; a resumed run keeps
-        # the choice it started with, whatever a new measurement under another load would say
-        recorded = (self.resume_state or {}).get("execution")
-        self.execution = Execution.recorded(recorded) if recorded else broadcast_from_main(resolve_execution(
-            args.amp, args.channels_last, ctx.device, task.model, task.frozen_networks(),
-            lambda: first_batch_shape(train_loader)))
-        self.amp_dtype, self.channels_last = self.execution.amp_dtype, self.execution.channels_last
-        if ctx.is_main:
-            run_line(self.run_dir.name, f"execution: {ctx.device}, {torch.get_num_threads()} threads, "
-                                        f"{self.execution.describe()}")
-            if args.deterministic:
-                run_line(self.run_dir.name, determinism_line())
-        if self.channels_last:
-            task.to(memory_format=torch.channels_last)
-        if args.compile:
-            task.compile_networks()
-        self.scaler = grad_scaler(ctx.device, self.amp_dtype)
+        self.prepared, self.resume_state, self.execution = prepared, prepared.resume_state, prepared.execution
+        self.amp_dtype, self.channels_last, self.scaler = prepared.amp_dtype, prepared.channels_last, prepared.scaler
         self.best_acc, self.best_epoch, self.elapsed = 0.0, 0, 0.0
         self.side = task.side_networks()  # name -> (architecture, network)
         self.side_best = {name: 0.0 for name in self.side}
         self.position = {"stage": None, "epoch": 0, "rows": 0}
-        self._ddp = {}
         self.saved = None  # (stage, epoch) of the checkpoint on disk
         if self.resume_state is not None:
             self._restore(self.resume_state)
-        self.log = MetricsLog(self.run_dir, self.position if args.resume else None, enabled=ctx.is_main)
+        self.log = MetricsLog(self.run_dir, self.position if self.resume_state is not None else None,
+                              enabled=ctx.is_main)
 
     # --- resume -----------------------------------------------------------------------------
     def _restore(self, state: dict) -> None:
@@ -129,30 +179,30 @@ class Trainer:
 
     def _train_stages(self) -> None:
         stages = self.task.init_stages() + [
-            Stage(MAIN_STAGE, self.args.epochs, self.task, self.task.main_parameters(),
+            Stage(MAIN_STAGE, self.config.epochs, self.task, self.task.main_parameters(),
                   constant_lr=self.task.main_constant_lr())]
         epoch_offset = 0
         for index, stage in enumerate(stages):
-            optimizer = build_optimizer(stage.params, self.args, self.ctx.device, stage.name == MAIN_STAGE)
+            optimizer = build_optimizer(stage.params, self.config, self.ctx.device, stage.name == MAIN_STAGE)
             first = self._start_epoch(index, stages, optimizer)
             for epoch in range(first, stage.epochs + 1):
                 self._run_epoch(stage, epoch, epoch_offset + epoch, optimizer)
-            self._unwrap(stage.module)
+            self.prepared.unwrap(stage.module)
             epoch_offset += stage.epochs
 
     def _run_epoch(self, stage: Stage, epoch: int, global_epoch: int, optimizer) -> None:
-        lr = stage.lr(epoch, self.args)
+        lr = stage.lr(epoch, self.config)
         set_lr(optimizer, lr)
         self.train_loader.set_epoch(global_epoch)
         if stage.name == MAIN_STAGE:
             self.task.set_epoch(epoch)
-        module = self._wrap(stage)
+        module = self.prepared.wrap(self.task, stage.module, stage.params)
         module.train()
         self.task.keep_frozen_in_eval()
         desc = f"{stage.name} {epoch}/{stage.epochs}"
         metrics = train_epoch(module, self.train_loader, optimizer, self.scaler, device=self.ctx.device,
                               amp_dtype=self.amp_dtype, channels_last=self.channels_last,
-                              print_freq=self.args.print_freq, desc=desc,
+                              print_freq=self.config.print_freq, desc=desc,
                               show_progress=self.ctx.is_main, with_accuracy=stage.evaluate, run=self.run_dir.name,
                               stop=self.stop)
         average_buffers(self.task.deployed_network())
@@ -196,24 +246,6 @@ class Trainer:
                 improved.append(name)
         return improved
 
-    def _wrap(self, stage: Stage) -> nn.Module:
-        """The stage's module, under DistributedDataParallel when running under torchrun; one
-        wrapper per module, kept here (as a submodule of what it wraps it would form a cycle).
-        DDP looks for unused parameters only where the stage has some (the task says)."""
-        module = stage.module
-        if not self.ctx.distributed:
-            return module
-        if id(module) not in self._ddp:
-            unused = self.task.has_unused_parameters(module, stage.params)
-            self._ddp[id(module)] = wrap_ddp(module, self.ctx.device, find_unused_parameters=unused)
-        return self._ddp[id(module)]
-
-    def _unwrap(self, module: nn.Module) -> None:
-        """Drop a finished stage's DDP wrapper: an init stage's module shares the student's
-        parameters with the main stage's, and a live wrapper would keep its gradient buckets
-        and its hooks on them through the main stage."""
-        self._ddp.pop(id(module), None)
-
     # --- stopping early ----------------------------------------------------------------------
     @contextmanager
     def _stopping_cleanly(self):
@@ -240,7 +272,7 @@ class Trainer:
 
     # --- files ------------------------------------------------------------------------------
     def _identity(self) -> dict:
-        identity = {"arch": self.model_name, "num_classes": self.task.num_classes, "dataset": self.args.dataset}
+        identity = {"arch": self.model_name, "num_classes": self.task.num_classes, "dataset": self.config.dataset}
         head = self.task.deployed_record()
         return identity if head is None else {**identity, "head": head}
 
@@ -248,7 +280,7 @@ class Trainer:
         state = {"model": self.task.model_state(), "epoch": epoch, "stage": stage.name,
                  "best_acc": self.best_acc, "best_epoch": self.best_epoch, "optimizer": optimizer.state_dict(),
                  "extra": self.task.extra_state(), "rows": self.log.rows, "elapsed": self.elapsed,
-                 "seed": self.args.seed, "world_size": self.ctx.world_size, "side_best": self.side_best,
+                 "seed": self.config.seed, "world_size": self.ctx.world_size, "side_best": self.side_best,
                  "execution": self.execution.record(), "skipped_images": self._skipped_images(),
                  **self._identity()}
         if self.scaler.is_enabled():
@@ -258,7 +290,7 @@ class Trainer:
         if improved:
             save_checkpoint({"model": state["model"], "epoch": epoch, "best_acc": self.best_acc,
                              **self._identity()}, self.run_dir / runs.BEST_CKPT)
-        if stage.name == MAIN_STAGE and self.args.save_freq > 0 and epoch % self.args.save_freq == 0:
+        if stage.name == MAIN_STAGE and self.config.save_freq > 0 and epoch % self.config.save_freq == 0:
             # the full state, so a run whose ckpt_last.pth is damaged can resume from it
             save_checkpoint({**state, "accuracy": self.last_metrics["test_top1"]},
                             self.run_dir / f"ckpt_epoch_{epoch}.pth")
@@ -277,41 +309,42 @@ class Trainer:
             arch, network = self.side[name]
             (self.run_dir / name).mkdir(exist_ok=True)
             save_checkpoint({"model": network.state_dict(), "epoch": epoch, "best_acc": self.side_best[name],
-                             "arch": arch, "num_classes": self.task.num_classes, "dataset": self.args.dataset},
+                             "arch": arch, "num_classes": self.task.num_classes, "dataset": self.config.dataset},
                             self.run_dir / name / runs.BEST_CKPT)
 
     def _finish(self) -> dict:
         last = getattr(self, "last_metrics", None) or self.log.last_evaluation()
         results = {
-            "run_name": self.run_dir.name, "model": self.model_name, "dataset": self.args.dataset,
-            "trial": self.args.trial,
-            "seed": self.args.seed, "epochs": self.args.epochs,
+            "run_name": self.run_dir.name, "model": self.model_name, "dataset": self.config.dataset,
+            "trial": self.config.trial,
+            "seed": self.config.seed, "epochs": self.config.epochs,
             "best_top1": self.best_acc, "best_epoch": self.best_epoch,
             "last_top1": last["test_top1"], "last_top5": last["test_top5"],
             "params": sum(p.numel() for p in self.task.deployed_network().parameters()),
             "wall_time_s": round(self.elapsed, 2), "code_version": runs.code_version(),
-            "world_size": self.ctx.world_size, "effective_batch": self.ctx.world_size * self.args.batch_size,
+            "world_size": self.ctx.world_size, "effective_batch": self.ctx.world_size * self.config.batch_size,
             "skipped_images": len(self._skipped_images()),
             **{f"best_top1_{name}": best for name, best in self.side_best.items()},
             **self.describe,
         }
         if self.ctx.is_main:
             runs.write_json(self.run_dir / runs.RESULTS_FILE, results)
-            self.log.log_hparams(hparam_record(self.args, self.model_name, self.describe),
+            self.log.log_hparams(hparam_record(self.config, self.model_name, self.describe),
                                  {"best_top1": results["best_top1"], "last_top1": results["last_top1"]})
             self.log.close()
         return results
 
 
-def hparam_record(args, model_name: str, describe: dict) -> dict:
+def hparam_record(config, model_name: str, describe: dict) -> dict:
     """The same columns for every run, teacher or student, so TensorBoard's HParams view (which
     takes its columns from one run) compares them all: a network trained from labels alone is a
     'vanilla' student with no teacher and no KD temperature."""
     return {"student": model_name, "teacher": str(describe.get("teacher", "none")),
             "method": str(describe.get("method", "vanilla")), "gamma": float(describe.get("gamma", 1.0)),
             "alpha": float(describe.get("alpha", 0.0)), "beta": str(describe.get("beta", "0")),
-            "kd_T": float(describe.get("kd_T", float("nan"))), "dataset": args.dataset, "epochs": args.epochs,
-            "seed": args.seed, "trial": str(args.trial), "batch_size": args.batch_size, "lr": args.learning_rate}
+            "kd_T": float(describe.get("kd_T", float("nan"))), "dataset": config.dataset,
+            "epochs": config.epochs, "seed": config.seed, "trial": str(config.trial), "batch_size": config.batch_size,
+            "lr": config.learning_rate}
 
 
 def first_batch_shape(loader) -> tuple:

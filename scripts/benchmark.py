@@ -22,9 +22,9 @@ The two paths:
   SGD (fused on CUDA, foreach elsewhere); loss terms accumulated on the device, read once;
   `--compile` adds torch.compile of the networks.
 
-Both paths are built by the trainers' own code — the argument parsers of train_teacher.py and
-train_student.py, engine.session.build_data, train_student.build_task (the method registry,
-BuildContext, DistillTask) and the set-up of engine.trainer.Trainer — and each timed step is
+Both paths are built by the trainers' own code — the run configurations (engine/config.py,
+engine.student_run.configure), engine.session.build_data, engine.student_run.build_task (the
+method registry, BuildContext, DistillTask) and engine.trainer.prepare — and each timed step is
 engine.loop.train_epoch's step (move_batch, autocast, backward, optimizer step, on-device
 meter). The teacher of a distillation configuration is a randomly initialised network saved as
 a checkpoint in a temporary folder: its speed is a trained teacher's. Steps run over one
@@ -51,7 +51,6 @@ the same figures with the settings they were measured under.
 import argparse
 import contextlib
 import ctypes
-import functools
 import gc
 import itertools
 import json
@@ -72,22 +71,21 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import train_student  # noqa: E402
-import train_teacher  # noqa: E402
 from core.distributed import setup  # noqa: E402
 from core.errors import exits_cleanly  # noqa: E402
 from core.seeding import seed_everything  # noqa: E402
 from dataset.loaders import build_loaders  # noqa: E402
 from distiller_zoo.crd import CRD  # noqa: E402
-from engine.args import finalize_common_args  # noqa: E402
+from engine import student_run  # noqa: E402
 from engine.build import build_model  # noqa: E402
 from engine.checkpoint import save_checkpoint  # noqa: E402
+from engine.config import StudentConfig, TeacherConfig  # noqa: E402
 from engine.loop import train_epoch  # noqa: E402
 from engine.optim import build_sgd  # noqa: E402
-from engine.precision import cpu_name, grad_scaler, resolve_execution  # noqa: E402
+from engine.precision import cpu_name  # noqa: E402
 from engine.session import build_data  # noqa: E402
 from engine.task import SupervisedTask  # noqa: E402
-from engine.trainer import first_batch_shape  # noqa: E402
+from engine.trainer import prepare  # noqa: E402
 
 METHODS = ("kd", "crd", "at", "fitnet", "ofd")
 PAIRS = (("resnet32x4", "resnet8x4"), ("vgg13", "MobileNetV2"))
@@ -241,14 +239,13 @@ def host_peak_mib(was_reset: bool) -> float:
 
 # --------------------------------------------------------------------------- building a path
 
-def path_flags(path: str, opts, config: Config, data_folder: str) -> List[str]:
-    """The trainers' own flags for one path of one configuration."""
-    flags = ["--dataset", "cifar100", "--data_folder", data_folder, "--batch_size", str(config.batch),
-             "--num_workers", str(opts.num_workers), "--device", opts.device, "--seed", str(opts.seed),
-             "--epochs", str(EPOCHS)]
+def path_flags(path: str, opts, config: Config, data_folder: str) -> dict:
+    """The trainers' own flag values for one path of one configuration."""
+    flags = {"dataset": "cifar100", "data_folder": data_folder, "batch_size": config.batch,
+             "num_workers": opts.num_workers, "device": opts.device, "seed": opts.seed, "epochs": EPOCHS}
     if path == "plain":
-        return flags + ["--loader", "torch", "--amp", "off", "--no-channels_last"]
-    return flags + ["--loader", "memory", "--amp", "auto"] + (["--compile"] if opts.compile else [])
+        return {**flags, "loader": "torch", "amp": "off", "channels_last": False}
+    return {**flags, "loader": "memory", "amp": "auto", **({"compile": True} if opts.compile else {})}
 
 
 def random_teacher_checkpoint(arch: str, folder: Path, seed: int) -> Path:
@@ -261,26 +258,26 @@ def random_teacher_checkpoint(arch: str, folder: Path, seed: int) -> Path:
 
 
 def build_path(path: str, opts, config: Config, data_folder: str, work: Path):
-    """(args, ctx, train_loader, task), as train_teacher.py / train_student.py build them."""
+    """(run configuration, ctx, train_loader, task), as train_teacher.py / train_student.py build them."""
     flags = path_flags(path, opts, config, data_folder)
     if config.method == "teacher":
-        args = finalize_common_args(train_teacher.parse_args(flags + ["--model", config.teacher]), config.teacher)
+        run_config = TeacherConfig.from_dict({**TeacherConfig.defaults(), **flags, "model": config.teacher})
     else:
         ckpt = random_teacher_checkpoint(config.teacher, work, opts.seed)
-        method_flags = ["--nce_k", str(opts.nce_k)] if config.method == "crd" else []
-        args = train_student.parse_args(flags + ["--distill", config.method, "--model_s", config.student,
-                                                 "--path_t", str(ckpt), "--model_t", config.teacher] + method_flags)
-        plan = train_student.resolve_run(args)
-        args = finalize_common_args(args, config.student)
-    ctx = setup(args.device)
-    seed_everything(args.seed, args.deterministic)  # same seed on both paths: identical initial weights
+        method_flags = {"nce_k": opts.nce_k} if config.method == "crd" else {}
+        run = student_run.configure({**StudentConfig.defaults(), **flags, "distill": config.method,
+                                     "model_s": config.student, "path_t": str(ckpt.resolve()),
+                                     "model_t": config.teacher, **method_flags})
+        run_config = run.config
+    ctx = setup(run_config.device)
+    seed_everything(run_config.seed, run_config.deterministic)  # same seed on both paths: identical initial weights
     if config.method == "teacher":
-        train_loader, _, info = build_data(args, ctx)
-        model = build_model(args.model, info.num_classes).to(ctx.device)
+        train_loader, _, info = build_data(run_config, ctx)
+        model = build_model(run_config.model, info.num_classes).to(ctx.device)
         task = SupervisedTask(model, info.num_classes)
     else:
-        train_loader, _, _, task = train_student.build_run(args, plan, ctx)
-    return args, ctx, train_loader, task
+        train_loader, _, _, task = student_run.build_run(run, ctx)
+    return run_config, ctx, train_loader, task
 
 
 class Window:
@@ -313,21 +310,15 @@ def measure(path: str, opts, config: Config, data_folder: str, work: Path) -> di
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     was_reset = reset_host_peak()
-    args, ctx, loader, task = build_path(path, opts, config, data_folder, work)
-    # the set-up engine.trainer.Trainer does before training
-    execution = resolve_execution(args.amp, args.channels_last, ctx.device, task.model, task.frozen_networks(),
-                                  functools.partial(first_batch_shape, loader))
+    run_config, ctx, loader, task = build_path(path, opts, config, data_folder, work)
+    prepared = prepare(run_config, ctx, task, loader)  # what the trainer does before training
+    execution, scaler = prepared.execution, prepared.scaler
     amp_dtype, channels_last = execution.amp_dtype, execution.channels_last
-    if channels_last:
-        task.to(memory_format=torch.channels_last)
-    if args.compile:
-        task.compile_networks()
-    scaler = grad_scaler(ctx.device, amp_dtype)
     if path == "plain":
-        optimizer = torch.optim.SGD(task.main_parameters(), lr=args.learning_rate, momentum=args.momentum,
-                                    weight_decay=args.weight_decay, foreach=False)
+        optimizer = torch.optim.SGD(task.main_parameters(), lr=run_config.learning_rate, momentum=run_config.momentum,
+                                    weight_decay=run_config.weight_decay, foreach=False)
     else:
-        optimizer = build_sgd(task.main_parameters(), args, ctx.device)
+        optimizer = build_sgd(task.main_parameters(), run_config, ctx.device)
     task.set_epoch(1)
     task.train()
     task.keep_frozen_in_eval()
@@ -343,7 +334,7 @@ def measure(path: str, opts, config: Config, data_folder: str, work: Path) -> di
     result = {"images_per_s": timed["images_per_s"], "seconds": timed["epoch_time"],
               "train_loss": timed["train_loss"], "peak_host_mib": host_peak_mib(was_reset),
               "amp": str(amp_dtype).replace("torch.", "") if amp_dtype else "off",
-              "channels_last": channels_last, "loader": args.loader, "optimizer": _optimizer_kind(optimizer),
+              "channels_last": channels_last, "loader": run_config.loader, "optimizer": _optimizer_kind(optimizer),
               "execution": execution.describe()}
     if cuda:
         torch.cuda.synchronize()

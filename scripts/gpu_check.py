@@ -57,11 +57,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import dataset.digits  # noqa: E402
 import distiller_zoo  # noqa: E402
 import evaluate  # noqa: E402
-import train_student  # noqa: E402
-import train_teacher  # noqa: E402
 from dataset.image_codec import read_bytes  # noqa: E402
 from dataset.jpeg_decode import decode_rgb  # noqa: E402
 from dataset.loaders import build_loaders  # noqa: E402
+from engine import student_run, teacher_run  # noqa: E402
+from engine.config import StudentConfig, TeacherConfig  # noqa: E402
 from engine.loop import train_epoch  # noqa: E402
 from engine.metrics_log import MAIN_STAGE  # noqa: E402
 from engine.precision import autocast, cpu_name, grad_scaler  # noqa: E402
@@ -102,10 +102,10 @@ def method_inputs(method, teacher, student, batch, device, num_classes=100, n_tr
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, size, size, generator=gen)
     torch.manual_seed(0)
-    task, args = method_cost.build(method, teacher, student, images, n_train, num_classes)
+    task, options = method_cost.build(method, teacher, student, images, n_train, num_classes)
     targets = torch.randint(0, num_classes, (batch,), generator=gen)
     indices = torch.randint(0, n_train, (batch,), generator=gen)
-    contrast = torch.randint(0, n_train, (batch, (args.nce_k or 0) + 1), generator=gen)
+    contrast = torch.randint(0, n_train, (batch, (options.get("nce_k") or 0) + 1), generator=gen)
     if task.strong_view:
         images = torch.cat([images, torch.randn(images.shape, generator=gen)])
     if task.rotations:
@@ -158,21 +158,23 @@ def check_precision(opts, device) -> list:
 
 # --------------------------------------------------------------------------- epochs, compile
 
-def student_flags(opts, save: Path, teacher_ckpt: Path, method: str, *extra) -> list:
-    return ["--dataset", "digits", "--save_dir", str(save), "--path_t", str(teacher_ckpt), "--model_s", "resnet8",
-            "--distill", method, "--epochs", "1", "--init_epochs", "1", "--sskd_head_epochs", "1", "--nce_k", "64",
-            "--batch_size", "128", "--device", opts.device, "--print_freq", "1000", *extra]
+def student_flags(opts, save: Path, teacher_ckpt: Path, method: str, **extra) -> dict:
+    """train_student.py's flag values of a one-epoch digits run of `method`."""
+    return {"dataset": "digits", "save_dir": str(save), "path_t": str(teacher_ckpt), "model_s": "resnet8",
+            "distill": method, "epochs": 1, "init_epochs": 1, "sskd_head_epochs": 1, "nce_k": 64,
+            "batch_size": 128, "device": opts.device, "print_freq": 1000, **extra}
 
 
 def train_digits_teacher(opts, save: Path) -> Path:
-    train_teacher.main(["--dataset", "digits", "--save_dir", str(save), "--model", "resnet8", "--epochs", "1",
-                        "--batch_size", "128", "--device", opts.device, "--print_freq", "1000"])
+    teacher_run.train(TeacherConfig(dataset="digits", save_dir=str(save), model="resnet8", epochs=1, batch_size=128,
+                                    device=opts.device, print_freq=1000, trial="0"))
     return save / TEACHER.kind / "resnet8_digits_trial0" / "best.pth"
 
 
-def epoch_row(opts, save, teacher_ckpt, method, *extra) -> dict:
+def epoch_row(opts, save, teacher_ckpt, method, **extra) -> dict:
     start = time.perf_counter()
-    results = train_student.main(student_flags(opts, save, teacher_ckpt, method, *extra))
+    flags = {**StudentConfig.defaults(), **student_flags(opts, save, teacher_ckpt, method, **extra)}
+    results = student_run.configure(flags).train()
     run_dir = save / STUDENT.kind / results["run_name"]
     with open(run_dir / "metrics.csv", newline="") as f:
         last = list(csv.DictReader(f))[-1]
@@ -187,7 +189,7 @@ def check_epochs(opts, work) -> list:
 def check_compile(opts, work) -> dict:
     torch._dynamo.reset()
     counters.clear()
-    row = epoch_row(opts, work["save"], work["teacher"], "kd", "--compile", "--trial", "compiled")
+    row = epoch_row(opts, work["save"], work["teacher"], "kd", compile=True, trial="compiled")
     breaks = dict(counters["graph_break"])
     return {**row, "graph_breaks": sum(breaks.values()), "graph_break_reasons": dict(list(breaks.items())[:10]),
             "unique_graphs": counters["stats"]["unique_graphs"], "frames_compiled": counters["frames"]["ok"],
@@ -251,7 +253,8 @@ def check_ddp(opts, work) -> dict:
     if opts.small:  # a second process would read the whole digits set (tests/test_torchrun.py runs torchrun)
         return {"backend": backend, "steps": rows, "torchrun_kd": None}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    flags = student_flags(opts, work["save"], work["teacher"], "kd", "--trial", "torchrun")
+    flags = [word for flag, value in student_flags(opts, work["save"], work["teacher"], "kd", trial="torchrun").items()
+             for word in (f"--{flag}", str(value))]
     start = time.perf_counter()
     launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
                                str(ROOT / "train_student.py"), *flags], env=env, capture_output=True, text=True)

@@ -16,10 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import distiller_zoo  # noqa: E402
-import train_student  # noqa: E402
 from distiller_zoo.base import BuildContext  # noqa: E402
 from distiller_zoo.objective import parse_objective  # noqa: E402
-from distiller_zoo.options import pair_key  # noqa: E402
 from distiller_zoo.temperature import Temperature  # noqa: E402
 from engine.build import build_model  # noqa: E402
 from engine.distill_task import DistillTask  # noqa: E402
@@ -27,11 +25,10 @@ from engine.distill_task import DistillTask  # noqa: E402
 
 def build(method: str, teacher_name: str, student_name: str, images, n_train: int, num_classes: int):
     """The DistillTask train_student.py would build for `method` (its published weights and
-    option defaults, per-pair values included), on random networks; and its parsed flags."""
-    args = train_student.parse_args(["--distill", method, "--model_s", student_name])
+    option defaults, per-pair values included), on random networks; and its options' values."""
     pair = (teacher_name, student_name)
-    objective = parse_objective(args.distill, args.gamma, args.alpha, args.beta, args.logit_stand, pair)
-    objective.resolve_options(args, pair_key(*pair))
+    objective = parse_objective(method, None, None, None, False, pair)
+    options, _ = objective.resolve_options({}, pair)
     teacher = build_model(teacher_name, num_classes).eval()
     student = build_model(student_name, num_classes)
     with torch.no_grad():
@@ -46,7 +43,7 @@ def build(method: str, teacher_name: str, student_name: str, images, n_train: in
         methods.append((term.spec.name, term.weight, term.spec.cls(ctx)))
     task = DistillTask(student, teacher, methods, objective.gamma, objective.alpha, objective.kd_term(temperature),
                        temperature, num_classes)
-    return task, args
+    return task, options
 
 
 def rotations(images):
@@ -91,8 +88,8 @@ def main(argv=None):
           f"ms per training step (forward, backward, SGD), mean of {opts.steps}")
     base, rows = None, []
     for method in opts.methods.split(","):
-        task, args = build(method, opts.teacher, opts.student, images, n_train, num_classes)
-        contrast = torch.randint(0, n_train, (opts.batch, (args.nce_k or 0) + 1))
+        task, options = build(method, opts.teacher, opts.student, images, n_train, num_classes)
+        contrast = torch.randint(0, n_train, (opts.batch, (options.get("nce_k") or 0) + 1))
         # a strong-view method (MLKD) takes 2B images, weak then strong, a rotation method (SSKD)
         # 4B; the augmentation itself is the loader's cost and is not timed here
         batch = torch.cat([images, torch.randn_like(images)]) if task.strong_view else images

@@ -23,7 +23,7 @@ from conftest import ROOT, crash_after_checkpoint, fast_args
 from core.distributed import Context
 from dataset.image_codec import DECODE_ERRORS, decode_jpegs
 from dataset.jpeg_decode import decode_rgb
-from engine.args import finalize_common_args
+from engine import student_run
 from engine.build import build_model
 from engine.checkpoint import save_checkpoint
 from engine.loop import train_epoch
@@ -31,7 +31,7 @@ from engine.optim import build_sgd
 from engine.precision import grad_scaler, resolve_execution
 from engine.session import build_data
 from engine.task import SupervisedTask
-from engine.trainer import Stage, Trainer, wrap_ddp
+from engine.trainer import Prepared, Stage, wrap_ddp
 
 BATCH = 8
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -46,12 +46,10 @@ def distill_task(tmp_path, device, method_flags):
     args = train_student.parse_args(["--dataset", "digits", "--model_s", "resnet8", "--path_t", str(ckpt),
                                      "--batch_size", str(BATCH), "--loader", "memory", "--seed", "0",
                                      "--device", device.type, *method_flags])
-    plan = train_student.resolve_run(args)
-    args = finalize_common_args(args, args.model_s)
+    run = student_run.configure(vars(args))
     ctx = Context(device=device)
-    plan.objective.resolve_options(args, (args.model_t, args.model_s))
-    loader, _, info = build_data(args, ctx, plan.objective.needs)
-    task = train_student.build_task(args, plan, ctx, loader, info)
+    loader, _, info = build_data(run.config, ctx, run.objective.needs)
+    task = student_run.build_task(run, ctx, loader, info)
     loader.set_epoch(1)
     return task, next(iter(loader))
 
@@ -226,19 +224,18 @@ def test_scaler_state_is_saved_and_restored(tmp_path, monkeypatch):
 def test_a_finished_stage_releases_its_ddp_wrapper(gloo_group):
     """An init stage's DDP wrapper (over parameters the main stage's wrapper shares) is dropped
     when its stage ends, so it holds no gradient buckets or hooks through the main stage."""
-    trainer = Trainer.__new__(Trainer)  # only the wrapper cache is exercised
+    prepared = Prepared(execution=None, scaler=None, ctx=Context(device=torch.device("cpu"), world_size=2))
     net = build_model("resnet8", 10)
-    trainer.ctx, trainer._ddp = Context(device=torch.device("cpu"), world_size=2), {}
-    trainer.task = SupervisedTask(net, 10)
-    stage = Stage("main", 1, net, list(net.parameters()))
-    wrapper = trainer._wrap(stage)
-    assert trainer._wrap(stage) is wrapper  # one wrapper per module while its stage runs
+    task = SupervisedTask(net, 10)
+    params = list(net.parameters())
+    wrapper = prepared.wrap(task, net, params)
+    assert prepared.wrap(task, net, params) is wrapper  # one wrapper per module while its stage runs
     assert not wrapper.find_unused_parameters
     alive = weakref.ref(wrapper)
     del wrapper
-    trainer._unwrap(net)
+    prepared.unwrap(net)
     gc.collect()
-    assert alive() is None and trainer._ddp == {}
+    assert alive() is None and prepared._ddp == {}
 
 
 @pytest.mark.parametrize("method,expected", [("kd", {"main": False}), ("ft", {"init_ft": True, "main": True}),

@@ -1,7 +1,7 @@
 """The fast path computes the same objective as the plain path.
 
 One batch of the digits data, one distillation task (a resnet8x4 teacher -> resnet8 student with
-CE + KD + AT + CRD, built by train_student.build_task from a teacher checkpoint, as a run builds
+CE + KD + AT + CRD, built by student_run.build_task from a teacher checkpoint, as a run builds
 it), three copies with identical weights, one step each through engine.loop.train_epoch (the
 trainer's step: move_batch, engine.precision.autocast, backward) with an lr-0 optimizer, so the
 loss terms come back from the on-device meter and the gradients stay in `.grad`:
@@ -28,10 +28,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import engine.trainer
 import train_student
 from conftest import ROOT
 from core.distributed import Context
-from engine.args import finalize_common_args
+from engine import student_run
 from engine.build import build_model
 from engine.checkpoint import save_checkpoint
 from engine.loop import train_epoch
@@ -56,13 +57,11 @@ def task_and_batch(tmp_path_factory):
                                      "--distill", "crd:0.8,at:1000", "-r", "1", "-a", "0.9",
                                      "--nce_k", "64", "--batch_size", str(BATCH), "--loader", "memory",
                                      "--seed", "0"])
-    plan = train_student.resolve_run(args)
-    args = finalize_common_args(args, args.model_s)
+    run = student_run.configure(vars(args))
     ctx = Context(device=CPU)
-    plan.objective.resolve_options(args, (args.model_t, args.model_s))
-    loader, _, info = build_data(args, ctx, plan.objective.needs)
+    loader, _, info = build_data(run.config, ctx, run.objective.needs)
     torch.manual_seed(1)
-    task = train_student.build_task(args, plan, ctx, loader, info)
+    task = student_run.build_task(run, ctx, loader, info)
     loader.set_epoch(1)
     batch = next(iter(loader))
     return task, batch
@@ -127,14 +126,14 @@ def test_channels_last_alone_changes_nothing_beyond_rounding(task_and_batch, pla
 def test_benchmark_runs_end_to_end(tmp_path, capsys, monkeypatch):
     # the fast path takes training's execution choice (--amp auto); fixed here, since a timed
     # probe's pick depends on the machine's load
-    measured = benchmark.resolve_execution
+    measured = engine.trainer.resolve_execution
 
     def fixed_auto(amp, channels_last, *args, **kwargs):
         if amp == "auto":
             return Execution(torch.bfloat16, True, "fixed by the test")
         return measured(amp, channels_last, *args, **kwargs)
 
-    monkeypatch.setattr(benchmark, "resolve_execution", fixed_auto)
+    monkeypatch.setattr(engine.trainer, "resolve_execution", fixed_auto)  # what prepare() chooses with
     out = tmp_path / "bench.json"
     rows = benchmark.main(["--device", "cpu", "--configs", "kd:resnet8-resnet8:8", "--steps", "1",
                            "--warmup", "0", "--n_images", "32", "--num_workers", "0",

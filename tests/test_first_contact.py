@@ -14,7 +14,8 @@ import train_student
 import train_teacher
 from conftest import ROOT, fast_args
 from core.errors import UserError
-from engine import precision, session
+from engine import precision, session, teacher_run
+from engine.config import TeacherConfig
 from models import model_dict
 
 CPU = torch.device("cpu")
@@ -107,12 +108,13 @@ def test_resume_takes_speed_flags_given_on_the_command_line_else_the_runs(digits
     save, run_dir = digits_teacher
     args = train_teacher.parse_args(["--resume", str(run_dir), "--amp", "bf16", "--channels_last", "--compile",
                                      "--threads", "1"])
-    merged = session.restore_args(args, "teachers", train_teacher.run_name)
+    merged, resume = session.configure(args, "teachers", TeacherConfig.from_dict, teacher_run.run_name)
     stored = session.runs.load_run_args(run_dir)
     assert (stored["amp"], stored["compile"], stored["threads"]) == (None, None, None)
     assert (merged.amp, merged.channels_last, merged.compile, merged.threads) == ("bf16", True, True, 1)
-    kept = session.restore_args(train_teacher.parse_args(["--resume", str(run_dir), "--print_freq", "7"]),
-                                "teachers", train_teacher.run_name)
+    assert resume == run_dir
+    kept, _ = session.configure(train_teacher.parse_args(["--resume", str(run_dir), "--print_freq", "7"]),
+                                "teachers", TeacherConfig.from_dict, teacher_run.run_name)
     assert (kept.amp, kept.compile, kept.print_freq) == (None, None, 7)
 
 

@@ -16,8 +16,9 @@ from core.errors import UserError
 from distiller_zoo.base import BuildContext
 from distiller_zoo.objective import parse_objective
 from distiller_zoo.temperature import Temperature
-from engine.args import Parser, add_common_args, finalize_common_args
+from engine.args import Parser, add_common_args
 from engine.build import check_fits_dataset
+from engine.config import TeacherConfig
 from engine.distill_task import DistillTask
 from engine.teacher import build_teacher, read_teacher
 from models import model_dict
@@ -83,22 +84,23 @@ def test_network_and_dataset_must_fit():
     check_fits_dataset("resnet8", "digits")
 
 
-def _finalized(argv, monkeypatch, world_size=1):
+def _finalized(argv, monkeypatch, world_size=1, model="imagenet_resnet18"):
+    """The configuration of a teacher run with these flags (the recipe is resolved as it is built)."""
     monkeypatch.setenv("WORLD_SIZE", str(world_size))
     parser = Parser()
     add_common_args(parser)
-    return finalize_common_args(parser.parse_args(argv), "imagenet_resnet18")
+    return TeacherConfig.from_dict({**vars(parser.parse_args(argv)), "model": model})
 
 
 def test_imagenet_recipe_defaults(monkeypatch):
     args = _finalized(["--dataset", "imagenet"], monkeypatch, world_size=8)
     assert (args.epochs, args.batch_size, args.learning_rate) == (100, 32, 0.1)
-    assert (args.lr_decay_epochs, args.weight_decay) == ([30, 60, 90], 1e-4)
+    assert (args.lr_decay_epochs, args.weight_decay) == ((30, 60, 90), 1e-4)
     args = _finalized(["--dataset", "imagenet", "--batch_size", "128", "--epochs", "10"], monkeypatch)
-    assert (args.learning_rate, args.lr_decay_epochs) == (0.05, [3, 6, 9])
+    assert (args.learning_rate, args.lr_decay_epochs) == (0.05, (3, 6, 9))
     args = _finalized(["--dataset", "imagenet", "--learning_rate", "0.3", "--weight_decay", "5e-5"], monkeypatch)
     assert (args.batch_size, args.learning_rate, args.weight_decay) == (256, 0.3, 5e-5)
-    args = _finalized(["--dataset", "cifar100"], monkeypatch, world_size=8)
+    args = _finalized(["--dataset", "cifar100"], monkeypatch, world_size=8, model="resnet8")
     assert (args.epochs, args.batch_size, args.learning_rate, args.weight_decay) == (240, 64, 0.05, 5e-4)
     with pytest.raises(UserError, match="total batch 256 does not split over 3 processes"):
         _finalized(["--dataset", "imagenet"], monkeypatch, world_size=3)

@@ -48,7 +48,8 @@ def test_options_resolve_given_then_published_then_default():
     given = SimpleNamespace(w=None, k=None)
     values, sources = resolve_options(options, given, ("resnet56", "resnet20"))
     assert (values.w, values.k, sources) == (2.0, 3, {"w": "published for resnet56 -> resnet20", "k": "default"})
-    assert (given.w, given.k) == (2.0, 3)  # written back, so args.json records what ran
+    assert (given.w, given.k) == (None, None)  # untouched: the run's configuration records the values
+    # (engine/student_run.py; tests/test_config.py checks args.json holds them)
     values, sources = resolve_options(options, SimpleNamespace(w="5", k=None), ("resnet56", "resnet20"))
     assert (values.w, sources["w"]) == (5.0, "given")
     values, _ = resolve_options(options, SimpleNamespace(w=None, k=None), ("vgg13", "vgg8"))

@@ -22,6 +22,7 @@ from distiller_zoo.tf_kd import (
     self_kd_weights,
     virtual_teacher,
 )
+from engine.self_distill import VirtualTeacherTask
 from method_helpers import quarter_digits
 
 
@@ -72,7 +73,7 @@ def test_kl_matches_a_loop(a, tau):
 def test_the_task_computes_the_official_whole_loss():
     # the same function with reg_alpha 0.1, tau 20, multiplier 100 (ResNet18's published setting)
     model = Fixed(Z_S)
-    task = train_self.VirtualTeacherTask(model, 7, 0.1, 100.0, VirtualTeacherLoss(0.99, 20.0))
+    task = VirtualTeacherTask(model, 7, 0.1, 100.0, VirtualTeacherLoss(0.99, 20.0))
     terms, logits = task(torch.zeros(5, 3, 8, 8), Y)
     assert terms["loss"].item() == pytest.approx(3.7212701616, rel=1e-6)
     assert terms["ce"].item() == pytest.approx(F.cross_entropy(Z_S, Y).item(), rel=1e-6)

@@ -10,6 +10,7 @@ import train_self
 from conftest import fast_args, read_json
 from distiller_zoo.uskd import USKDLoss, zipf_non_target
 from engine.build import build_model
+from engine.self_distill import USKDTask
 from engine.teacher import build_teacher, read_teacher
 from method_helpers import quarter_digits
 
@@ -93,7 +94,7 @@ def test_gradients_reach_the_network_and_the_weak_classifier():
     torch.manual_seed(0)
     model = build_model("resnet8", 7)
     images = torch.randn(6, 3, 32, 32)
-    task = train_self.USKDTask(model, model.forward_features(images), 7, 0.1, 0.1, 0.1)
+    task = USKDTask(model, model.forward_features(images), 7, 0.1, 0.1, 0.1)
     assert task.uskd.fc.in_features == 32          # resnet8's second-deepest stage
     terms, _ = task(images, torch.tensor([0, 1, 2, 3, 4, 5]))
     terms["loss"].backward()

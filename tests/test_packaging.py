@@ -172,7 +172,8 @@ def test_the_wheel_installs_one_namespace_that_works_alone(tmp_path):
     results = json.loads((tmp_path / "save/demo/teachers/resnet20_digits_trial0/results.json").read_text())
     assert results["epochs"] == 1 and 0 <= results["best_top1"] <= 100
 
-    snippet = readme_library_snippet() + "\nassert torch.isfinite(loss) and student.conv1.weight.grad is not None\n"
+    snippet = readme_library_snippet() + ("\nassert torch.isfinite(loss) and student.conv1.weight.grad is not None"
+                                          "\nassert results['epochs'] == 1 and config.learning_rate == 0.05\n")
     done = subprocess.run([str(python), "-c", snippet], **run)
     assert done.returncode == 0, done.stderr[-3000:]
 
@@ -180,4 +181,5 @@ def test_the_wheel_installs_one_namespace_that_works_alone(tmp_path):
 def readme_library_snippet() -> str:
     text = (ROOT / "README.md").read_text()
     section = text[text.index("### Use it as a library"):]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    section = section[:section.index("\n## ")]
+    return "\n".join(re.findall(r"```python\n(.*?)```", section, re.S))

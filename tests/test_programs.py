@@ -19,11 +19,12 @@ def test_every_program_is_a_file_of_the_checkout_with_a_main():
 
 
 def test_each_trainer_starts_its_runs_under_its_own_kind():
-    """The entry point passes its table row's kind to the run directory and resume logic."""
+    """The entry point passes its table row's kind to the run directory and resume logic
+    (engine/session.py's configure; its library run starts under the same kind)."""
     for program in programs.TRAINERS:
         source = (ROOT / program.script).read_text()
         row = next(name for name in ("TEACHER", "STUDENT", "MUTUAL", "SELF") if getattr(programs, name) is program)
-        assert f"start(args, {row}.kind," in source, program.script
+        assert f"configure(parse_args(argv), {row}.kind," in source, program.script
     assert len({p.kind for p in programs.TRAINERS}) == len(programs.TRAINERS) == 4
 
 

@@ -9,6 +9,7 @@ import torch
 import train_student
 import train_teacher
 from core.errors import UserError
+from engine import student_run
 from engine.teacher import find_best_teacher
 from models import model_dict
 
@@ -53,6 +54,6 @@ def test_our_runs_rank_before_repdistillers(tmp_path):
 def test_student_without_path_t_takes_a_repdistiller_teacher(tmp_path, capsys):
     path = repdistiller_teacher(tmp_path, "wrn_16_1_vanilla", "wrn_16_1", 66.5)
     args = train_student.parse_args(["--save_dir", str(tmp_path), "--model_s", "resnet8", "--distill", "kd"])
-    train_student.resolve_run(args)
-    assert args.path_t == str(path) and args.model_t == "wrn_16_1"  # architecture from the folder name
+    config = student_run.configure(vars(args)).config
+    assert config.path_t == str(path) and config.model_t == "wrn_16_1"  # architecture from the folder name
     assert str(path) in capsys.readouterr().out

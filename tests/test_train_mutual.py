@@ -8,6 +8,8 @@ import train_mutual
 from conftest import fast_args
 from core.errors import UserError
 from engine.build import build_model
+from engine.config import MutualConfig
+from engine.mutual import MutualTask
 from engine.teacher import build_teacher, read_teacher
 
 
@@ -20,7 +22,7 @@ def test_each_peer_gradient_holds_the_other_peers_kl():
     torch.manual_seed(0)
     archs = ["resnet8", "resnet14", "resnet8"]
     peers = [build_model(a, 10) for a in archs]
-    task = train_mutual.MutualTask(peers, archs, 10)
+    task = MutualTask(peers, archs, 10)
     images, targets = torch.randn(6, 3, 32, 32), torch.randint(0, 10, (6,))
     terms, _ = task(images, targets)
     terms["loss"].backward()
@@ -61,4 +63,4 @@ def test_one_peer_is_a_user_error(tmp_path):
         train_mutual.main(fast_args(tmp_path, "--models", "resnet8"))
     assert stop.value.code == 2
     with pytest.raises(UserError):
-        train_mutual.peer_archs(train_mutual.parse_args(["--models", "resnet8,nosuchnet"]))
+        MutualConfig.from_dict(vars(train_mutual.parse_args(["--models", "resnet8,nosuchnet"])))

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 import train_self
 from conftest import fast_args
 from engine.build import build_model
+from engine.self_distill import SelfDistillTask
 from engine.teacher import build_teacher, read_teacher
 
 
@@ -13,7 +14,7 @@ def test_loss_and_gradients_match_a_hand_built_loss():
     model = build_model("resnet8", 10)
     images, targets = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     sample = model.forward_features(images)
-    task = train_self.SelfDistillTask(model, sample, 10, alpha=0.3, T=3.0, lam=0.03)
+    task = SelfDistillTask(model, sample, 10, alpha=0.3, T=3.0, lam=0.03)
     assert len(task.auxiliaries) == 2  # resnet8's two shallow stages
     terms, _ = task(images, targets)
     task.zero_grad()

@@ -17,6 +17,7 @@ from conftest import ROOT, fast_args, read_json
 from core.errors import UserError
 from dataset.contrast import NCE_K
 from dataset.loaders import build_loaders
+from engine import student_run
 from engine.args import absolute_paths, split_paths
 
 METHODS = sorted(distiller_zoo.METHODS)
@@ -241,6 +242,6 @@ def test_path_t_is_split_in_one_place(tmp_path, monkeypatch):
     assert split_paths(given) == [str(tmp_path / "a.pth"), "torchvision:resnet34", str(tmp_path / "sub" / "b.pth")]
     args = train_student.parse_args(["--path_t", "a.pth,b.pth", "--model_t", "resnet8", "--model_s", STUDENT])
     with pytest.raises(UserError, match="--model_t names 1 architectures for 2 --path_t checkpoints"):
-        train_student.read_teachers(args)
+        student_run.read_teachers(vars(args))
     for source in (ROOT / "train_student.py", *ROOT.glob("engine/*.py")):
         assert "path_t.split(" not in source.read_text(), source
