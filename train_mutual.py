@@ -122,7 +122,7 @@ def main(argv=None) -> dict:
     archs = peer_archs(args)
     args, ctx, run_dir = start(args, MUTUAL.kind, slowest_lr_model, run_name)
     train_loader, test_loader, info = build_data(args, ctx)
-    peers = [build_model(arch, info.num_classes).to(ctx.device) for arch in archs]
+    peers = [build_model(arch, info.num_classes, args.dataset).to(ctx.device) for arch in archs]
     task = MutualTask(peers, archs, info.num_classes).to(ctx.device)
     create_run_dir(args, ctx, run_dir)
     trainer = Trainer(args, ctx, run_dir, task, archs[0], train_loader, test_loader,

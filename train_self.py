@@ -271,7 +271,7 @@ def main(argv=None) -> dict:
     check_args(args)
     args, ctx, run_dir = start(args, SELF.kind, lambda a: a.model, run_name)
     train_loader, test_loader, info = build_data(args, ctx)
-    model = build_model(args.model, info.num_classes).to(ctx.device)
+    model = build_model(args.model, info.num_classes, args.dataset).to(ctx.device)
     task = build_task(args, model, train_loader, info.num_classes, ctx.device).to(ctx.device)
     create_run_dir(args, ctx, run_dir)
     trainer = Trainer(args, ctx, run_dir, task, args.model, train_loader, test_loader, describe=describe(args))

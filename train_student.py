@@ -34,6 +34,7 @@ from engine.programs import STUDENT
 from engine.session import build_data, create_run_dir, restore_args, sample_features, start
 from engine.teacher import build_teacher, find_best_teacher, read_teacher
 from engine.trainer import Trainer
+from models.external import FeaturePaths
 
 EXAMPLES = """examples:
   python train_student.py --path_t save/teachers/resnet32x4_cifar100_trial0/best.pth \\
@@ -66,7 +67,15 @@ def build_parser() -> Parser:
     m.add_argument("--feature_teacher", type=int, default=0,
                    help="with several teachers, the one (0-based, in --path_t's order) the method (-b) uses",
                    valid=at_least(0))
-    m.add_argument("--model_s", type=str, default="resnet8", help="student architecture")
+    m.add_argument("--model_s", type=str, default="resnet8",
+                   help="student architecture: a zoo name, torchvision:NAME or timm:NAME[:KEY=VALUE...]")
+    for role, who in (("s", "student"), ("t", "(feature) teacher")):
+        m.add_argument(f"--feat_{role}", type=str, default=None,
+                       help=f"the {who}'s stages for the feature methods, as module paths (layer3,layer4) of a "
+                            "torchvision:/timm: network; default: its stage structure's")
+        m.add_argument(f"--head_{role}", type=str, default=None,
+                       help=f"the {who}'s classifier module (its input is the penultimate feature) of a "
+                            "torchvision:/timm: network; default: found (fc, classifier, timm's get_classifier())")
     m.add_argument("--distill", type=str, default="kd",
                    help="method, its RepDistiller alias, or several with weights: crd:0.8,at:1000", valid=DISTILL_SPEC)
     m.add_argument("-r", "--gamma", type=float, default=None, help="weight of cross-entropy; default: the method's",
@@ -215,11 +224,15 @@ def run_name(args) -> str:
 
 
 def build_task(args, plan: Plan, ctx, train_loader, info) -> DistillTask:
-    teachers = [build_teacher(state, arch, info.num_classes, path, args.dataset).to(ctx.device)
-                for state, arch, path in zip(plan.teacher_states, teacher_archs(args), split_paths(args.path_t))]
+    features_t = FeaturePaths(args.feat_t, args.head_t, "t")
+    teachers = [build_teacher(state, arch, info.num_classes, path, args.dataset,
+                              features_t if k == args.feature_teacher else None).to(ctx.device)
+                for k, (state, arch, path) in enumerate(zip(plan.teacher_states, teacher_archs(args),
+                                                            split_paths(args.path_t)))]
     teacher = teachers.pop(args.feature_teacher)
     teacher_name = feature_pair(args)[0]
-    student = build_model(args.model_s, info.num_classes).to(ctx.device)
+    student = build_model(args.model_s, info.num_classes, args.dataset, FeaturePaths(args.feat_s, args.head_s, "s"),
+                          "--model_s").to(ctx.device)
     feat_s, feat_t = sample_features([student, teacher], train_loader, ctx.device)
     temperature = temperature_from_args(args)
     methods = []

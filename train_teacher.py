@@ -25,7 +25,7 @@ EXAMPLES = """examples:
 
 def build_parser() -> Parser:
     parser = Parser(description="Train a teacher (or a vanilla student) with cross-entropy.", epilog=EXAMPLES)
-    parser.add_argument("--model", type=str, default="resnet110", help="a name of models.model_dict")
+    parser.add_argument("--model", type=str, default="resnet110", help="a name of models.model_dict, or torchvision:NAME or timm:NAME[:KEY=VALUE...]")
     add_common_args(parser)
     return parser
 
@@ -45,7 +45,7 @@ def main(argv=None) -> dict:
     check_fits_dataset(args.model, args.dataset)
     args, ctx, run_dir = start(args, TEACHER.kind, lambda a: a.model, run_name)
     train_loader, test_loader, info = build_data(args, ctx)
-    model = build_model(args.model, info.num_classes).to(ctx.device)
+    model = build_model(args.model, info.num_classes, args.dataset).to(ctx.device)
     task = SupervisedTask(model, info.num_classes)
     create_run_dir(args, ctx, run_dir)
     trainer = Trainer(args, ctx, run_dir, task, args.model, train_loader, test_loader,

@@ -10,7 +10,7 @@ from core.errors import UserError
 from core.ranges import NAME, NON_NEGATIVE, POSITIVE, at_least, check_value, within
 from engine.build import default_lr
 from engine.recipe import apply_imagenet_recipe
-from engine.torchvision_teacher import is_torchvision_spec
+from engine.torchvision_teacher import is_library_spec
 
 REFERENCE_EPOCHS = 240
 REFERENCE_DECAY_EPOCHS = (150, 180, 210)
@@ -36,8 +36,8 @@ def split_paths(text: str) -> list:
 
 
 def absolute_paths(text: str) -> str:
-    """Comma-separated paths made absolute; torchvision:<name> entries are names, kept."""
-    return ",".join(p if is_torchvision_spec(p) else absolute_path(p) for p in split_paths(path_text(text)))
+    """Comma-separated paths made absolute; torchvision:<name> and timm:<name> entries are names, kept."""
+    return ",".join(p if is_library_spec(p) else absolute_path(p) for p in split_paths(path_text(text)))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

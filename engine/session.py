@@ -68,7 +68,7 @@ def start(args: argparse.Namespace, kind: str, trained_model, default_name):
     """Returns (args, ctx, run_dir). `default_name(args)` names a new run's directory, which
     `create_run_dir` makes once the data and networks are known to be usable."""
     if args.auto_resume and not args.resume:
-        args.resume = resume_if_interrupted(Path(args.save_dir) / kind / (args.run_name or default_name(args)))
+        args.resume = resume_if_interrupted(Path(args.save_dir) / kind / (args.run_name or runs.dir_name(default_name(args))))
     if args.resume:
         args = restore_args(args, kind, default_name)
         args.resume = args.resume if runs.checkpoints(resumed_dir(args, kind)) else False

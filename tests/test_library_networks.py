@@ -1,0 +1,148 @@
+"""torchvision and timm networks by name (models/external.py): the recorded feature shapes, that
+the hooks leave the logits unchanged, token sequences as maps, one line for a wrong module path,
+and end to end on digits: a torchvision teacher distilled into a torchvision student (checkpoint
+loads strict into torchvision's own model, evaluate.py, scripts/export.py) and a timm ViT
+teacher distilled into the suite's resnet8."""
+import pytest
+import torch
+import torchvision
+
+import evaluate
+import train_student
+from conftest import fast_args, read_json
+from core.errors import UserError
+from deploy import data
+from deploy.export import check_exports, export_onnx, export_program
+from deploy.network import load_network
+from engine.build import build_model, check_model_name
+from engine.checkpoint import load_checkpoint, save_checkpoint
+from engine.runs import dir_name
+from method_helpers import quarter_digits
+from models.external import FeaturePaths, parse_name, tokens_to_map
+
+TINY_VIT = "timm:test_vit:patch_size=4"  # timm's 6-block test ViT on an 8x8 grid of 4x4 patches
+
+
+def _digits_batch():
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_recorded_shapes_of_a_torchvision_resnet():
+    net = build_model("torchvision:resnet18", 10, "digits")
+    feat = net.eval().forward_features(_digits_batch())
+    assert net.feature_stages == ["layer1", "layer2", "layer3", "layer4"] and net.feature_head == "fc"
+    assert [tuple(s.shape[1:]) for s in feat.stages] == [(64, 8, 8), (128, 4, 4), (256, 2, 2), (512, 1, 1)]
+    assert tuple(feat.stem.shape[1:]) == (64, 8, 8)  # the max-pool's output, which enters layer1
+    assert tuple(feat.pooled.shape[1:]) == (512,) and tuple(feat.logits.shape[1:]) == (10,)
+    assert net.stage_channels == [64, 128, 256, 512]
+
+
+def test_named_modules_and_head_are_recorded():
+    net = build_model("torchvision:mobilenet_v3_small", 10, "digits",
+                      FeaturePaths("features.3,features.8", "classifier.3"))
+    feat = net.eval().forward_features(_digits_batch())
+    assert [tuple(s.shape[1:]) for s in feat.stages] == [(24, 4, 4), (48, 2, 2)]
+    assert tuple(feat.pooled.shape[1:]) == (1024,)  # the input of the last Linear
+    default = build_model("torchvision:mobilenet_v3_small", 10, "digits")
+    assert default.feature_stages == ["features.1", "features.3", "features.8", "features.12"]
+
+
+@pytest.mark.parametrize("name", ["torchvision:resnet18", TINY_VIT])
+def test_hooks_leave_the_logits_unchanged(name):
+    torch.manual_seed(0)
+    wrapped = build_model(name, 10, "digits").eval()
+    net = parse_name(name)
+    plain = (torchvision.models.get_model(net.name, num_classes=10) if net.library == "torchvision" else
+             __import__("timm").create_model(net.name, num_classes=10, img_size=32, **net.kwargs)).eval()
+    plain.load_state_dict(wrapped.state_dict(), strict=True)  # the library's parameter names
+    x = _digits_batch()
+    with torch.no_grad():
+        expected = plain(x)
+        assert torch.equal(wrapped(x), expected)
+        assert torch.equal(wrapped.forward_features(x).logits, expected)
+
+
+def test_tokens_become_maps_without_the_class_token():
+    tokens = torch.arange(2 * 17 * 3, dtype=torch.float32).reshape(2, 17, 3)
+    by_hand = tokens[:, 1:].reshape(2, 4, 4, 3).permute(0, 3, 1, 2)
+    assert torch.equal(tokens_to_map(tokens, 1, (4, 4)), by_hand)
+    vit = build_model(TINY_VIT, 10, "digits").eval()
+    seen = {}
+    vit.blocks[-1].register_forward_hook(lambda m, i, out: seen.setdefault("last", out))
+    feat = vit.forward_features(_digits_batch())
+    assert vit.feature_stages[-1] == "blocks.5" and vit.num_prefix_tokens == 1
+    assert torch.equal(feat.stages[-1], seen["last"][:, 1:].reshape(2, 8, 8, -1).permute(0, 3, 1, 2))
+    assert tuple(feat.pooled.shape[1:]) == (64,)  # the class token after the final norm
+
+
+def test_wrong_names_are_one_line_with_the_nearest():
+    with pytest.raises(UserError, match=r"--feat_t: torchvision:resnet18 has no module 'layr4'; nearest: layer4"):
+        build_model("torchvision:resnet18", 10, "digits", FeaturePaths("layer3,layr4", role="t"))
+    with pytest.raises(UserError, match=r"--head_s: .* no module 'fcc'; nearest: fc"):
+        build_model("torchvision:resnet18", 10, "digits", FeaturePaths(head="fcc"))
+    with pytest.raises(UserError, match=r"torchvision has no classification model 'resnet19'; nearest: torchvision:resnet1"):
+        check_model_name("torchvision:resnet19", "--model_s")
+    with pytest.raises(UserError, match=r"'depth' is not KEY=VALUE"):
+        check_model_name("timm:test_vit:depth", "--model_s")
+    with pytest.raises(UserError, match=r"--feat_s layer4: resnet8 is one of the suite's networks"):
+        build_model("resnet8", 10, "digits", FeaturePaths("layer4"))
+
+
+def test_run_directory_names_are_path_safe():
+    assert dir_name("S-torchvision:mobilenet_v3_small_T-timm:hf-hub:org/net") == \
+        "S-torchvision-mobilenet_v3_small_T-timm-hf-hub-org-net"
+
+
+def _random_teacher(path, arch):
+    """A randomly initialised library teacher saved as a checkpoint of this suite."""
+    torch.manual_seed(0)
+    save_checkpoint({"model": build_model(arch, 10, "digits").state_dict(), "arch": arch, "dataset": "digits"}, path)
+    return path
+
+
+@pytest.mark.e2e
+def test_torchvision_pair_distils_evaluates_and_exports(monkeypatch, tmp_path, capsys):
+    quarter_digits(monkeypatch)
+    teacher = _random_teacher(tmp_path / "resnet18.pth", "torchvision:resnet18")
+    save = tmp_path / "save"
+    results = train_student.main(fast_args(
+        save, "--path_t", str(teacher), "--model_s", "torchvision:mobilenet_v3_small", "--distill", "at", "-a", "1",
+        "--feat_t", "layer2,layer3", "--feat_s", "features.3,features.8", "--epochs", "1", "--batch_size", "128",
+        "--amp", "off", "--no-channels_last"))
+    run = save / "students" / results["run_name"]
+    assert run.name.startswith("S-torchvision-mobilenet_v3_small_T-torchvision-resnet18_digits_at")
+    stored = read_json(run / "args.json")
+    assert (stored["model_s"], stored["model_t"], stored["feat_t"]) == \
+        ("torchvision:mobilenet_v3_small", "torchvision:resnet18", "layer2,layer3")
+    assert "at: stages paired from the deepest: s0(24, 4, 4)->t0(128, 4, 4), s1(48, 2, 2)->t1(256, 2, 2)" in \
+        capsys.readouterr().out
+    state = load_checkpoint(run / "best.pth")
+    torchvision.models.mobilenet_v3_small(num_classes=10).load_state_dict(state["model"], strict=True)
+    report = evaluate.main([str(run / "best.pth"), "--latency_runs", "1", "--latency_warmup", "0"])
+    assert report["model"] == "torchvision:mobilenet_v3_small" and report["top1"] == pytest.approx(results["last_top1"])
+    _check_export(run / "best.pth", tmp_path)
+
+
+def _check_export(checkpoint, tmp_path):
+    """scripts/export.py's steps on the checkpoint. After one epoch of a few steps the network's own
+    fp32 rounding moves its logits by ~1e-3 (its BatchNorm statistics, at torchvision MobileNetV3's
+    momentum of 0.01, are far from the batches'), beyond export.py's 1e-4 verdict, so ONNX Runtime is
+    held to the predictions here and torch.export to the exact logits."""
+    model, _ = load_network(checkpoint, None, 10, "digits")
+    images = data.split_tensors(data.loaders("digits", "./data")[1])[0][:16]
+    onnx_path = export_onnx(model, images, tmp_path / "model.onnx")
+    export_program(model, images, tmp_path / "model.pt2")
+    checks = check_exports(model, images, onnx_path, tmp_path / "model.pt2")
+    assert checks["torch_export"]["within_tolerance"] and checks["onnx"]["top1_agreement"] == 100.0
+
+
+@pytest.mark.e2e
+def test_a_timm_vit_teacher_distils_into_resnet8(monkeypatch, tmp_path):
+    quarter_digits(monkeypatch)
+    teacher = _random_teacher(tmp_path / "vit.pth", TINY_VIT)
+    results = train_student.main(fast_args(tmp_path / "save", "--path_t", str(teacher), "--model_s", "resnet8",
+                                           "--distill", "kd", "--epochs", "1", "--batch_size", "128"))
+    assert results["teacher"] == TINY_VIT and results["model"] == "resnet8"
+    report = evaluate.main([str(teacher), "--latency_runs", "1", "--latency_warmup", "0"])
+    assert report["model"] == TINY_VIT and report["dataset"] == "digits"
+    _check_export(teacher, tmp_path)
