@@ -7,13 +7,16 @@ import pytest
 import torch
 import torchvision
 
+import dataset.digits
+import dataset.loaders
 import evaluate
 import train_student
-from conftest import fast_args, read_json
+from conftest import crash_after_checkpoint, fast_args, read_json
 from core.errors import UserError
 from deploy import data
 from deploy.export import check_exports, export_onnx, export_program
 from deploy.network import load_network
+from distiller_zoo import METHODS
 from engine.build import build_model, check_model_name
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.runs import dir_name
@@ -146,3 +149,45 @@ def test_a_timm_vit_teacher_distils_into_resnet8(monkeypatch, tmp_path):
     report = evaluate.main([str(teacher), "--latency_runs", "1", "--latency_warmup", "0"])
     assert report["model"] == TINY_VIT and report["dataset"] == "digits"
     _check_export(teacher, tmp_path)
+
+
+SWEEP_FLAGS = ("--epochs", "1", "--init_epochs", "1", "--sskd_head_epochs", "1", "--nce_k", "64", "--batch_size", "128")
+EQUAL_CHANNELS = ("fsp", "kdsvd")  # their formulas compare paired stages channel by channel
+
+
+@pytest.fixture(scope="module")
+def library_pair(tmp_path_factory):
+    """(save folder, teacher checkpoint) with a quarter of the digits for the module: a randomly
+    initialised torchvision ResNet-18 teacher for a torchvision ShuffleNetV2 student."""
+    full = dataset.digits.load_digits_split
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (dataset.digits, dataset.loaders):
+            patch.setattr(module, "load_digits_split", lambda train: tuple(t[::4] for t in full(train)))
+        save = tmp_path_factory.mktemp("library")
+        yield save, _random_teacher(save / "resnet18.pth", "torchvision:resnet18")
+
+
+def _distil(save, teacher, *flags):
+    return train_student.main(fast_args(save, "--path_t", str(teacher), "--model_s", "torchvision:shufflenet_v2_x0_5",
+                                        *SWEEP_FLAGS, *flags))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(m for m in METHODS if m not in EQUAL_CHANNELS))
+def test_every_method_runs_on_a_library_pair(library_pair, method):
+    save, teacher = library_pair
+    results = _distil(save, teacher, "--distill", method)
+    run = save / "students" / results["run_name"]
+    logged = read_json(run / "results.json")
+    assert logged["method"] == results["method"] and (run / "best.pth").is_file()
+
+
+@pytest.mark.slow
+def test_a_library_student_resumes(library_pair, monkeypatch):
+    save, teacher = library_pair
+    argv = fast_args(save, "--path_t", str(teacher), "--model_s", "torchvision:shufflenet_v2_x0_5", "--distill", "kd",
+                     "--epochs", "2", "--batch_size", "128", "--trial", "resume")
+    crash_after_checkpoint(train_student.main, argv, monkeypatch, epoch=1)
+    [run] = (save / "students").glob("S-torchvision-shufflenet_v2_x0_5_T-torchvision-resnet18_*_trialresume")
+    results = train_student.main(["--resume", str(run)])
+    assert results["epochs"] == 2 and results["run_name"] == run.name
