@@ -3,9 +3,12 @@ the hooks leave the logits unchanged, token sequences as maps, one line for a wr
 and end to end on digits: a torchvision teacher distilled into a torchvision student (checkpoint
 loads strict into torchvision's own model, evaluate.py, scripts/export.py) and a timm ViT
 teacher distilled into the suite's resnet8."""
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
+from torchvision.models import MobileNet_V3_Small_Weights
 
 import dataset.digits
 import dataset.loaders
@@ -20,6 +23,7 @@ from distiller_zoo import METHODS
 from engine.build import build_model, check_model_name
 from engine.checkpoint import load_checkpoint, save_checkpoint
 from engine.runs import dir_name
+from engine.teacher import build_teacher, read_teacher
 from method_helpers import quarter_digits
 from models.external import FeaturePaths, parse_name, tokens_to_map
 
@@ -89,6 +93,28 @@ def test_wrong_names_are_one_line_with_the_nearest():
         check_model_name("timm:test_vit:depth", "--model_s")
     with pytest.raises(UserError, match=r"--feat_s layer4: resnet8 is one of the suite's networks"):
         build_model("resnet8", 10, "digits", FeaturePaths("layer4"))
+
+
+def test_library_teachers_by_name_from_the_caches(monkeypatch, tmp_path):
+    """torchvision's weights of a network the zoo lacks, from torch's hub cache; timm's, offline with
+    an empty cache, are one line."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    torch.manual_seed(0)
+    reference = torchvision.models.mobilenet_v3_small().eval()
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(MobileNet_V3_Small_Weights.DEFAULT.url).name
+    cached.parent.mkdir(parents=True)
+    torch.save(reference.state_dict(), cached)
+    state, arch = read_teacher("torchvision:mobilenet_v3_small", None)
+    assert arch == "torchvision:mobilenet_v3_small" and read_teacher(cached, None)[1] == arch
+    teacher = build_teacher(state, arch, 1000, "torchvision:mobilenet_v3_small", "imagenet")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(teacher(x), reference(x))
+    hub = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(UserError, match="cannot load timm's weights for test_vit .*--model_t timm:test_vit$"):
+        read_teacher("timm:test_vit", None)
 
 
 def test_run_directory_names_are_path_safe():
