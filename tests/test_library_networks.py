@@ -95,6 +95,17 @@ def test_wrong_names_are_one_line_with_the_nearest():
         build_model("resnet8", 10, "digits", FeaturePaths("layer4"))
 
 
+def test_a_wrong_module_path_stops_train_student_in_one_line(tmp_path, capsys):
+    teacher = _random_teacher(tmp_path / "resnet18.pth", "torchvision:resnet18")
+    with pytest.raises(SystemExit) as exit_info:
+        train_student.main(fast_args(tmp_path / "save", "--path_t", str(teacher), "--model_s", "resnet8",
+                                     "--distill", "at", "--feat_t", "layer3,layr4"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "has no module 'layr4'; nearest: layer4" in err
+    assert not (tmp_path / "save" / "students").exists()
+
+
 def test_library_teachers_by_name_from_the_caches(monkeypatch, tmp_path):
     """torchvision's weights of a network the zoo lacks, from torch's hub cache; timm's, offline with
     an empty cache, are one line."""
@@ -174,7 +185,11 @@ def test_a_timm_vit_teacher_distils_into_resnet8(monkeypatch, tmp_path):
     assert results["teacher"] == TINY_VIT and results["model"] == "resnet8"
     report = evaluate.main([str(teacher), "--latency_runs", "1", "--latency_warmup", "0"])
     assert report["model"] == TINY_VIT and report["dataset"] == "digits"
-    _check_export(teacher, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_timm_vit_exports(tmp_path):
+    _check_export(_random_teacher(tmp_path / "vit.pth", TINY_VIT), tmp_path)
 
 
 SWEEP_FLAGS = ("--epochs", "1", "--init_epochs", "1", "--sskd_head_epochs", "1", "--nce_k", "64", "--batch_size", "128")
