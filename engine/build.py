@@ -59,7 +59,7 @@ def build_model(name: str, num_classes: int, dataset: Optional[str] = None,
     if is_library_name(name):
         size = get_info(dataset).image_size if dataset else DEFAULT_IMAGE_SIZE
         return with_features(build_library_network(name, num_classes, size, flag), size, features, name)
-    check_model_name(name)
+    check_model_name(name, flag)
     for given, what in ((features.stages, "feat"), (features.head, "head")):
         if given:
             raise UserError(f"{features.flag(what)} {given}: {name} is one of the suite's networks, whose features "
