@@ -61,7 +61,15 @@ def build_parser() -> Parser:
     m.add_argument("--feature_teacher", type=int, default=0,
                    help="with several teachers, the one (0-based, in --path_t's order) the method (-b) uses",
                    valid=at_least(0))
-    m.add_argument("--model_s", type=str, default="resnet8", help="student architecture")
+    m.add_argument("--model_s", type=str, default="resnet8",
+                   help="student architecture: a zoo name, torchvision:NAME or timm:NAME[:KEY=VALUE...]")
+    for role, who in (("s", "student"), ("t", "(feature) teacher")):
+        m.add_argument(f"--feat_{role}", type=str, default=None,
+                       help=f"the {who}'s stages for the feature methods, as module paths (layer3,layer4) of a "
+                            "torchvision:/timm: network; default: its stage structure's")
+        m.add_argument(f"--head_{role}", type=str, default=None,
+                       help=f"the {who}'s classifier module (its input is the penultimate feature) of a "
+                            "torchvision:/timm: network; default: found (fc, classifier, timm's get_classifier())")
     m.add_argument("--distill", type=str, default=DEFAULT_DISTILL,
                    help="method, its RepDistiller alias, or several with weights: crd:0.8,at:1000", valid=DISTILL_SPEC)
     m.add_argument("-r", "--gamma", type=float, default=None, help="weight of cross-entropy; default: the method's",

@@ -24,7 +24,8 @@ EXAMPLES = """examples:
 
 def build_parser() -> Parser:
     parser = Parser(description="Train a teacher (or a vanilla student) with cross-entropy.", epilog=EXAMPLES)
-    parser.add_argument("--model", type=str, default="resnet110", help="a name of models.model_dict")
+    parser.add_argument("--model", type=str, default="resnet110",
+                        help="a name of models.model_dict, or torchvision:NAME or timm:NAME[:KEY=VALUE...]")
     add_common_args(parser)
     return parser
 

@@ -8,7 +8,7 @@ import yaml
 from core.errors import UserError
 from core.ranges import NAME, NON_NEGATIVE, POSITIVE, at_least, check_value, within
 from engine.config import DERIVED
-from engine.torchvision_teacher import is_torchvision_spec
+from engine.torchvision_teacher import is_library_spec
 
 
 def path_text(value) -> str:
@@ -29,8 +29,8 @@ def split_paths(text: str) -> list:
 
 
 def absolute_paths(text: str) -> str:
-    """Comma-separated paths made absolute; torchvision:<name> entries are names, kept."""
-    return ",".join(p if is_torchvision_spec(p) else absolute_path(p) for p in split_paths(path_text(text)))
+    """Comma-separated paths made absolute; torchvision:<name> and timm:<name> entries are names, kept."""
+    return ",".join(p if is_library_spec(p) else absolute_path(p) for p in split_paths(path_text(text)))
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):

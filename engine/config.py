@@ -214,6 +214,10 @@ class StudentConfig(RunConfig):
     multi_teacher: str = "average"
     feature_teacher: int = 0
     model_s: str = "resnet8"
+    feat_s: Optional[str] = None         # module paths of a torchvision:/timm: network (models/external.py)
+    head_s: Optional[str] = None
+    feat_t: Optional[str] = None
+    head_t: Optional[str] = None
     distill: str = DEFAULT_DISTILL
     gamma: Optional[float] = None        # derived: the resolved weights
     alpha: Optional[float] = None

@@ -80,7 +80,7 @@ def train(config: MutualConfig, resume=False) -> dict:
     archs = config.peers
     ctx, run_dir = start(config, MUTUAL.kind, run_name, resume)
     train_loader, test_loader, info = build_data(config, ctx)
-    peers = [build_model(arch, info.num_classes).to(ctx.device) for arch in archs]
+    peers = [build_model(arch, info.num_classes, config.dataset).to(ctx.device) for arch in archs]
     task = MutualTask(peers, archs, info.num_classes).to(ctx.device)
     create_run_dir(config, ctx, run_dir, resume)
     prepared = prepare(config, ctx, task, train_loader, run_dir, resume, archs[0])

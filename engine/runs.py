@@ -16,6 +16,7 @@ BEST_CKPT = "best.pth"
 # a file in which a launcher (scripts/slurm.py) asks the run to say where its directory is: the
 # launcher knows the command, only the run knows the directory it makes of it
 RUN_DIR_NOTE = "DISTILLBENCH_RUN_DIR_NOTE"
+UNSAFE_IN_NAMES = ':/\\*?"<>|'  # Windows' reserved characters and the path separators
 
 
 def tell_launcher(run_dir: Path) -> None:
@@ -27,6 +28,13 @@ def tell_launcher(run_dir: Path) -> None:
         write_atomic(note, (str(Path(run_dir).resolve()) + "\n").encode())
 
 
+def dir_name(name: str) -> str:
+    """A run name made safe as a directory name on every file system: the ':' of library
+    networks (torchvision:resnet18) and the '/' of hub names become '-'; args.json and
+    results.json keep the real names."""
+    return "".join("-" if c in UNSAFE_IN_NAMES else c for c in name)
+
+
 def locate_run_dir(kind: str, default_name: str, save_dir, run_name=None, resume=False) -> Path:
     """The run's directory, checked (`check_run_dir`): `resume`'s where it names one (a run
     directory or a file in it), else save_dir/kind/(run_name or default_name). Creates nothing
@@ -36,7 +44,7 @@ def locate_run_dir(kind: str, default_name: str, save_dir, run_name=None, resume
         if run_dir.is_file():
             run_dir = run_dir.parent
     else:
-        run_dir = Path(save_dir) / kind / (run_name or default_name)
+        run_dir = Path(save_dir) / kind / (run_name or dir_name(default_name))
     check_run_dir(run_dir, bool(resume))
     return run_dir
 

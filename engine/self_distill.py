@@ -220,7 +220,7 @@ def train(config: SelfConfig, resume=False) -> dict:
     """Train the configured network; `resume` is the run directory to go on with (or False)."""
     ctx, run_dir = start(config, SELF.kind, run_name, resume)
     train_loader, test_loader, info = build_data(config, ctx)
-    model = build_model(config.model, info.num_classes).to(ctx.device)
+    model = build_model(config.model, info.num_classes, config.dataset).to(ctx.device)
     task = build_task(config, model, train_loader, info.num_classes, ctx.device).to(ctx.device)
     create_run_dir(config, ctx, run_dir, resume)
     prepared = prepare(config, ctx, task, train_loader, run_dir, resume, config.model)

@@ -37,7 +37,7 @@ def configure(args: argparse.Namespace, kind: str, build: Callable[[dict], RunCo
     flags = {k: v for k, v in vars(args).items() if k not in NOT_STORED}
     resume = args.resume
     if args.auto_resume and not resume:
-        resume = resume_if_interrupted(Path(args.save_dir) / kind / (args.run_name or default_name(build(flags))))
+        resume = resume_if_interrupted(Path(args.save_dir) / kind / (args.run_name or runs.dir_name(default_name(build(flags)))))
     if not resume:
         return build(flags), False
     by_directory = isinstance(resume, str)  # a run directory needs no name

@@ -29,6 +29,7 @@ from engine.programs import STUDENT
 from engine.session import build_data, create_run_dir, sample_features, start
 from engine.teacher import build_teacher, find_best_teacher, read_teacher
 from engine.trainer import Trainer, prepare
+from models.external import FeaturePaths
 
 
 def add_method_options(parser: argparse.ArgumentParser) -> None:
@@ -143,11 +144,15 @@ def run_name(config: StudentConfig) -> str:
 def build_task(run: StudentRun, ctx, train_loader, info) -> DistillTask:
     """The teachers, the student and every method's connectors (built on the first batch's features)."""
     config = run.config
-    teachers = [build_teacher(state, arch, info.num_classes, path, config.dataset).to(ctx.device)
-                for state, arch, path in zip(run.teacher_states, config.teacher_archs, split_paths(config.path_t))]
+    features_t = FeaturePaths(config.feat_t, config.head_t, "t")  # the feature teacher's alone
+    teachers = [build_teacher(state, arch, info.num_classes, path, config.dataset,
+                              features_t if k == config.feature_teacher else None).to(ctx.device)
+                for k, (state, arch, path) in enumerate(zip(run.teacher_states, config.teacher_archs,
+                                                            split_paths(config.path_t)))]
     teacher = teachers.pop(config.feature_teacher)
     teacher_name = config.feature_pair[0]
-    student = build_model(config.model_s, info.num_classes).to(ctx.device)
+    student = build_model(config.model_s, info.num_classes, config.dataset,
+                          FeaturePaths(config.feat_s, config.head_s, "s"), "--model_s").to(ctx.device)
     feat_s, feat_t = sample_features([student, teacher], train_loader, ctx.device)
     temperature = temperature_from_args(config)
     methods = []

@@ -1,5 +1,5 @@
 """Finding and loading the teacher: our checkpoints, RepDistiller's/mdistiller's
-({'model': state_dict}), or torchvision's by name (torchvision:resnet34); its architecture
+({'model': state_dict}), or torchvision's or timm's by name (torchvision:resnet34, timm:NAME); its architecture
 named by --model_t, the checkpoint, the run's args.json, a torchvision weights file's name, or
 the folder name as RepDistiller does."""
 from pathlib import Path
@@ -10,8 +10,9 @@ from engine import runs
 from engine.build import build_model
 from engine.checkpoint import load_checkpoint, load_model_weights
 from engine.programs import TEACHER
-from engine.torchvision_teacher import arch_from_weights_file, is_torchvision_spec, read_torchvision_teacher
+from engine.torchvision_teacher import arch_from_weights_file, is_library_spec, read_library_teacher
 from models import arch_from_folder as registry_arch_from_folder
+from models.external import FeaturePaths
 
 # RepDistiller's teachers: its download script's <arch>_vanilla/ and its train_teacher.py's
 # <arch>_cifar100_lr_..._trial_<k>/ folders, both under save/models/; all are CIFAR-100 networks.
@@ -74,16 +75,18 @@ def arch_from_folder(path: Path) -> str:
 
 def read_teacher(path, model_t):
     """Returns (checkpoint, architecture name) of the teacher checkpoint at `path`."""
-    if is_torchvision_spec(path):
-        return read_torchvision_teacher(str(path), model_t)
+    if is_library_spec(path):
+        return read_library_teacher(str(path), model_t)
     path = Path(path)
     state = load_checkpoint(path)
     return state, teacher_arch(path, state, model_t)
 
 
-def build_teacher(state: dict, arch: str, num_classes: int, path, dataset: str = None):
+def build_teacher(state: dict, arch: str, num_classes: int, path, dataset: str = None,
+                  features: FeaturePaths = None):
     """The network with the checkpoint's weights, in eval mode; with the method's head when the
-    checkpoint stores one (a SimKD student: distiller_zoo.base.DeployedNetwork)."""
+    checkpoint stores one (a SimKD student: distiller_zoo.base.DeployedNetwork). A library
+    network is built for the data set it was trained on and records the modules `features` names."""
     trained_on = state.get("dataset")  # our checkpoints say; RepDistiller's do not
     if None not in (trained_on, dataset) and trained_on != dataset:
         raise UserError(f"teacher {path} was trained on {trained_on}, not {dataset}; "
@@ -93,7 +96,7 @@ def build_teacher(state: dict, arch: str, num_classes: int, path, dataset: str =
     if classes is not None and classes != num_classes:
         raise UserError(f"checkpoint {path} predicts {classes} classes but {dataset or 'the data set'} has {num_classes}; "
                         "pick one trained on the same --dataset")
-    model = build_model(arch, num_classes)
+    model = build_model(arch, num_classes, trained_on or dataset, features or FeaturePaths(role="t"), "--model_t")
     load_model_weights(model, weights, arch, path)
     if state.get("head") is not None:
         return deployed_network(model, state["head"], path)

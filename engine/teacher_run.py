@@ -22,7 +22,7 @@ def train(config: TeacherConfig, resume=False) -> dict:
     Returns results.json's content."""
     ctx, run_dir = start(config, TEACHER.kind, run_name, resume)
     train_loader, test_loader, info = build_data(config, ctx)
-    model = build_model(config.model, info.num_classes).to(ctx.device)
+    model = build_model(config.model, info.num_classes, config.dataset).to(ctx.device)
     task = SupervisedTask(model, info.num_classes)
     create_run_dir(config, ctx, run_dir, resume)
     prepared = prepare(config, ctx, task, train_loader, run_dir, resume, config.model)

@@ -31,12 +31,18 @@ ALL = frozenset(CASES)
 # (flag -> the cases the parsing layer accepts, and why); a flag absent accepts none of them.
 _NAMES_CHECKED_LATER = "a name the entry point looks up in its registry before anything is written"
 _PATH = "a path: any string names one; what it holds is read and checked before anything is written"
+_MODULE_PATHS = ("module paths, checked against the network when it is built, before anything is written "
+                 "(tests/test_library_networks.py)")
 _PLAIN_NAME = "any plain name is a valid name; NAME refuses only separators and '..'"
 ACCEPTED = {
     "--model": (ALL, _NAMES_CHECKED_LATER + " (tests/test_train_teacher.py: unknown model)"),
     "--model_s": (ALL, _NAMES_CHECKED_LATER),
     "--models": (ALL, _NAMES_CHECKED_LATER + " (tests/test_train_mutual.py)"),
     "--model_t": (ALL, _NAMES_CHECKED_LATER + ", with the architecture --path_t's checkpoint records"),
+    "--feat_s": (ALL, _MODULE_PATHS),
+    "--feat_t": (ALL, _MODULE_PATHS),
+    "--head_s": (ALL, _MODULE_PATHS),
+    "--head_t": (ALL, _MODULE_PATHS),
     "--dataset": (ALL, _NAMES_CHECKED_LATER + " (tests/test_train_teacher.py: unknown dataset)"),
     "--device": (ALL, "core.distributed.setup names an unknown device before anything is written"),
     "-t/--trial": (ALL, _PLAIN_NAME),
