@@ -160,13 +160,11 @@ def test_registry_real_models_and_errors():
 
 def test_a_shared_flag_with_two_published_values_must_be_given():
     # DKD's table has no vgg13 -> ShuffleV1 beta (8), SD-DKD's has 6: one --dkd_beta cannot be both
-    flags = SimpleNamespace(**{opt.name: None for opt in SDDDKD.options})
+    flags = {opt.name: None for opt in SDDDKD.options}
     with pytest.raises(UserError, match="--dkd_beta is 8.0 for dkd but 6.0 for sdd_dkd"):
         parse_objective("dkd,sdd_dkd", None, None, None).resolve_options(flags, ("vgg13", "ShuffleV1"))
     objective = parse_objective("dkd,sdd_dkd", None, None, None)
-    objective.resolve_options(flags, ("vgg13", "vgg8"))         # the same published value: one flag
-    assert flags.dkd_beta == 6.0 and flags.sdd_scales == "1,2"
-    flags = SimpleNamespace(**{opt.name: None for opt in SDDDKD.options})
-    flags.dkd_beta = 3.0
-    objective.resolve_options(flags, ("vgg13", "ShuffleV1"))
+    values, _ = objective.resolve_options(flags, ("vgg13", "vgg8"))  # the same published value: one flag
+    assert values["dkd_beta"] == 6.0 and values["sdd_scales"] == "1,2"
+    objective.resolve_options({**flags, "dkd_beta": 3.0}, ("vgg13", "ShuffleV1"))
     assert [term.options.dkd_beta for term in objective.methods] == [3.0, 3.0]

@@ -2,7 +2,6 @@
 programming), the WKD-L loss against a per-sample numpy computation, the WKD-F loss against the
 general Gaussian 2-Wasserstein formula (matrix square roots), the classifier cost, the cosine
 decay, gradients, options and both distillers on real networks (alone and together)."""
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -186,7 +185,7 @@ def test_combined_run_takes_the_official_wkd_lf_values():
     # official JiamingLv/WKD 214cf88: configs/cifar100/wkd_l|wkd_f|wkd_lf/res32x4_res8x4.yaml give
     # WKD_LOGIT_WEIGHT 600 / - / 200, MEAN_COV_RATIO - / 4 / 8, WKD_FEAT_WEIGHT - / 0.08 / 0.08
     def resolved(distill, **given):
-        flags = SimpleNamespace(**{**{opt.name: None for opt in WKDL.options + WKDF.options}, **given})
+        flags = {**{opt.name: None for opt in WKDL.options + WKDF.options}, **given}
         objective = parse_objective(distill, None, None, None, pair=("resnet32x4", "resnet8x4"))
         objective.resolve_options(flags, ("resnet32x4", "resnet8x4"))
         return {t.spec.name: (t.weight, t.options, t.option_sources) for t in objective.methods}
