@@ -26,7 +26,7 @@ from engine.programs import STUDENT
 from engine.session import create_run_dir, start
 from engine.task import Task
 from engine.teacher import find_best_teacher
-from engine.trainer import Trainer, prepare
+from engine.trainer import fit_task
 
 METHOD = "qat"
 
@@ -152,9 +152,8 @@ class QATRun:
         task = QATTask(student, prepared, info.num_classes, config.learning_rate, config.gamma, config.alpha,
                        config.kd_T, teacher).to(ctx.device)
         create_run_dir(config, ctx, run_dir, resume)
-        execution = prepare(config, ctx, task, train_loader, run_dir, resume, arch)
-        results = Trainer(config, ctx, run_dir, task, arch, train_loader, test_loader, execution,
-                          describe=describe(config, teacher_arch)).fit()
+        results = fit_task(config, ctx, run_dir, resume, task, arch, train_loader, test_loader,
+                           describe=describe(config, teacher_arch))
         int8 = write_int8(run_dir, student, train_loader)
         print(f"QAT of {config.init_student}: fake-quantised best top-1 {results['best_top1']:.2f}; "
               f"{run_dir / 'best.pth'}, {int8}")

@@ -189,8 +189,8 @@ class RunConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TeacherConfig(RunConfig):
-    """train_teacher.py: a network trained from labels alone."""
+class OneNetworkConfig(RunConfig):
+    """A run that trains the one network `model` names (a teacher, a self-distilled network)."""
 
     model: str = "resnet110"
 
@@ -201,6 +201,11 @@ class TeacherConfig(RunConfig):
     @property
     def trained_model(self) -> str:
         return self.model
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig(OneNetworkConfig):
+    """train_teacher.py: a network trained from labels alone."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -295,7 +300,7 @@ class MutualConfig(RunConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SelfConfig(RunConfig):
+class SelfConfig(OneNetworkConfig):
     """train_self.py: self-distillation (BYOT, Tf-KD's virtual teacher, USKD)."""
 
     trial: str = "1"
@@ -312,10 +317,3 @@ class SelfConfig(RunConfig):
     uskd_beta: float = USKD_BETA
     uskd_mu: float = USKD_MU
 
-    def _check(self) -> None:
-        check_model_name(self.model)
-        check_fits_dataset(self.model, self.dataset)
-
-    @property
-    def trained_model(self) -> str:
-        return self.model

@@ -30,7 +30,7 @@ from engine.config import MutualConfig
 from engine.programs import MUTUAL
 from engine.session import build_data, create_run_dir, start
 from engine.task import Task, compile_features
-from engine.trainer import Trainer, prepare
+from engine.trainer import fit_task
 
 
 class MutualTask(Task):
@@ -83,9 +83,8 @@ def train(config: MutualConfig, resume=False) -> dict:
     peers = [build_model(arch, info.num_classes, config.dataset).to(ctx.device) for arch in archs]
     task = MutualTask(peers, archs, info.num_classes).to(ctx.device)
     create_run_dir(config, ctx, run_dir, resume)
-    prepared = prepare(config, ctx, task, train_loader, run_dir, resume, archs[0])
-    results = Trainer(config, ctx, run_dir, task, archs[0], train_loader, test_loader, prepared,
-                      describe={"method": "dml", "teacher": "peers", "peers": archs}).fit()
+    results = fit_task(config, ctx, run_dir, resume, task, archs[0], train_loader, test_loader,
+                       describe={"method": "dml", "teacher": "peers", "peers": archs})
     if ctx.is_main:
         best = ", ".join(f"{name} {results['best_top1_' + name]:.2f}" for name in task.side_networks())
         print(f"mutual learning on {config.dataset}: best top-1 {best}; run directory {run_dir}")

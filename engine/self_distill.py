@@ -58,7 +58,7 @@ from engine.config import SelfConfig
 from engine.programs import SELF
 from engine.session import build_data, create_run_dir, sample_features, start
 from engine.task import Task
-from engine.trainer import Trainer, prepare
+from engine.trainer import fit_task
 
 METHODS = ("byot", "tf_kd_reg", "uskd")
 PREFIXES = {"byot": "BYOT", "tf_kd_reg": "TfKD_reg", "uskd": "USKD"}
@@ -223,9 +223,8 @@ def train(config: SelfConfig, resume=False) -> dict:
     model = build_model(config.model, info.num_classes, config.dataset).to(ctx.device)
     task = build_task(config, model, train_loader, info.num_classes, ctx.device).to(ctx.device)
     create_run_dir(config, ctx, run_dir, resume)
-    prepared = prepare(config, ctx, task, train_loader, run_dir, resume, config.model)
-    results = Trainer(config, ctx, run_dir, task, config.model, train_loader, test_loader, prepared,
-                      describe=describe(config)).fit()
+    results = fit_task(config, ctx, run_dir, resume, task, config.model, train_loader, test_loader,
+                       describe=describe(config))
     if ctx.is_main:
         print(f"{config.method}: {config.model} on {config.dataset}: best top-1 {results['best_top1']:.2f} "
               f"(epoch {results['best_epoch']}); run directory {run_dir}")

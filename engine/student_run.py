@@ -28,7 +28,7 @@ from engine.distill_task import DistillTask
 from engine.programs import STUDENT
 from engine.session import build_data, create_run_dir, sample_features, start
 from engine.teacher import build_teacher, find_best_teacher, read_teacher
-from engine.trainer import Trainer, prepare
+from engine.trainer import fit_task
 from models.external import FeaturePaths
 
 
@@ -194,9 +194,8 @@ def train(run: StudentRun, resume=False) -> dict:
         for term in run.objective.methods:
             print(term.describe(), flush=True)
     create_run_dir(config, ctx, run_dir, resume)
-    prepared = prepare(config, ctx, task, train_loader, run_dir, resume, config.model_s)
-    results = Trainer(config, ctx, run_dir, task, config.model_s, train_loader, test_loader, prepared,
-                      describe=describe(run)).fit()
+    results = fit_task(config, ctx, run_dir, resume, task, config.model_s, train_loader, test_loader,
+                       describe=describe(run))
     if ctx.is_main:
         print(f"{config.method}: {config.model_t} -> {config.model_s} on {config.dataset}: best top-1 "
               f"{results['best_top1']:.2f} (epoch {results['best_epoch']}), last {results['last_top1']:.2f}; "

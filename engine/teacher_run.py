@@ -10,7 +10,7 @@ from engine.config import TeacherConfig
 from engine.programs import TEACHER
 from engine.session import build_data, create_run_dir, start
 from engine.task import SupervisedTask
-from engine.trainer import Trainer, prepare
+from engine.trainer import fit_task
 
 
 def run_name(config: TeacherConfig) -> str:
@@ -25,9 +25,8 @@ def train(config: TeacherConfig, resume=False) -> dict:
     model = build_model(config.model, info.num_classes, config.dataset).to(ctx.device)
     task = SupervisedTask(model, info.num_classes)
     create_run_dir(config, ctx, run_dir, resume)
-    prepared = prepare(config, ctx, task, train_loader, run_dir, resume, config.model)
-    results = Trainer(config, ctx, run_dir, task, config.model, train_loader, test_loader, prepared,
-                      describe={"method": "vanilla"}).fit()
+    results = fit_task(config, ctx, run_dir, resume, task, config.model, train_loader, test_loader,
+                       describe={"method": "vanilla"})
     if ctx.is_main:
         print(f"{config.model} on {config.dataset}: best top-1 {results['best_top1']:.2f} "
               f"(epoch {results['best_epoch']}), last {results['last_top1']:.2f}; run directory {run_dir}")

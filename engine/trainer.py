@@ -382,3 +382,11 @@ def summary_line(desc: str, metrics: dict, best: Optional[float]) -> str:
         parts.append(f"best {best:.2f}")
     parts.append(f"{metrics['epoch_time']:.1f}s {metrics['images_per_s']:.0f} img/s")
     return " | ".join(parts)
+
+
+def fit_task(config, ctx, run_dir: Path, resume, task, model_name: str, train_loader, test_loader,
+             describe: Optional[dict] = None) -> dict:
+    """How every training program runs its task: `prepare`, then the trainer's `fit`; the results."""
+    prepared = prepare(config, ctx, task, train_loader, run_dir, resume, model_name)
+    return Trainer(config, ctx, run_dir, task, model_name, train_loader, test_loader, prepared,
+                   describe=describe).fit()
