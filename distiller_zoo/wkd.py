@@ -240,6 +240,11 @@ class WKDF(DecayingDistiller):
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         c_s, c_t = ctx.feat_s.stages[-1].shape[1], ctx.feat_t.stages[-1].shape[1]
+        positions = ctx.feat_t.stages[-1].shape[2:].numel()
+        if positions < 2:  # the unbiased variance over one position is 0/0
+            raise UserError(f"wkd_f models each channel of the last stage as a Gaussian over its positions, but "
+                            f"{ctx.teacher_name}'s last stage is a {positions}-position map on these images; "
+                            "name a stage with at least two positions (--feat_s/--feat_t) or use larger images")
         self.connector = nn.Sequential(nn.Conv2d(c_s, c_t, 1), nn.BatchNorm2d(c_t), nn.ReLU(inplace=True))
         self.loss = WKDFeatureLoss(ctx.options.wkd_mean_weight)
         print(f"wkd_f: last stage {c_s} -> {c_t} channels (1x1 conv + BN + ReLU), mean weight "

@@ -199,3 +199,13 @@ def test_combined_run_takes_the_official_wkd_lf_values():
     given = resolved("wkd_l,wkd_f", wkd_logit_weight=500.0, wkd_mean_weight=2.0)
     assert (given["wkd_l"][1].wkd_logit_weight, given["wkd_f"][1].wkd_mean_weight) == (500.0, 2.0)
     assert given["wkd_f"][2]["wkd_mean_weight"] == "given"
+
+
+def test_wkd_f_refuses_a_one_position_last_stage():
+    """A 1x1 last stage (torchvision's resnet18 on 32x32 images) has no variance to match:
+    one line, not a NaN loss in the first step."""
+    ctx, _ = make_ctx("resnet8", "resnet8")
+    for feats in (ctx.feat_s, ctx.feat_t):
+        feats.stages[-1] = feats.stages[-1][..., :1, :1]
+    with pytest.raises(UserError, match="wkd_f models each channel.*1-position map"):
+        WKDF(ctx)
