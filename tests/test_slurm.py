@@ -36,7 +36,7 @@ def command(save: Path, trial: int) -> str:
     return " ".join([*TEACHER, "--save_dir", str(save), "--trial", str(trial)])
 
 
-@pytest.mark.slow  # CI budget: the sweep test keeps the resubmission path in `make test`
+@pytest.mark.slow  # CI budget; what is resubmitted is decided in still_to_run, tested below in `make test`
 def test_a_preempted_job_is_requeued_and_its_run_ends_exactly(tmp_path):
     folder = tmp_path / "sweep"
     folder.mkdir()
@@ -60,6 +60,7 @@ def test_a_preempted_job_is_requeued_and_its_run_ends_exactly(tmp_path):
     assert len(chaos.metrics(run)) == EPOCHS
 
 
+@pytest.mark.slow  # CI budget (60 s): test_status_tells_... keeps the resubmission decision in `make test`
 def test_a_digits_table_whose_run_was_killed_is_finished_by_running_it_again(tmp_path):
     save = tmp_path / "save"
     env = {**os.environ, "SAVE": str(save), "EPOCHS": "2", "TEACHER_EPOCHS": "1", "TRIALS": "1", "METHODS": "crd",
