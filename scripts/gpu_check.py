@@ -26,7 +26,7 @@ next section runs):
   .JPEG: decode on the device against decode on the CPU (largest pixel difference), the
   loader's images/s.
 - benchmark: scripts/benchmark.py on the device (KD and CRD, resnet32x4 -> resnet8x4).
-- latency: evaluate.py on the digits teacher, with its CUDA latency at batch 1 and 64.
+- latency: evaluate.py's latency figures (deploy/metrics.py) of the digits teacher, CPU and CUDA, batch 1 and 64.
 
 --small shrinks everything for the CPU dry run: two methods (kd, crd), the precision
 step at batch 4, digits reduced to every eighth image, benchmark CRD resnet8 -> resnet8 at
@@ -56,10 +56,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import dataset.digits  # noqa: E402
 import distiller_zoo  # noqa: E402
-import evaluate  # noqa: E402
+from dataset import get_info  # noqa: E402
 from dataset.image_codec import read_bytes  # noqa: E402
 from dataset.jpeg_decode import decode_rgb  # noqa: E402
 from dataset.loaders import build_loaders  # noqa: E402
+from deploy.metrics import cost_metrics  # noqa: E402
+from deploy.network import load_network  # noqa: E402
 from engine import student_run, teacher_run  # noqa: E402
 from engine.config import StudentConfig, TeacherConfig  # noqa: E402
 from engine.loop import train_epoch  # noqa: E402
@@ -303,8 +305,13 @@ def check_benchmark(opts, work) -> dict:
 
 
 def check_latency(opts, work) -> dict:
-    result = evaluate.main([str(work["teacher"]), "--dataset", "digits", "--device", opts.device,
-                            "--latency_runs", "3" if opts.small else "50", "--latency_warmup", "1" if opts.small else "10"])
+    """evaluate.py's latency figures of the digits teacher (deploy/metrics.cost_metrics, full
+    precision as evaluate.py's default), on the CPU and the device."""
+    device = torch.device(opts.device)
+    info = get_info("digits")
+    model, _ = load_network(work["teacher"], None, info.num_classes, "digits")
+    runs, warmup = (3, 1) if opts.small else (50, 10)
+    result = cost_metrics(model.to(device), device, (3, info.image_size, info.image_size), None, runs, warmup)
     return {k: v for k, v in result.items() if "latency" in k}
 
 
