@@ -20,7 +20,7 @@ from .resnetv2 import ResNet18, ResNet34, ResNet50
 from .shufflenetv1 import ShuffleV1
 from .shufflenetv2 import ShuffleV2
 from .vgg import vgg8, vgg11, vgg13, vgg16, vgg19
-from .wrn import wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2
+from .wrn import wrn_16_1, wrn_16_2, wrn_16_4, wrn_28_2, wrn_28_4, wrn_40_1, wrn_40_2
 
 # RepDistiller's CIFAR zoo under its names. Learning rates: RepDistiller's train_student.py (0.01 for
 # MobileNetV2 and the ShuffleNets) and init.py (FT's init stage at 0.01 for ResNet and WRN students).
@@ -40,6 +40,9 @@ register_model("wrn_16_1", wrn_16_1, init_lr=0.01)
 register_model("wrn_16_2", wrn_16_2, init_lr=0.01)
 register_model("wrn_40_1", wrn_40_1, init_lr=0.01)
 register_model("wrn_40_2", wrn_40_2, init_lr=0.01)
+register_model("wrn_16_4", wrn_16_4, init_lr=0.01)
+register_model("wrn_28_2", wrn_28_2, init_lr=0.01)
+register_model("wrn_28_4", wrn_28_4, init_lr=0.01)
 register_model("vgg8", vgg8)
 register_model("vgg11", vgg11)
 register_model("vgg13", vgg13)

@@ -1,5 +1,7 @@
 """Wide Residual Networks (Zagoruyko & Komodakis, "Wide Residual Networks",
-BMVC 2016): wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2.
+BMVC 2016): wrn_16_1, wrn_16_2, wrn_40_1, wrn_40_2 (RepDistiller's), and wrn_16_4, wrn_28_2,
+wrn_28_4, the larger teachers of DKD's capacity-gap table (Zhao et al., CVPR 2022, Table 11),
+built the same way.
 
 Pre-activation blocks (BN-ReLU-conv), three stages, a final BN-ReLU before
 the pooling. Module and parameter names mirror RepDistiller's
@@ -24,7 +26,7 @@ from .base import FeatureModel
 from .features import Features
 
 __all__ = ["WideResNet", "BasicBlock", "NetworkBlock",
-           "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"]
+           "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2", "wrn_16_4", "wrn_28_2", "wrn_28_4"]
 
 
 class BasicBlock(nn.Module):
@@ -152,3 +154,15 @@ def wrn_40_1(num_classes: int = 100, **kwargs) -> WideResNet:
 
 def wrn_40_2(num_classes: int = 100, **kwargs) -> WideResNet:
     return WideResNet(40, num_classes=num_classes, widen_factor=2, **kwargs)
+
+
+def wrn_16_4(num_classes: int = 100, **kwargs) -> WideResNet:
+    return WideResNet(16, num_classes=num_classes, widen_factor=4, **kwargs)
+
+
+def wrn_28_2(num_classes: int = 100, **kwargs) -> WideResNet:
+    return WideResNet(28, num_classes=num_classes, widen_factor=2, **kwargs)
+
+
+def wrn_28_4(num_classes: int = 100, **kwargs) -> WideResNet:
+    return WideResNet(28, num_classes=num_classes, widen_factor=4, **kwargs)

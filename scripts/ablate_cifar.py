@@ -11,10 +11,11 @@ The studies (every other setting is the method's published recipe):
   kd_temperature_weight  KD (Hinton et al., 2015): temperature kd_T x KD weight -a (CE weight -r 0.1,
                          RepDistiller's, fixed)
   dkd_beta               DKD (Zhao et al., CVPR 2022): the NCKD weight beta
-  capacity_gap           KD, DKD and CRD into resnet20 from ever larger teachers: resnet32 (the vanilla
-                         script's trial-1 run), resnet56, resnet110, resnet32x4
+  capacity_gap           KD, DKD and CRD into wrn_16_2 from ever larger teachers, DKD's Table 11 ladder:
+                         wrn_28_2, wrn_40_2, wrn_16_4, wrn_28_4 (DKD's beta 6 on every rung)
 The first three distil resnet32x4 into resnet8x4. Train the teachers first
-(scripts/run_cifar_vanilla.sh). A study's runs, commands, table and figure live in
+(scripts/run_cifar_vanilla.sh; the capacity gap's wrn_28_2, wrn_16_4 and wrn_28_4 with
+train_teacher.py --model NAME --trial 0, as that script trains its teachers). A study's runs, commands, table and figure live in
 $ABLATIONS/<study>/, apart from $SAVE, so that the method tables never mix them in. On Slurm the
 runs are queued; the same command with --table_only makes the tables once they finished.
 """
@@ -28,6 +29,7 @@ import scripts.ablate as ablate  # noqa: E402  (after the path insert)
 from core.errors import exits_cleanly  # noqa: E402
 
 PAIR = "resnet32x4:resnet8x4"
+CAPACITY_LADDER = ("wrn_28_2", "wrn_40_2", "wrn_16_4", "wrn_28_4")  # by parameter count
 # study -> (ablate.py's grid options, train_student.py flags)
 STUDIES = {
     "crd_nce": (["--pair", PAIR, "--vary", "nce_k=256,1024,4096,16384", "--vary", "nce_t=0.05,0.07,0.1"],
@@ -36,9 +38,12 @@ STUDIES = {
     "kd_temperature_weight": (["--pair", PAIR, "--vary", "kd_T=1,2,4,8,16", "--vary", "alpha=0.1,0.5,0.9"],
                               ["--distill", "kd"]),
     "dkd_beta": (["--pair", PAIR, "--vary", "dkd_beta=1,2,4,8,16"], ["--distill", "dkd"]),
-    "capacity_gap": (["--pair", "{save}/teachers/resnet32_cifar100_trial1/ckpt_last.pth:resnet20",
-                      "--pair", "resnet56:resnet20", "--pair", "resnet110:resnet20", "--pair", "resnet32x4:resnet20",
-                      "--vary", "distill=kd,dkd,crd"], []),
+    # DKD (Zhao et al., CVPR 2022) Table 11: WRN teachers of growing size into WRN-16-2. DKD's beta
+    # is 6 on every rung (its wrn_40_2 -> wrn_16_2 config; 6 also for ResNet50 -> WRN-16-2, the
+    # authors' reply in mdistiller issue 6), so that the teachers differ in size alone; KD and CRD
+    # ignore the flag
+    "capacity_gap": ([*(arg for t in CAPACITY_LADDER for arg in ("--pair", f"{t}:wrn_16_2")),
+                      "--vary", "distill=kd,dkd,crd"], ["--dkd_beta", "6"]),
 }
 
 
@@ -50,7 +55,7 @@ def study_argv(study: str, args, env) -> list:
             "--teachers", f"{save}/teachers", "--trials", env.get("TRIALS", "3"), "--launcher", args.launcher,
             "--jobs", env.get("JOBS", "1"), "--published", study, "--metric", args.metric,
             *(["--dry-run"] if args.dry_run else []),
-            *(["--table_only"] if args.table_only else []), *(g.format(save=save) for g in grid),
+            *(["--table_only"] if args.table_only else []), *grid,
             "--", *flags, "--epochs", env.get("EPOCHS", "240"), "--data_folder", env.get("DATA", "./data")]
 
 

@@ -231,9 +231,10 @@ def test_the_cifar_ablations_print_valid_command_lines(capsys, monkeypatch):
     assert {(a.kd_T, a.alpha) for a in by_study["kd_temperature_weight"]} == {
         (t, w) for t in (1, 2, 4, 8, 16) for w in (0.1, 0.5, 0.9)}
     assert {a.dkd_beta for a in by_study["dkd_beta"]} == {1, 2, 4, 8, 16}
+    # DKD's Table 11 ladder (Zhao et al., CVPR 2022; its teachers named in mdistiller issues 8 and 54)
     teachers = {a.path_t.split("/")[-2] for a in by_study["capacity_gap"]}
-    assert teachers == {"resnet32_cifar100_trial1", "resnet56_cifar100_trial0", "resnet110_cifar100_trial0",
-                        "resnet32x4_cifar100_trial0"}
+    assert teachers == {f"{t}_cifar100_trial0" for t in ("wrn_28_2", "wrn_40_2", "wrn_16_4", "wrn_28_4")}
+    assert {(a.model_s, a.dkd_beta) for a in by_study["capacity_gap"]} == {("wrn_16_2", 6)}
     assert {a.distill for a in by_study["capacity_gap"]} == {"kd", "dkd", "crd"}
     assert all(a.trial in ("1", "2") for a in parsed)
 

@@ -233,3 +233,34 @@ def test_loads_repdistiller_checkpoint(name, model, tmp_path):
     for key, value in sd.items():
         assert torch.equal(loaded[key], value), key
 
+
+
+# --- the wider WRNs of DKD's capacity-gap ladder (not RepDistiller's) ------------
+
+def wrn_parameters(depth: int, width: int, classes: int = 100) -> int:
+    """WRN-depth-width's parameter count from Zagoruyko & Komodakis' layout: a 3x3 stem of 16
+    channels, three stages of (depth - 4) / 6 pre-activation blocks of 16w, 32w, 64w channels
+    (two BN + two 3x3 convs each, a 1x1 shortcut where the width changes), a final BN, a linear
+    classifier."""
+    blocks, params, c_in = (depth - 4) // 6, 3 * 16 * 9, 16
+    for c_out in (16 * width, 32 * width, 64 * width):
+        for b in range(blocks):
+            c = c_in if b == 0 else c_out
+            params += 2 * c + c * c_out * 9 + 2 * c_out + c_out * c_out * 9 + (c * c_out if c != c_out else 0)
+        c_in = c_out
+    return params + 2 * c_in + c_in * classes + classes
+
+
+@pytest.mark.parametrize("name, depth, width", [("wrn_16_4", 16, 4), ("wrn_28_2", 28, 2), ("wrn_28_4", 28, 4)])
+def test_the_capacity_gap_wrns_have_their_depth_and_width(name, depth, width):
+    m = model_dict[name]()
+    assert sum(p.numel() for p in m.parameters()) == wrn_parameters(depth, width)
+    assert [len(block.layer) for block in (m.block1, m.block2, m.block3)] == [(depth - 4) // 6] * 3
+    with torch.no_grad():
+        f = m.forward_features(torch.zeros(2, 3, 32, 32))
+    assert [list(s.shape[1:]) for s in f.stages] == [[16 * width, 32, 32], [32 * width, 16, 16], [64 * width, 8, 8]]
+    assert REGISTRY[name].family == "cifar"
+
+
+def test_the_wrn_parameter_formula_matches_repdistillers_wrns():
+    assert all(wrn_parameters(d, w) == MODELS[f"wrn_{d}_{w}"]["params"] for d, w in ((16, 1), (16, 2), (40, 1), (40, 2)))
