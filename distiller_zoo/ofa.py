@@ -168,7 +168,7 @@ def check_token_stage(number: int, shape: Sequence[int], width: int) -> None:
     """A token stage the official branch can take: even grids at every merge, the student's
     penultimate width where nothing merges, a width the four heads divide."""
     channels, *grid = shape
-    where = f"ofa: student stage {number} ({channels} channels on a {grid[0]}x{grid[1]} token grid)"
+    where = f"ofa: student stage {number} ({channels}-channel tokens, grid {grid[0]}x{grid[1]})"
     merges = token_merges(tuple(grid))
     if any(side % 2 ** m for side in grid for m in range(1, merges + 1)):
         raise UserError(f"{where} has an odd side at one of its {merges} patch merges; "
