@@ -1,6 +1,7 @@
 """OFA-KD: the loss and the stage branches (CNN and token students) against numbers from the
 official code, the loss against a hand computation, its ε = 1 form against KD, gradient flow
-(a timm ViT student included), the errors, and one digits epoch through train_student.py."""
+(a timm ViT student included), the errors, and digits epochs through train_student.py (a
+suite CNN student, a timm ViT student)."""
 import math
 
 import pytest
@@ -285,3 +286,12 @@ def test_one_digits_epoch_with_its_flags(digits_teacher, tmp_path, monkeypatch):
     assert {"train_ofa_stage2", "train_ofa_stage3", "train_ofa_logits"} <= set(header)
     assert "train_ofa_stage1" not in header
     assert math.isfinite(results["last_top1"])
+
+
+@pytest.mark.e2e
+def test_one_digits_epoch_with_a_timm_vit_student(digits_teacher, tmp_path, monkeypatch, capsys):
+    _, teacher_dir = digits_teacher
+    results, run = one_digits_epoch(monkeypatch, tmp_path, teacher_dir, "ofa", "--model_s", "timm:test_vit:patch_size=4",
+                                    "--ofa_stages", "3,4", "--learning_rate", "0.01")
+    assert "branches on student stages 3 (tokens), 4 (tokens)" in capsys.readouterr().out
+    assert math.isfinite(results["last_top1"]) and (run / "best.pth").is_file()
