@@ -228,6 +228,21 @@ class WKDL(DecayingDistiller):
         return self.loss(feat_s.logits, feat_t.logits.detach(), batch.targets, self.decay())
 
 
+def check_positions(feat, model: nn.Module, name: str, role: str) -> None:
+    """WKD-F fits a Gaussian to each channel of the last stage over its positions: one position
+    (a torchvision ResNet's layer4 on 32x32 images) has no variance (the official unbiased
+    `var` gives 0/0, a NaN loss), so it stops here, before the run directory exists."""
+    last = feat.stages[-1]
+    if last.shape[2:].numel() > 1:
+        return
+    stages = getattr(model, "feature_stages", None)  # a library network's module paths
+    layer = stages[-1] if stages else f"stage {len(feat.stages)}"
+    example = f" (e.g. --feat_{role} {stages[-2]})" if stages and len(stages) > 1 else ""
+    raise UserError(f"wkd_f: {name}'s {layer} is a {'x'.join(map(str, last.shape[2:]))} map on these images, over "
+                    f"whose one position a channel has no variance; name a stage of at least two positions with "
+                    f"--feat_{role}{example}, or use larger images")
+
+
 @register("wkd_f", family="feature", gamma=1.0, alpha=0.0, beta=0.08,
           paper="Lv et al., Wasserstein Distance Rivals Kullback-Leibler Divergence for KD, NeurIPS 2024 (WKD-F)")
 class WKDF(DecayingDistiller):
@@ -240,11 +255,8 @@ class WKDF(DecayingDistiller):
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         c_s, c_t = ctx.feat_s.stages[-1].shape[1], ctx.feat_t.stages[-1].shape[1]
-        positions = ctx.feat_t.stages[-1].shape[2:].numel()
-        if positions < 2:  # the unbiased variance over one position is 0/0
-            raise UserError(f"wkd_f models each channel of the last stage as a Gaussian over its positions, but "
-                            f"{ctx.teacher_name}'s last stage is a {positions}-position map on these images; "
-                            "name a stage with at least two positions (--feat_s/--feat_t) or use larger images")
+        check_positions(ctx.feat_s, ctx.student, ctx.student_name or "the student", "s")
+        check_positions(ctx.feat_t, ctx.teacher, ctx.teacher_name or "the teacher", "t")
         self.connector = nn.Sequential(nn.Conv2d(c_s, c_t, 1), nn.BatchNorm2d(c_t), nn.ReLU(inplace=True))
         self.loss = WKDFeatureLoss(ctx.options.wkd_mean_weight)
         print(f"wkd_f: last stage {c_s} -> {c_t} channels (1x1 conv + BN + ReLU), mean weight "

@@ -17,8 +17,9 @@ probe forward that takes the last module at each spatial resolution after the st
 input of the classifier (timm's `get_classifier()`, torchvision's `fc`/`classifier`/`head`/`heads`,
 else the last nn.Linear), `logits` the network's output. Token sequences (B x N x C) become maps
 (B x C x H x W) with the class/distillation/register tokens dropped, so every method that reads
-stages sees maps. `preact` is the stage outputs themselves: a library network's pre-activations
-are not known without its code.
+stages sees maps; `token_stages` says which stages were tokens (OFA-KD's branch follows it).
+`preact` is the stage outputs themselves: a library network's pre-activations are not known
+without its code.
 """
 import ast
 import difflib
@@ -191,7 +192,7 @@ class LibraryFeatures:
     def _as_map(self, t: Tensor, channels: Optional[int]) -> Tensor:
         if t.ndim == 3:
             return tokens_to_map(t, *self._token_layout(t.shape[1]))
-        if t.ndim == 4 and channels is not None and t.shape[1] != channels and t.shape[-1] == channels:
+        if is_token_layout(t, channels):
             return t.permute(0, 3, 1, 2)  # channels-last maps (timm's Swin)
         return t
 
@@ -218,6 +219,13 @@ class LibraryFeatures:
 
     def get_bn_before_relu(self) -> List[nn.BatchNorm2d]:
         return self.bn_before_relu()
+
+
+def is_token_layout(t: Tensor, channels: Optional[int]) -> bool:
+    """Whether a stage output is a transformer's or an MLP's tokens: B x N x C, or timm's
+    channels-last B x H x W x C grid (its Swin), where `channels` is the declared width."""
+    return t.ndim == 3 or (t.ndim == 4 and channels is not None and t.shape[1] != channels
+                           and t.shape[-1] == channels)
 
 
 def tokens_to_map(tokens: Tensor, prefix: int, grid: Tuple[int, int]) -> Tensor:
@@ -393,4 +401,6 @@ def _check_runs(model: nn.Module, image_size: int, label: str) -> None:
         raise UserError(f"module {', '.join(missing)} of {label} does not run in its forward pass; name another")
     model.stage_channels = [model._as_map(recorder.captured[k], c).shape[1]
                             for k, c in zip(model.feature_stages, model._declared_channels)]
+    model.token_stages = [is_token_layout(recorder.captured[k], c)
+                          for k, c in zip(model.feature_stages, model._declared_channels)]
     recorder.captured = {}

@@ -41,7 +41,7 @@ def test_recorded_shapes_of_a_torchvision_resnet():
     assert [tuple(s.shape[1:]) for s in feat.stages] == [(64, 8, 8), (128, 4, 4), (256, 2, 2), (512, 1, 1)]
     assert tuple(feat.stem.shape[1:]) == (64, 8, 8)  # the max-pool's output, which enters layer1
     assert tuple(feat.pooled.shape[1:]) == (512,) and tuple(feat.logits.shape[1:]) == (10,)
-    assert net.stage_channels == [64, 128, 256, 512]
+    assert net.stage_channels == [64, 128, 256, 512] and net.token_stages == [False] * 4
 
 
 def test_named_modules_and_head_are_recorded():
@@ -77,7 +77,7 @@ def test_tokens_become_maps_without_the_class_token():
     seen = {}
     vit.blocks[-1].register_forward_hook(lambda m, i, out: seen.setdefault("last", out))
     feat = vit.forward_features(_digits_batch())
-    assert vit.feature_stages[-1] == "blocks.5" and vit.num_prefix_tokens == 1
+    assert vit.feature_stages[-1] == "blocks.5" and vit.num_prefix_tokens == 1 and vit.token_stages == [True] * 4
     assert torch.equal(feat.stages[-1], seen["last"][:, 1:].reshape(2, 8, 8, -1).permute(0, 3, 1, 2))
     assert tuple(feat.pooled.shape[1:]) == (64,)  # the class token after the final norm
 

@@ -1,6 +1,7 @@
-"""OFA-KD: the loss and the stage branches against numbers from the official code, the loss
-against a hand computation, its ε = 1 form against KD, gradient flow, the errors, and one
-digits epoch through train_student.py."""
+"""OFA-KD: the loss and the stage branches (CNN and token students) against numbers from the
+official code, the loss against a hand computation, its ε = 1 form against KD, gradient flow
+(a timm ViT student included), the errors, and digits epochs through train_student.py (a
+suite CNN student, a timm ViT student)."""
 import math
 
 import pytest
@@ -11,9 +12,11 @@ from conftest import read_json
 from core.errors import UserError
 from distiller_zoo.base import Batch, BuildContext, resolve
 from distiller_zoo.kd import DistillKL
-from distiller_zoo.ofa import OFA, ofa_loss, parse_stages
+from distiller_zoo.ofa import OFA, PatchMerge, TokenBranch, TransformerBlock, ofa_loss, parse_stages
 from distiller_zoo.options import defaults
-from method_helpers import make_ctx, one_digits_epoch, wave
+from engine.build import build_model
+from method_helpers import make_args, make_ctx, one_digits_epoch, wave
+from models import model_dict
 from models.features import Features
 
 B, K = 4, 5
@@ -43,15 +46,44 @@ OFFICIAL_BRANCHES = {
 }
 
 
-def fixed_features(z, width):
-    maps = [wave(B, *s, phase=10.0 + i) for i, s in enumerate(STAGES)]
+# A token student's stages: (grid side, channels), the tokens wave(B, side², channels, phase=10 + i)
+# in row-major grid order; its penultimate width D_S_TOKENS. Stage 1 merges twice (28 -> 7), stage
+# 2 once, stages 3 and 4 not at all.
+TOKEN_STAGES = [(28, 8), (14, 12), (8, 16), (4, 16)]
+D_S_TOKENS = 16
+
+# The same commit's distillers/ofa.py `OFA` with a token student (stage_info (side², channels) of
+# TOKEN_STAGES, penultimate width D_S_TOKENS, no `num_tokens`, as every timm 0.6.5 model; timm
+# 0.6.5 from its git tag), every projector parameter set to `wave(*shape, phase=100 + k,
+# scale=0.3)` in named_parameters order, each projector run on its stage's tokens: (eps, T) ->
+# the OFA loss of each stage's branch.
+OFFICIAL_TOKEN_BRANCHES = {
+    (1.0, 1.0): [6.3706865310668945, 6.060266971588135, 4.091653347015381, 7.174607276916504],
+    (1.5, 2.0): [2.7428998947143555, 1.981038212776184, 1.6498892307281494, 2.6886134147644043],
+}
+
+
+def fixed_features(z, width, maps=None):
+    maps = maps or [wave(B, *s, phase=10.0 + i) for i, s in enumerate(STAGES)]
     return Features(stem=maps[0], stages=maps, preact=maps, pooled=wave(B, width, phase=20.0), logits=z)
 
 
-def fixed_ofa(eps, T):
+def token_maps():
+    """TOKEN_STAGES' tokens as the suite's B x C x H x W maps."""
+    return [wave(B, side * side, c, phase=10.0 + i).transpose(1, 2).reshape(B, c, side, side)
+            for i, (side, c) in enumerate(TOKEN_STAGES)]
+
+
+class TokenStudent(nn.Identity):
+    token_stages = [True] * len(TOKEN_STAGES)
+
+
+def fixed_ofa(eps, T, tokens=False):
     z_s, z_t = logits()
-    feat_s, feat_t = fixed_features(z_s, D_S), fixed_features(z_t, D_T)
-    ctx = BuildContext(nn.Identity(), nn.Identity(), feat_s, feat_t,
+    student = TokenStudent() if tokens else nn.Identity()
+    feat_s = fixed_features(z_s, D_S_TOKENS, token_maps()) if tokens else fixed_features(z_s, D_S)
+    feat_t = fixed_features(z_t, D_T)
+    ctx = BuildContext(student, nn.Identity(), feat_s, feat_t,
                        defaults(OFA.options, ofa_eps=eps, ofa_temperature=T), n_train=100, num_classes=K)
     ofa = OFA(ctx).train()
     with torch.no_grad():
@@ -74,6 +106,76 @@ def test_branches_match_the_official_code(eps, T):
     assert [parts[f"stage{i}"].item() for i in (1, 2, 3, 4)] == pytest.approx(stages, rel=1e-5)
     assert parts["logits"].item() == pytest.approx(final, rel=1e-6)
     assert loss.item() == pytest.approx(sum(stages) + final, rel=1e-5)
+
+
+@pytest.mark.parametrize("eps,T", sorted(OFFICIAL_TOKEN_BRANCHES))
+def test_token_branches_match_the_official_code(eps, T):
+    ofa, feat_s, feat_t = fixed_ofa(eps, T, tokens=True)
+    _, parts = ofa(feat_s, feat_t, Batch(targets=Y))
+    expected = OFFICIAL_TOKEN_BRANCHES[eps, T]
+    assert [parts[f"stage{i}"].item() for i in (1, 2, 3, 4)] == pytest.approx(expected, rel=1e-5)
+
+
+def test_token_branch_shapes():
+    """log2(side / 7) merges, the first to D_S; max(S - i, 1) blocks of width D_S; GELU after
+    every merge but the last of two."""
+    ofa, _, _ = fixed_ofa(1.0, 1.0, tokens=True)
+    merges = [[(m.reduction.in_features, type(m.act).__name__) for m in branch.merges] for branch in ofa.branches]
+    assert merges == [[(32, "GELU"), (64, "Identity")], [(48, "GELU")], [], []]
+    assert [len(branch.blocks) for branch in ofa.branches] == [3, 2, 1, 1]
+    assert all(isinstance(branch, TokenBranch) and branch.fc.in_features == D_S_TOKENS for branch in ofa.branches)
+
+
+def test_patch_merge_and_block_by_hand():
+    """PatchMerge concatenates each 2x2 group as (0,0), (1,0), (0,1), (1,1); the block is
+    x + attention, then + MLP, against a plain softmax attention."""
+    torch.manual_seed(0)
+    merge = PatchMerge(1, 4, nn.Identity())
+    with torch.no_grad():
+        merge.norm.weight.fill_(1.0)
+        merge.reduction.weight.copy_(torch.eye(4))
+    grid = torch.arange(16.0).reshape(1, 4, 4, 1)
+    groups = merge(grid)
+    first = torch.tensor([0.0, 4.0, 1.0, 5.0])
+    assert torch.allclose(groups[0, 0, 0], (first - first.mean()) / (first.var(unbiased=False) + 1e-5).sqrt())
+    block, x = TransformerBlock(8), torch.randn(2, 5, 8)
+    q, k, v = block.qkv(block.norm1(x)).reshape(2, 5, 3, 4, 2).unbind(2)
+    attn = torch.softmax(torch.einsum("bnhd,bmhd->bhnm", q, k) / 2 ** 0.5, dim=-1)
+    y = x + block.proj(torch.einsum("bhnm,bmhd->bnhd", attn, v).reshape(2, 5, 8))
+    expected = y + block.fc2(torch.nn.functional.gelu(block.fc1(block.norm2(y))))
+    assert torch.allclose(block(x), expected, atol=1e-5)
+
+
+def test_a_timm_vit_student_gets_token_branches_and_gradients():
+    torch.manual_seed(0)
+    student = build_model("timm:test_vit:patch_size=4", 10, "digits")
+    teacher = model_dict["resnet8"](num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ctx = BuildContext(student, teacher, student.forward_features(x), teacher.forward_features(x),
+                           make_args(ofa_stages="1,4"), n_train=100, num_classes=10)
+    ofa = OFA(ctx)
+    assert all(isinstance(branch, TokenBranch) for branch in ofa.branches)
+    assert [len(branch.blocks) for branch in ofa.branches] == [3, 1]
+    loss, parts = ofa(student.forward_features(x), teacher.forward_features(x), Batch(targets=torch.tensor([1, 7])))
+    assert torch.isfinite(loss) and set(parts) == {"stage1", "stage4", "logits"}
+    loss.backward()
+    assert student.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in ofa.parameters())
+
+
+@pytest.mark.parametrize("stage,width,message", [
+    ((12, 8, 8), 16, "needs no patch merging.*12 channels.*penultimate width 16"),
+    ((16, 15, 15), 16, "odd side at one of its 1 patch merges"),
+    ((18, 8, 8), 18, "18 is not divisible by the 4 heads"),
+])
+def test_token_stages_the_official_branch_cannot_take(stage, width, message):
+    maps = [wave(B, *stage)]
+    ctx = BuildContext(TokenStudent(), nn.Identity(), fixed_features(logits()[0], width, maps),
+                       fixed_features(logits()[1], D_T), defaults(OFA.options), n_train=100, num_classes=K)
+    with pytest.raises(UserError, match=message):
+        OFA(ctx)
 
 
 def test_branch_shapes_follow_the_stage_count():
@@ -158,11 +260,6 @@ def test_errors_that_need_the_networks():
     with pytest.raises(UserError, match="3 stages"):
         OFA(ctx)
     ctx, x = make_ctx("resnet8", "resnet8", batch=4)
-    tokens = ctx.feat_s.stages[1].flatten(2).transpose(1, 2)   # (B, L, C), as a token student's
-    ctx.feat_s.stages[1] = tokens
-    with pytest.raises(UserError, match="token students"):
-        OFA(ctx)
-    ctx, x = make_ctx("resnet8", "resnet8", batch=4)
     feat = ctx.student.forward_features(x)
     with pytest.raises(UserError, match="labels"):
         OFA(ctx)(feat, feat)
@@ -189,3 +286,12 @@ def test_one_digits_epoch_with_its_flags(digits_teacher, tmp_path, monkeypatch):
     assert {"train_ofa_stage2", "train_ofa_stage3", "train_ofa_logits"} <= set(header)
     assert "train_ofa_stage1" not in header
     assert math.isfinite(results["last_top1"])
+
+
+@pytest.mark.e2e
+def test_one_digits_epoch_with_a_timm_vit_student(digits_teacher, tmp_path, monkeypatch, capsys):
+    _, teacher_dir = digits_teacher
+    results, run = one_digits_epoch(monkeypatch, tmp_path, teacher_dir, "ofa", "--model_s", "timm:test_vit:patch_size=4",
+                                    "--ofa_stages", "3,4", "--learning_rate", "0.01")
+    assert "branches on student stages 3 (tokens), 4 (tokens)" in capsys.readouterr().out
+    assert math.isfinite(results["last_top1"]) and (run / "best.pth").is_file()

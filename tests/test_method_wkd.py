@@ -9,6 +9,8 @@ import torch
 from scipy.linalg import sqrtm
 from scipy.optimize import linprog
 
+import train_student
+from conftest import fast_args
 from core.errors import UserError
 from distiller_zoo.base import Batch, resolve
 from distiller_zoo.objective import parse_objective
@@ -23,6 +25,7 @@ from distiller_zoo.wkd import (
     sinkhorn_distance,
     sinkhorn_plan,
 )
+from engine.build import build_model
 from method_helpers import make_ctx, step_on_real_models
 
 
@@ -202,10 +205,31 @@ def test_combined_run_takes_the_official_wkd_lf_values():
 
 
 def test_wkd_f_refuses_a_one_position_last_stage():
-    """A 1x1 last stage (torchvision's resnet18 on 32x32 images) has no variance to match:
-    one line, not a NaN loss in the first step."""
+    """A 1x1 last stage has no variance to match: one line, not a NaN loss in the first step."""
     ctx, _ = make_ctx("resnet8", "resnet8")
-    for feats in (ctx.feat_s, ctx.feat_t):
-        feats.stages[-1] = feats.stages[-1][..., :1, :1]
-    with pytest.raises(UserError, match="wkd_f models each channel.*1-position map"):
+    ctx.feat_t.stages[-1] = ctx.feat_t.stages[-1][..., :1, :1]
+    with pytest.raises(UserError, match="wkd_f: resnet8's stage 3 is a 1x1 map .* with --feat_t, or use larger"):
         WKDF(ctx)
+
+
+def test_wkd_f_names_the_library_layer_of_a_one_position_student():
+    """torchvision's resnet18 on 32x32 images ends in a 1x1 layer4; the error names it and the
+    stage before it."""
+    ctx, x = make_ctx("resnet8", "resnet8")
+    student = build_model("torchvision:resnet18", 10, "digits")
+    with torch.no_grad():
+        ctx.feat_s = student.forward_features(x)
+    ctx.student, ctx.student_name = student, "torchvision:resnet18"
+    with pytest.raises(UserError, match=r"torchvision:resnet18's layer4 is a 1x1 map .*--feat_s \(e.g. --feat_s layer3\)"):
+        WKDF(ctx)
+
+
+def test_train_student_stops_before_the_run_directory(digits_teacher, tmp_path, capsys):
+    _, teacher_dir = digits_teacher
+    with pytest.raises(SystemExit) as exit_info:
+        train_student.main(fast_args(tmp_path, "--path_t", str(teacher_dir / "best.pth"), "--distill", "wkd_f",
+                                     "--model_s", "torchvision:resnet18"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "torchvision:resnet18's layer4 is a 1x1 map" in err
+    assert not (tmp_path / "students").exists()
