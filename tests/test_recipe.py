@@ -10,14 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from torch import nn
 
 import train_student
 from conftest import fast_args
 from core.errors import UserError
+from distiller_zoo.base import InitStage
+from distiller_zoo.options import DataNeeds
 from distiller_zoo.recipe import compile_recipe
+from distiller_zoo.temperature import Temperature
 from engine.build import build_model
 from engine.checkpoint import save_checkpoint
 from engine.config import NOT_STORED
+from engine.distill_task import DistillTask
 from engine.student_run import configure
 from method_helpers import quarter_digits
 from models.features import Features, StageSelection
@@ -105,6 +110,49 @@ def test_features_select_the_mapped_stages():
     seen_s, seen_t = StageSelection(student=(2, 0))(feat, feat)
     assert [float(m) for m in seen_s.stages] == [2.0, 0.0] and [float(m) for m in seen_s.preact] == [12.0, 10.0]
     assert seen_t is feat and StageSelection()(None, feat) == (None, feat)
+
+
+class StagesSeen(nn.Module):
+    """A stand-in method that records how many student and teacher stages its step and its init
+    stage receive."""
+
+    needs = DataNeeds()
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(()))
+        self.seen = []
+
+    def deployed_head(self):
+        return None
+
+    def init_stage(self):
+        return InitStage(epochs=1, params=[self.weight], loss=lambda s, t: {"loss": self._record(s, t)})
+
+    def forward(self, feat_s, feat_t, batch=None):
+        return self._record(feat_s, feat_t), {}
+
+    def _record(self, feat_s, feat_t):
+        self.seen.append((len(feat_s.stages), len(feat_t.stages)))
+        return self.weight * 0
+
+
+class ThreeStages(nn.Module):
+    def forward_features(self, x):
+        maps = [x * k for k in range(3)]
+        return Features(stem=x, stages=maps, preact=maps, pooled=x.flatten(1), logits=x.flatten(1)[:, :4])
+
+
+def test_the_task_gives_a_method_its_selected_stages_in_its_step_and_init_stage():
+    probe, other = StagesSeen(), StagesSeen()
+    task = DistillTask(ThreeStages(), ThreeStages(), [("probe", 1.0, probe), ("other", 1.0, other)], 1.0, 0.0,
+                       ("kd", nn.Identity()), Temperature(4.0), 4, stages={"probe": StageSelection(student=(2,))})
+    images, targets = torch.randn(2, 1, 2, 2), torch.tensor([0, 1])
+    task(images, targets)
+    [init_probe, init_other] = task.init_stages()
+    init_probe.module(images, targets)
+    init_other.module(images, targets)
+    assert probe.seen == [(1, 3), (1, 3)] and other.seen == [(3, 3), (3, 3)]
 
 
 def test_the_imagenet_recipe_is_the_guides_command_line():
