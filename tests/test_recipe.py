@@ -15,8 +15,9 @@ from torch import nn
 import train_student
 from conftest import fast_args
 from core.errors import UserError
-from distiller_zoo.base import InitStage
-from distiller_zoo.options import DataNeeds
+from distiller_zoo.base import BuildContext, InitStage
+from distiller_zoo.fitnet import FitNet
+from distiller_zoo.options import DataNeeds, defaults
 from distiller_zoo.recipe import compile_recipe
 from distiller_zoo.temperature import Temperature
 from engine.build import build_model
@@ -25,6 +26,7 @@ from engine.config import NOT_STORED
 from engine.distill_task import DistillTask
 from engine.student_run import configure
 from method_helpers import quarter_digits
+from models.external import FeaturePaths
 from models.features import Features, StageSelection
 
 DIGITS_RECIPE = Path(__file__).resolve().parent.parent / "configs" / "recipes" / "digits_resnet18_mobilenet_v3_small.yaml"
@@ -156,10 +158,21 @@ def test_the_task_gives_a_method_its_selected_stages_in_its_step_and_init_stage(
 
 
 def test_the_imagenet_recipe_is_the_guides_command_line():
+    """ResNet-50 -> ResNet-18 with a hint on layer4 through a 1x1 connector, plus KD: the flags of
+    the guides' command line, and FitNet's regressor between the two layer4 maps (64x64 images
+    here, 2x2 maps on both sides as 7x7 on ImageNet's 224x224) a 1x1 conv from 512 to 2048."""
     compiled = compile_recipe(yaml.safe_load(IMAGENET_RECIPE.read_text())["distiller"])
     assert compiled.flags == {"distill": "fitnet:100,kd:0.9", "alpha": 0.9, "beta": None, "hint_layer": 1,
                               "feat_s": "layer4", "feat_t": "layer4"}
     assert compiled.stages == {}
+    nets = [build_model(f"torchvision:{arch}", 10, "tinyimagenet", FeaturePaths(compiled.flags[key], None, key[-1]))
+            for arch, key in (("resnet18", "feat_s"), ("resnet50", "feat_t"))]
+    with torch.no_grad():
+        feat_s, feat_t = (net.eval().forward_features(torch.zeros(2, 3, 64, 64)) for net in nets)
+    hint = FitNet(BuildContext(student=nets[0], teacher=nets[1], feat_s=feat_s, feat_t=feat_t, n_train=1,
+                               num_classes=10, options=defaults(FitNet.options, hint_layer=1)))
+    conv = hint.regressor.conv
+    assert (conv.kernel_size, conv.in_channels, conv.out_channels) == ((1, 1), 512, 2048)
 
 
 def test_a_network_without_recorders_gives_its_own_stages():
