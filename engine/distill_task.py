@@ -24,8 +24,9 @@ A method whose head replaces the student's classifier in the deployed network (S
 `deployed_network()` the student with that head; the training accuracy counts the head's
 logits, which the method returns in its parts (distiller_zoo.base.DEPLOYED_LOGITS).
 
-A recipe's mapping (distiller_zoo/recipe.py) gives a method the recorded stages it sees,
-`stages[name]`, in its main step and its init stage alike; a method not named sees them all."""
+A recipe's mapping (distiller_zoo/recipe.py) gives a method the recorded stages it sees
+(`stages`: a StageSelection by method name), in its main step and its init stage alike; a
+method not named sees them all."""
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -207,11 +208,11 @@ class InitStep(nn.Module):
     """One step of a method's init stage: its loss on the (frozen) teacher's features and,
     when the stage needs it, the student's."""
 
-    def __init__(self, task: DistillTask, stage: InitStage, stages: StageSelection = StageSelection()):
+    def __init__(self, task: DistillTask, stage: InitStage, select: StageSelection = StageSelection()):
         super().__init__()
         self.task = task
         self.stage = stage
-        self.select = stages
+        self.select = select
 
     def forward(self, images, targets, *unused):
         if not self.stage.all_views:
