@@ -98,7 +98,8 @@ class Distiller(nn.Module):
     @classmethod
     def mapped_options(cls, n_student: int, n_teacher: int) -> Dict[str, object]:
         """Option values a recipe's mapping implies where its loss does not give them (FitNet:
-        the hint is the deepest mapped layer), for `n_student`/`n_teacher` mapped stages."""
+        the hint is the deepest mapped layer), for `n_student`/`n_teacher` mapped stages (0: that
+        network is not recorded, its own stages stand)."""
         return {}
 
     def __init__(self, ctx: BuildContext):

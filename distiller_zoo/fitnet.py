@@ -98,7 +98,8 @@ class FitNet(Distiller):
 
     @classmethod
     def mapped_options(cls, n_student: int, n_teacher: int):
-        return {"hint_layer": n_teacher}  # the deepest mapped layer (a recipe's one hint: 1)
+        # the deepest mapped layer (a recipe's one hint: 1); an unmapped teacher keeps its own stages
+        return {"hint_layer": n_teacher} if n_teacher else {}
 
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)

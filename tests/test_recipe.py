@@ -181,6 +181,13 @@ def test_a_network_without_recorders_gives_its_own_stages():
     compiled = compile_recipe({"losses": [{"ofa": {"type": "ofa", "weight": 1}}, {"kd": {"type": "kd", "weight": 1}}]})
     assert compiled.flags == {"distill": "ofa:1,kd:1", "alpha": 1.0, "beta": None, "feat_s": None, "feat_t": None}
     assert compiled.stages == {}
+    # a FitNet hint from a recorded library teacher into the suite's resnet8 (its own stages)
+    hint = compile_recipe({"recorders": {"t4": {"teacher": "layer4"}},
+                           "losses": {"hint": {"type": "fitnet", "teacher": "t4"}}})
+    assert (hint.flags["hint_layer"], hint.flags["feat_s"], hint.stages) == (1, None, {})
+    unrecorded_teacher = compile_recipe({"recorders": {"s4": {"student": "layer4"}},
+                                         "losses": {"hint": {"type": "fitnet", "student": "s4"}}})
+    assert "hint_layer" not in unrecorded_teacher.flags
 
 
 RECORDERS = {"s4": {"student": "layer4"}, "t4": {"teacher": "layer4"}}
