@@ -34,6 +34,10 @@ EXAMPLES = """examples:
   python train_student.py --path_t save/teachers/resnet32x4_cifar100_trial0/best.pth \\
       --distill crd --model_s resnet8x4 -a 0 -b 0.8 --trial 1
   python train_student.py --distill kd --model_s resnet8 --dataset digits --epochs 5
+  python train_student.py --config configs/recipes/digits_resnet18_mobilenet_v3_small.yaml --epochs 5
+
+A --config file may hold a recipe, `distiller:` with recorders (module outputs) and losses
+(methods with weights, options and the recorders they read): docs/networks.md#recipe-files.
 """
 
 
@@ -104,6 +108,7 @@ def build_parser() -> Parser:
     m.add_argument("--dot_delta", type=float, default=DEFAULT_DELTA, help="DOT's momentum offset delta",
                    valid=NON_NEGATIVE)
     add_method_options(parser)
+    parser.add_config_block("distiller")
     add_common_args(parser)
     parser.set_defaults(trial="1")
     return parser

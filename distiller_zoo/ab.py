@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from distiller_zoo.base import (
+    BOTH,
     INIT_EPOCHS,
     BuildContext,
     Distiller,
@@ -134,6 +135,7 @@ class ABLoss(nn.Module):
                 "Formed by Hidden Neurons, AAAI 2019")
 class AB(Distiller):
     """AB: an init stage on the boundary loss; no main-stage term (see the module docstring)."""
+    stage_sides = BOTH
 
     options = (INIT_EPOCHS,
                Option("ab_connector", str, DEFAULT_CONNECTOR, "AB's connector: RepDistiller's (the identity where "

@@ -87,10 +87,20 @@ class Distiller(nn.Module):
 
     options: Tuple[Option, ...] = ()
     head_class: Optional[type] = None  # the DeployedHead subclass `deployed_head` returns, if any
+    # the networks whose recorded stages (`stages`, `preact`, `stem`) the method reads: what a
+    # recipe's loss must map (distiller_zoo/recipe.py); logits and `pooled` need no recorder
+    stage_sides: Tuple[str, ...] = ()
 
     @classmethod
     def data_needs(cls, options) -> DataNeeds:
         return DataNeeds()
+
+    @classmethod
+    def mapped_options(cls, n_student: int, n_teacher: int) -> Dict[str, object]:
+        """Option values a recipe's mapping implies where its loss does not give them (FitNet:
+        the hint is the deepest mapped layer), for `n_student`/`n_teacher` mapped stages (0: that
+        network is not recorded, its own stages stand)."""
+        return {}
 
     def __init__(self, ctx: BuildContext):
         super().__init__()
@@ -160,6 +170,9 @@ def deployed_network(student: nn.Module, record: dict, path) -> DeployedNetwork:
                         "the file is damaged or from another version") from None
     return DeployedNetwork(student, head).eval()
 
+
+# Distiller.stage_sides of a method that reads both networks' stages.
+BOTH = ("student", "teacher")
 
 # The init-stage length shared by the methods that declare an init stage (AB, FT, FSP).
 INIT_EPOCHS = Option("init_epochs", int, 30, "epochs of the method's init stage (AB, FT, FSP); 0 skips it",
@@ -280,6 +293,8 @@ class StagePairDistiller(Distiller):
     """A connector-free loss over the stages paired from the deepest (AT, NST): the criterion
     maps the paired lists of student and teacher maps to one term per pair, logged as
     'stage<k>' by the teacher's stage number."""
+
+    stage_sides = BOTH
 
     def __init__(self, ctx: BuildContext, method: str, criterion: nn.Module):
         super().__init__(ctx)

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.ranges import at_least
-from distiller_zoo.base import BuildContext, Distiller, avg_pool_to, register
+from distiller_zoo.base import BOTH, BuildContext, Distiller, avg_pool_to, register
 from distiller_zoo.classifier import check_class_map, class_map
 from distiller_zoo.options import Option
 
@@ -78,6 +78,7 @@ class CATLoss(nn.Module):
           beta_per_pair=PAIR_WEIGHT,
           paper="Guo et al., Class Attention Transfer Based Knowledge Distillation, CVPR 2023")
 class CATKD(Distiller):
+    stage_sides = BOTH
     options = (
         Option("cat_resolution", int, DEFAULT_RESOLUTION, "side R of the average-pooled class activation maps",
                per_pair={pair: 4 for pair in FINE_NORMALISED}, valid=at_least(1)),

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from core.ranges import NON_NEGATIVE
-from distiller_zoo.base import BuildContext, Distiller, match_spatial, register
+from distiller_zoo.base import BOTH, BuildContext, Distiller, match_spatial, register
 from distiller_zoo.dist import DISTLoss, inter_relation, intra_relation
 from distiller_zoo.options import Option
 
@@ -72,6 +72,7 @@ class DISTPlusLoss(nn.Module):
 @register("dist_plus", aliases=("distplus",), family="logit", gamma=1.0, alpha=0.0, beta=2.0,
           paper="Huang et al., DIST+: Knowledge Distillation From a Stronger Adaptive Teacher, TPAMI 2025")
 class DISTPlus(Distiller):
+    stage_sides = BOTH
     options = (
         Option("dist_plus_channel_weight", float, 0.5, "weight of DIST+'s channel relation on the last stage",
                valid=NON_NEGATIVE),

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
-from distiller_zoo.base import BuildContext, Distiller, describe_pairing, register
+from distiller_zoo.base import BOTH, BuildContext, Distiller, describe_pairing, register
 from distiller_zoo.options import Option
 
 
@@ -93,7 +93,13 @@ def hint_indices(n_s: int, n_t: int, hint_layer: int) -> Tuple[int, int]:
           paper="Romero et al., FitNets: Hints for Thin Deep Nets, ICLR 2015",
           aliases=("hint",))
 class FitNet(Distiller):
+    stage_sides = BOTH
     options = (Option("hint_layer", int, 2, "FitNet's hint: 0 = stem, k = stage k", choices=tuple(range(5))),)
+
+    @classmethod
+    def mapped_options(cls, n_student: int, n_teacher: int):
+        # the deepest mapped layer (a recipe's one hint: 1); an unmapped teacher keeps its own stages
+        return {"hint_layer": n_teacher} if n_teacher else {}
 
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from core.errors import UserError
 from distiller_zoo.base import (
+    BOTH,
     INIT_EPOCHS,
     BuildContext,
     Distiller,
@@ -81,6 +82,7 @@ def _layers(feat: Features) -> List[Tensor]:
                 "Minimization and Transfer Learning, CVPR 2017")
 class FSP(Distiller):
     """FSP: an init stage on the FSP matrices; no main-stage term (see the module docstring)."""
+    stage_sides = BOTH
 
     options = (INIT_EPOCHS,)
 

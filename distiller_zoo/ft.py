@@ -41,6 +41,7 @@ from torch import Tensor, nn
 
 from core.errors import UserError
 from distiller_zoo.base import (
+    BOTH,
     INIT_EPOCHS,
     BuildContext,
     Distiller,
@@ -132,6 +133,7 @@ class FactorTransferLoss(nn.Module):
                 "Transfer, NeurIPS 2018")
 class FT(Distiller):
     """Paraphraser trained in the init stage, translator and factor loss in the main stage."""
+    stage_sides = BOTH
 
     options = (INIT_EPOCHS,
                Option("ft_factor", str, DEFAULT_FACTOR, "FT's factor loss: RepDistiller's (mean of squares over "

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distiller_zoo.base import BuildContext, Distiller, register
+from distiller_zoo.base import BOTH, BuildContext, Distiller, register
 
 
 def channel_correlation(fmap: Tensor) -> Tensor:
@@ -49,6 +49,7 @@ class ICKDLoss(nn.Module):
 @register("ickd", family="feature", gamma=1.0, alpha=1.0, beta=2.5,
           paper="Liu et al., Exploring Inter-Channel Correlation for Diversity-preserved KD, ICCV 2021")
 class ICKD(Distiller):
+    stage_sides = BOTH
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         c_s, c_t = ctx.feat_s.stages[-1].shape[1], ctx.feat_t.stages[-1].shape[1]

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
-from distiller_zoo.base import BuildContext, Distiller, match_spatial, register
+from distiller_zoo.base import BOTH, BuildContext, Distiller, match_spatial, register
 
 _EPS = 1e-12
 
@@ -135,6 +135,7 @@ class IRGLoss(nn.Module):
 @register("irg", family="relation", gamma=1.0, alpha=0.0, beta=1.0,
           paper="Liu et al., Knowledge Distillation via Instance Relationship Graph, CVPR 2019")
 class IRG(Distiller):
+    stage_sides = BOTH
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         for who, feat in (("student", ctx.feat_s), ("teacher", ctx.feat_t)):

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
-from distiller_zoo.base import BuildContext, Distiller, describe_pairing, pair_from_deepest, register
+from distiller_zoo.base import BOTH, BuildContext, Distiller, describe_pairing, pair_from_deepest, register
 from models.features import Features
 
 
@@ -165,6 +165,7 @@ class KDSVDLoss(nn.Module):
           paper="Lee et al., Self-supervised Knowledge Distillation Using Singular Value "
                 "Decomposition, ECCV 2018")
 class KDSVD(Distiller):
+    stage_sides = BOTH
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         st_s, st_t = ctx.feat_s.stages, ctx.feat_t.stages

@@ -15,6 +15,7 @@ from core.ranges import NON_NEGATIVE, Parsed, check_value
 from distiller_zoo.base import MethodSpec, resolve
 from distiller_zoo.kd import DistillKL
 from distiller_zoo.options import DataNeeds, Pair, pair_key, resolve_options, resolve_value
+from models.features import StageSelection
 
 # --distill's default: Hinton et al.'s KD
 DEFAULT_DISTILL = "kd"
@@ -29,6 +30,7 @@ class MethodTerm:
     weight_source: str = "default"
     options: SimpleNamespace = field(default_factory=SimpleNamespace)
     option_sources: Dict[str, str] = field(default_factory=dict)
+    stages: StageSelection = field(default_factory=StageSelection)  # the recorded stages it sees: all, or a recipe's
 
     @property
     def needs(self) -> DataNeeds:
@@ -38,7 +40,7 @@ class MethodTerm:
         opts = ", ".join(f"{k} {v}" + ("" if self.option_sources[k] == "given" else f" ({self.option_sources[k]})")
                          for k, v in vars(self.options).items())
         weight = f"b {self.weight:g}" + ("" if self.weight_source == "given" else f" ({self.weight_source})")
-        return f"{self.spec.name}: {weight}" + (f"; {opts}" if opts else "")
+        return f"{self.spec.name}: {weight}" + (f"; {opts}" if opts else "") + self.stages.describe()
 
 
 @dataclass
@@ -96,12 +98,16 @@ class Objective:
 
 
 def parse_objective(distill: str, gamma: Optional[float], alpha: Optional[float],
-                    beta: Optional[float], logit_stand: bool = False, pair: Pair = ("", "")) -> Objective:
+                    beta: Optional[float], logit_stand: bool = False, pair: Pair = ("", ""),
+                    stages: Optional[Mapping[str, StageSelection]] = None) -> Objective:
+    """The objective of --distill and -r/-a/-b; `stages` gives a method the recorded stages it
+    sees (a recipe's mapping, by method name; the others see all)."""
     entries = split_distill(distill)
     if len(entries) > 1 and beta is not None:
         raise UserError("-b is ambiguous with several methods; give each its weight, e.g. --distill crd:0.8,at:1000")
     pair = pair_key(*pair)
-    methods = [MethodTerm(spec, *_method_weight(spec, weight, beta, pair))
+    methods = [MethodTerm(spec, *_method_weight(spec, weight, beta, pair),
+                          stages=(stages or {}).get(spec.name, StageSelection()))
                for spec, weight in entries if spec.cls is not None]
     names = [term.spec.name for term in methods]
     if len(set(names)) != len(names):

@@ -233,6 +233,7 @@ def build_branch(ctx: BuildContext, i: int, is_tokens: bool) -> nn.Module:
 @register("ofa", family="logit", gamma=1.0, alpha=0.0, beta=1.0, aliases=("ofa_kd",),
           paper="Hao et al., One-for-All: Bridge the Gap Between Heterogeneous Architectures in KD, NeurIPS 2023")
 class OFA(Distiller):
+    stage_sides = ("student",)  # the student's stages into the logit space; the teacher's logits
     options = (
         Option("ofa_eps", float, 1.0, "OFA's target-enhancement exponent epsilon (1: plain soft targets)",
                per_pair=PAIR_EPS, valid=POSITIVE),

@@ -39,7 +39,15 @@ from torch import Tensor, nn
 
 from core.errors import UserError
 from distiller_zoo.ab import conv_bn_connector
-from distiller_zoo.base import BuildContext, Distiller, describe_pairing, match_spatial, pair_from_deepest, register
+from distiller_zoo.base import (
+    BOTH,
+    BuildContext,
+    Distiller,
+    describe_pairing,
+    match_spatial,
+    pair_from_deepest,
+    register,
+)
 from models.features import Features
 
 
@@ -89,6 +97,7 @@ class OFDLoss(nn.Module):
           beta_per_pair={("imagenet_resnet50", "imagenet_mobilenet_v1"): 1e-4},
           paper="Heo et al., A Comprehensive Overhaul of Feature Distillation, ICCV 2019")
 class OFD(Distiller):
+    stage_sides = BOTH
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         pre_s, pre_t = ctx.feat_s.preact, ctx.feat_t.preact

@@ -59,7 +59,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.ranges import at_least
-from distiller_zoo.base import BuildContext, WarmupDistiller, avg_pool_to, match_spatial, pair_from_deepest, register
+from distiller_zoo.base import (
+    BOTH,
+    BuildContext,
+    WarmupDistiller,
+    avg_pool_to,
+    match_spatial,
+    pair_from_deepest,
+    register,
+)
 from distiller_zoo.options import Option
 
 DEFAULT_WARMUP = 20
@@ -146,6 +154,7 @@ def teacher_levels(feat) -> List[Tensor]:
 @register("reviewkd", gamma=1.0, alpha=0.0, beta=REGISTRY_WEIGHT, beta_per_pair=PAIR_WEIGHT,
           paper="Chen et al., Distilling Knowledge via Knowledge Review, CVPR 2021")
 class ReviewKD(WarmupDistiller):
+    stage_sides = BOTH
     options = (Option("reviewkd_warmup", int, DEFAULT_WARMUP, "ReviewKD's warm-up epochs", valid=at_least(0)),)
 
     def __init__(self, ctx: BuildContext):

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from core.errors import UserError
 from core.ranges import NON_NEGATIVE, Parsed
-from distiller_zoo.base import BuildContext, Distiller, WarmupDistiller, avg_pool_to, register
+from distiller_zoo.base import BOTH, BuildContext, Distiller, WarmupDistiller, avg_pool_to, register
 from distiller_zoo.classifier import check_class_map, class_map
 from distiller_zoo.dkd import DKD, DKDLoss
 from distiller_zoo.kd import DistillKL
@@ -153,6 +153,7 @@ class ScaleCells:
 @register("sdd_kd", family="logit", gamma=0.1, alpha=0.0, beta=0.9, aliases=("sd_kd",),
           paper="Wei et al., Scale Decoupled Distillation, CVPR 2024 (SD-KD)")
 class SDDKD(Distiller):
+    stage_sides = BOTH
     options = SDD_OPTIONS
 
     def __init__(self, ctx: BuildContext):
@@ -168,6 +169,7 @@ class SDDKD(Distiller):
 @register("sdd_dkd", family="logit", gamma=1.0, alpha=0.0, beta=1.0, aliases=("sd_dkd",),
           paper="Wei et al., Scale Decoupled Distillation, CVPR 2024 (SD-DKD)")
 class SDDDKD(WarmupDistiller):
+    stage_sides = BOTH
     options = SDD_OPTIONS + tuple(replace(opt, per_pair=SDD_DKD_BETA) if opt.name == "dkd_beta" else opt
                                   for opt in DKD.options)   # DKD's flags, SD-DKD's published betas
 

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from core.errors import UserError
 from core.ranges import POSITIVE, at_least
-from distiller_zoo.base import BuildContext, Distiller, match_spatial, register
+from distiller_zoo.base import BOTH, BuildContext, Distiller, match_spatial, register
 from distiller_zoo.options import Option
 
 
@@ -112,6 +112,7 @@ class SemanticCalibration(nn.Module):
           paper="Chen et al., Cross-Layer Distillation with Semantic Calibration, AAAI 2021",
           beta_per_pair={("imagenet_resnet34", "imagenet_resnet18"): 50.0})
 class SemCKD(Distiller):
+    stage_sides = BOTH
     options = (
         Option("semckd_factor", int, 4, "SemCKD: the query/key embedding is batch_size // factor wide",
                valid=at_least(1)),

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from core.errors import UserError
 from core.ranges import at_least
-from distiller_zoo.base import DEPLOYED_LOGITS, BuildContext, DeployedHead, Distiller, register
+from distiller_zoo.base import BOTH, DEPLOYED_LOGITS, BuildContext, DeployedHead, Distiller, register
 from distiller_zoo.classifier import check_class_map, class_map
 from distiller_zoo.options import Option
 
@@ -87,6 +87,7 @@ class SimKDHead(DeployedHead):
 @register("simkd", gamma=0.0, alpha=0.0, beta=1.0,
           paper="Chen et al., Knowledge Distillation with the Reused Teacher Classifier, CVPR 2022")
 class SimKD(Distiller):
+    stage_sides = BOTH
     options = (Option("simkd_factor", int, 2, "SimKD: the projector's bottleneck is C_t / factor wide",
                       valid=at_least(1)),)
     head_class = SimKDHead

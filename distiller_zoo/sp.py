@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distiller_zoo.base import BuildContext, Distiller, register
+from distiller_zoo.base import BOTH, BuildContext, Distiller, register
 
 
 class Similarity(nn.Module):
@@ -40,6 +40,7 @@ class Similarity(nn.Module):
           paper="Tung & Mori, Similarity-Preserving Knowledge Distillation, ICCV 2019",
           aliases=("similarity",))
 class SP(Distiller):
+    stage_sides = BOTH
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         self.criterion = Similarity()

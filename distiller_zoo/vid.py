@@ -30,7 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from distiller_zoo.base import BuildContext, Distiller, describe_pairing, match_spatial, pair_from_deepest, register
+from distiller_zoo.base import (
+    BOTH,
+    BuildContext,
+    Distiller,
+    describe_pairing,
+    match_spatial,
+    pair_from_deepest,
+    register,
+)
 
 
 class VIDLoss(nn.Module):
@@ -66,6 +74,7 @@ class VIDLoss(nn.Module):
           paper="Ahn et al., Variational Information Distillation for Knowledge Transfer, CVPR 2019",
           aliases=("vid",))
 class VID(Distiller):
+    stage_sides = BOTH
     def __init__(self, ctx: BuildContext):
         super().__init__(ctx)
         self.pairs = pair_from_deepest(ctx.feat_s.stages, ctx.feat_t.stages)

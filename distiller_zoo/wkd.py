@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from core.errors import UserError
 from core.ranges import NON_NEGATIVE, POSITIVE, at_least
-from distiller_zoo.base import BuildContext, Distiller, register
+from distiller_zoo.base import BOTH, BuildContext, Distiller, register
 from distiller_zoo.classifier import last_linear
 from distiller_zoo.options import Option
 
@@ -246,6 +246,7 @@ def check_positions(feat, model: nn.Module, name: str, role: str) -> None:
 @register("wkd_f", family="feature", gamma=1.0, alpha=0.0, beta=0.08,
           paper="Lv et al., Wasserstein Distance Rivals Kullback-Leibler Divergence for KD, NeurIPS 2024 (WKD-F)")
 class WKDF(DecayingDistiller):
+    stage_sides = BOTH
     options = (
         Option("wkd_mean_weight", float, DEFAULT_MEAN_WEIGHT, "weight r of the mean term against the std term",
                with_method={"wkd_l": COMBINED_MEAN_WEIGHT}, valid=NON_NEGATIVE),

@@ -70,6 +70,12 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UserError(f"{message} (see --help)")
 
+    def add_config_block(self, name: str) -> None:
+        """A key a --config file may hold whose value is a mapping, not a flag's (train_student.py's
+        `distiller:` recipe): handed on as it is, to the configuration that checks it."""
+        self.config_blocks = (*getattr(self, "config_blocks", ()), name)
+        self.set_defaults(**{name: None})
+
 
 def milestones(value) -> list:
     """--lr_decay_epochs: "150,180,210" (or a list, from a --config file) as epoch numbers >= 1."""
@@ -176,7 +182,8 @@ def given_flags(parser: argparse.ArgumentParser, argv=None) -> set:
     """The destinations the command line sets: argparse fills a default only where the namespace
     lacks the attribute, so what still holds the placeholder afterwards was not given."""
     unset = object()
-    namespace = argparse.Namespace(**{a.dest: unset for a in parser._actions if a.dest != argparse.SUPPRESS})
+    dests = [a.dest for a in parser._actions if a.dest != argparse.SUPPRESS]
+    namespace = argparse.Namespace(**{dest: unset for dest in [*dests, *getattr(parser, "config_blocks", ())]})
     parser.parse_known_args(argv, namespace=namespace)
     return {k for k, v in vars(namespace).items() if v is not unset}
 
@@ -192,12 +199,13 @@ def read_config(path: str, parser: argparse.ArgumentParser, derived=()) -> dict:
     if not isinstance(values, dict):
         raise UserError(f"--config {path} must map flag names to values (e.g. 'epochs: 240')")
     flags = {action.dest for action in parser._actions}
-    unknown = sorted(set(values) - flags - set(derived) - {"resume"})
+    blocks = set(getattr(parser, "config_blocks", ()))
+    unknown = sorted(set(values) - flags - blocks - set(derived) - {"resume"})
     if unknown:
         raise UserError(f"--config {path} sets unknown flags: {', '.join(unknown)}")
     actions = {action.dest: action for action in parser._actions}
-    return {k: config_value(actions[k], v, path) for k, v in values.items()
-            if k in flags and k not in ("config", "resume")}
+    return {k: v if k in blocks else config_value(actions[k], v, path) for k, v in values.items()
+            if k in flags | blocks and k not in ("config", "resume")}
 
 
 KINDS = {int: "an integer", float: "a number", str: "a string"}

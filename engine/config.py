@@ -224,6 +224,7 @@ class StudentConfig(RunConfig):
     feat_t: Optional[str] = None
     head_t: Optional[str] = None
     distill: str = DEFAULT_DISTILL
+    distiller: Optional[Mapping[str, Any]] = None  # a recipe (distiller_zoo/recipe.py), whose flags are the ones above
     gamma: Optional[float] = None        # derived: the resolved weights
     alpha: Optional[float] = None
     beta: Optional[float] = None         # as given; the resolved weights are beta_label's

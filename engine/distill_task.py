@@ -22,8 +22,12 @@ then computes in place of `kd`; it must not depend on the teachers' order
 
 A method whose head replaces the student's classifier in the deployed network (SimKD) makes
 `deployed_network()` the student with that head; the training accuracy counts the head's
-logits, which the method returns in its parts (distiller_zoo.base.DEPLOYED_LOGITS)."""
-from typing import Dict, List, Optional, Sequence, Tuple
+logits, which the method returns in its parts (distiller_zoo.base.DEPLOYED_LOGITS).
+
+A recipe's mapping (distiller_zoo/recipe.py) gives a method the recorded stages it sees
+(`stages`: a StageSelection by method name), in its main step and its init stage alike; a
+method not named sees them all."""
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +38,15 @@ from distiller_zoo.base import DEPLOYED_LOGITS, Batch, DeployedNetwork, Distille
 from distiller_zoo.temperature import Temperature
 from engine.task import Task, compile_features
 from engine.trainer import Stage
-from models.features import Features
+from models.features import Features, StageSelection
 
 
 class DistillTask(Task):
     def __init__(self, student: nn.Module, teacher: nn.Module, methods: List[Tuple[str, float, Distiller]],
                  gamma: float, alpha: float, kd_term: Tuple[str, nn.Module], temperature: Temperature,
                  num_classes: int, init_lr: Optional[float] = None, base_lr: float = 0.05,
-                 kd_teachers: Sequence[nn.Module] = (), combine: Optional[nn.Module] = None):
+                 kd_teachers: Sequence[nn.Module] = (), combine: Optional[nn.Module] = None,
+                 stages: Optional[Mapping[str, StageSelection]] = None):
         super().__init__(student, num_classes)
         self.teacher = teacher.eval()
         self.kd_teachers = nn.ModuleList(t.eval() for t in kd_teachers)
@@ -50,6 +55,7 @@ class DistillTask(Task):
             p.requires_grad_(False)
         self.distillers = nn.ModuleDict({name: d for name, _, d in methods})
         self.weights: Dict[str, float] = {name: w for name, w, _ in methods}
+        self.selections = {name: (stages or {}).get(name, StageSelection()) for name, _, _ in methods}
         self.gamma, self.alpha = gamma, alpha
         self.init_lr, self.base_lr = init_lr, base_lr
         self.temperature = temperature
@@ -90,9 +96,9 @@ class DistillTask(Task):
             if not self.weights[name]:
                 continue  # a zero weight switches a term off; it costs nothing
             if distiller.needs.strong_view or distiller.needs.rotations:
-                value, parts = distiller(feat_s, feat_t, batch)
+                value, parts = distiller(*self.selections[name](feat_s, feat_t), batch)
             else:
-                value, parts = distiller(weak_s, weak_t, batch)
+                value, parts = distiller(*self.selections[name](weak_s, weak_t), batch)
             if DEPLOYED_LOGITS in parts:
                 logits = parts.pop(DEPLOYED_LOGITS)
             terms[name] = value
@@ -142,7 +148,7 @@ class DistillTask(Task):
                 if (stage := d.init_stage()) is not None and stage.epochs > 0]
 
     def init_stages(self) -> list:
-        return [Stage(f"init_{name}", stage.epochs, InitStep(self, stage), stage.params,
+        return [Stage(f"init_{name}", stage.epochs, InitStep(self, stage, self.selections[name]), stage.params,
                       evaluate=False, constant_lr=self._init_lr(stage), lr_milestones=stage.lr_milestones)
                 for name, stage in self._declared_init_stages()]
 
@@ -202,14 +208,15 @@ class InitStep(nn.Module):
     """One step of a method's init stage: its loss on the (frozen) teacher's features and,
     when the stage needs it, the student's."""
 
-    def __init__(self, task: DistillTask, stage: InitStage):
+    def __init__(self, task: DistillTask, stage: InitStage, select: StageSelection = StageSelection()):
         super().__init__()
         self.task = task
         self.stage = stage
+        self.select = select
 
     def forward(self, images, targets, *unused):
         if not self.stage.all_views:
             images = images[:targets.shape[0]]  # the weak views of a two-view batch, the upright of a rotation batch
         feat_t = self.task.teacher_features(images)
         feat_s = self.task.model.forward_features(images) if self.stage.needs_student else None
-        return self.stage.loss(feat_s, feat_t), None
+        return self.stage.loss(*self.select(feat_s, feat_t)), None

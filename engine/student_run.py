@@ -20,6 +20,7 @@ from core.errors import UserError
 from distiller_zoo.base import BuildContext
 from distiller_zoo.multi_teacher import TeacherEnsemble, ensemble_weights
 from distiller_zoo.objective import Objective, parse_objective
+from distiller_zoo.recipe import compile_recipe
 from distiller_zoo.temperature import LOGIT_STAND_T, temperature_from_args
 from engine.args import split_paths
 from engine.build import build_model, check_fits_dataset, check_model_name
@@ -71,7 +72,7 @@ class StudentRun:
 def configure(flags: Mapping) -> StudentRun:
     """The run of a student's flag values (the parser's, or a run's args.json): every value the
     flags leave to the teachers, the methods or the other flags is resolved here, once."""
-    flags = dict(flags)
+    flags, selections = apply_recipe(dict(flags))
     parse_objective(flags["distill"], flags["gamma"], flags["alpha"], flags["beta"], flags["logit_stand"])  # an unknown method first
     check_model_name(flags["model_s"], "--model_s")
     if flags["path_t"] is None:
@@ -89,7 +90,7 @@ def configure(flags: Mapping) -> StudentRun:
     if len(states) > 1:
         gamma, alpha = ensemble_weights(flags["multi_teacher"], gamma, alpha)
     pair = (archs[flags["feature_teacher"]], flags["model_s"])
-    objective = parse_objective(flags["distill"], gamma, alpha, flags["beta"], flags["logit_stand"], pair)
+    objective = parse_objective(flags["distill"], gamma, alpha, flags["beta"], flags["logit_stand"], pair, selections)
     options, sources = objective.resolve_options(flags, pair, flags.get("option_sources"))
     ensemble = f"+{flags['multi_teacher']}" if len(states) > 1 and objective.alpha else ""
     config = StudentConfig.from_dict({
@@ -97,6 +98,22 @@ def configure(flags: Mapping) -> StudentRun:
         "kd_T": kd_T, "method": objective.name + ensemble + ("+dot" if flags["dot"] else ""),  # its own table row
         "beta_label": objective.beta_label, "option_sources": sources})
     return StudentRun(config, objective, states)
+
+
+def apply_recipe(flags: dict):
+    """(flags, stage selections by method) of a run with a recipe (`distiller`): the flags it
+    compiles into, which the flags themselves may only repeat (a resumed run's args.json holds
+    both); without one, the flags and no selection."""
+    if flags.get("distiller") is None:
+        return flags, {}
+    compiled = compile_recipe(flags["distiller"])
+    defaults = StudentConfig.defaults()
+    for key, value in compiled.flags.items():
+        given = flags.get(key)
+        if given is not None and given != defaults.get(key) and given != value:
+            raise UserError(f"--{key} {given} contradicts the recipe (--config's distiller:), which sets "
+                            f"{key} to {value}; drop --{key}")
+    return {**flags, **compiled.flags, "distiller": compiled.recipe}, compiled.stages
 
 
 def read_teachers(flags: Mapping):
@@ -144,7 +161,7 @@ def run_name(config: StudentConfig) -> str:
 def build_task(run: StudentRun, ctx, train_loader, info) -> DistillTask:
     """The teachers, the student and every method's connectors (built on the first batch's features)."""
     config = run.config
-    features_t = FeaturePaths(config.feat_t, config.head_t, "t")  # the feature teacher's alone
+    features_t = FeaturePaths(config.feat_t, config.head_t, "t", recipe=config.distiller is not None)  # the feature teacher's alone
     teachers = [build_teacher(state, arch, info.num_classes, path, config.dataset,
                               features_t if k == config.feature_teacher else None).to(ctx.device)
                 for k, (state, arch, path) in enumerate(zip(run.teacher_states, config.teacher_archs,
@@ -152,19 +169,22 @@ def build_task(run: StudentRun, ctx, train_loader, info) -> DistillTask:
     teacher = teachers.pop(config.feature_teacher)
     teacher_name = config.feature_pair[0]
     student = build_model(config.model_s, info.num_classes, config.dataset,
-                          FeaturePaths(config.feat_s, config.head_s, "s"), "--model_s").to(ctx.device)
+                          FeaturePaths(config.feat_s, config.head_s, "s", recipe=config.distiller is not None),
+                          "--model_s").to(ctx.device)
     feat_s, feat_t = sample_features([student, teacher], train_loader, ctx.device)
     temperature = temperature_from_args(config)
     methods = []
     for term in run.objective.methods:
-        build = BuildContext(student=student, teacher=teacher, feat_s=feat_s, feat_t=feat_t, options=term.options,
+        seen_s, seen_t = term.stages(feat_s, feat_t)
+        build = BuildContext(student=student, teacher=teacher, feat_s=seen_s, feat_t=seen_t, options=term.options,
                              n_train=info.n_train, num_classes=info.num_classes, student_name=config.model_s,
                              teacher_name=teacher_name, temperature=temperature, logit_stand=config.logit_stand,
                              weight_given=term.weight_source == "given", epochs=config.epochs)
         methods.append((term.spec.name, term.weight, term.spec.cls(build)))
     task = DistillTask(student, teacher, methods, config.gamma, config.alpha, run.objective.kd_term(temperature),
                        temperature, info.num_classes, init_lr=config.init_lr, base_lr=config.learning_rate,
-                       kd_teachers=teachers, combine=TeacherEnsemble(temperature, config.multi_teacher))
+                       kd_teachers=teachers, combine=TeacherEnsemble(temperature, config.multi_teacher),
+                       stages={term.spec.name: term.stages for term in run.objective.methods})
     return task.to(ctx.device)
 
 

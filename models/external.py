@@ -136,8 +136,11 @@ class FeaturePaths:
     stages: Optional[str] = None   # comma-separated module paths, shallow to deep
     head: Optional[str] = None     # the classifier: its input is `pooled`
     role: str = "s"                # names the flags in error messages
+    recipe: bool = False           # the stages are a recipe's recorders (distiller_zoo/recipe.py)
 
     def flag(self, what: str) -> str:
+        if self.recipe and what == "feat":
+            return f"the recipe's {'student' if self.role == 's' else 'teacher'} recorders"
         return f"--{what}_{self.role}"
 
 

@@ -4,8 +4,8 @@ Distillation methods pick the tensors they need by name (`stages`, `preact`,
 `pooled`, ...) instead of by a position in a list, so one method works for
 every architecture whatever its number of stages.
 """
-from dataclasses import dataclass
-from typing import List, Sequence
+from dataclasses import dataclass, replace
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -35,6 +35,13 @@ class Features:
                         preact=[t[start:stop] for t in self.preact], pooled=self.pooled[start:stop],
                         logits=self.logits[start:stop])
 
+    def select(self, indices: Optional[Sequence[int]]) -> "Features":
+        """The features with `stages` and `preact` cut down to the stages `indices` names, in
+        that order (None: all): what one loss of a recipe sees (distiller_zoo/recipe.py)."""
+        if indices is None:
+            return self
+        return replace(self, stages=[self.stages[i] for i in indices], preact=[self.preact[i] for i in indices])
+
     @staticmethod
     def cat(parts: Sequence["Features"]) -> "Features":
         """The features of several batches, concatenated along the batch dimension."""
@@ -43,3 +50,28 @@ class Features:
                         preact=[torch.cat(ts) for ts in zip(*(p.preact for p in parts))],
                         pooled=torch.cat([p.pooled for p in parts]),
                         logits=torch.cat([p.logits for p in parts]))
+
+
+@dataclass(frozen=True)
+class StageSelection:
+    """The recorded stages one loss sees, as indices into the student's and the teacher's
+    `stages` (None: all of them, in order): a recipe's mapping of recorders to a loss."""
+
+    student: Optional[Tuple[int, ...]] = None
+    teacher: Optional[Tuple[int, ...]] = None
+
+    def __call__(self, feat_s: Optional[Features], feat_t: Optional[Features]):
+        """(student, teacher) Features as the loss sees them; a missing student (an init stage
+        without it) stays None."""
+        return (None if feat_s is None else feat_s.select(self.student)), feat_t.select(self.teacher)
+
+    @property
+    def everything(self) -> bool:
+        return self.student is None and self.teacher is None
+
+    def describe(self) -> str:
+        """'' for all stages, else which recorded stages each network gives (0-based)."""
+        if self.everything:
+            return ""
+        seen = ["all" if i is None else "[" + ", ".join(map(str, i)) + "]" for i in (self.student, self.teacher)]
+        return f"; recorded stages: student {seen[0]}, teacher {seen[1]}"
