@@ -17,9 +17,7 @@ NONDETERMINISTIC_WARNING = r".* does not have a deterministic implementation"
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    seed_generators(seed)
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -28,6 +26,13 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     else:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.benchmark = True
+
+
+def seed_generators(seed: int) -> None:
+    """Python's, numpy's and torch's global generators (torch's on the CPU and every CUDA device)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def determinism_line() -> str:

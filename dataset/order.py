@@ -9,6 +9,7 @@ import torch
 # independent random streams derived from (seed, epoch, ...)
 ORDER_STREAM, AUGMENT_STREAM, CONTRAST_STREAM, WORKER_STREAM, TRANSFORM_STREAM, STRONG_STREAM, \
     ROTATION_STREAM = range(7)
+NETWORK_STREAM = 7  # the global generators the networks draw from in training (engine/trainer.py)
 
 
 def mix_seed(seed: int, *words: int) -> int:

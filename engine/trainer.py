@@ -17,6 +17,11 @@ What is evaluated and counted is `task.deployed_network()`: `task.model`, or, wh
 head replaces the student's classifier (SimKD), the student with that head; the checkpoints
 then hold the head under 'head' beside the student's weights under 'model', and
 engine/teacher.py's `build_teacher` rebuilds the same network from them.
+
+Every epoch starts by reseeding the global random generators (Python's, numpy's, torch's on the
+CPU and CUDA) from (seed, epoch, rank) alone, so what the networks draw in training (dropout,
+drop-path) does not depend on the epochs before: a resumed run draws what the uninterrupted one
+drew, and each rank draws its own masks (docs/design.md, "Epoch seeds").
 """
 import inspect
 import shlex
@@ -30,7 +35,8 @@ from torch import nn
 
 from core.distributed import average_buffers, broadcast_from_main
 from core.errors import RunStopped
-from core.seeding import determinism_line
+from core.seeding import determinism_line, seed_generators
+from dataset.order import NETWORK_STREAM, mix_seed
 from engine import programs, runs
 from engine.checkpoint import save_checkpoint
 from engine.loop import NonFiniteLoss, evaluate, train_epoch
@@ -38,7 +44,7 @@ from engine.metrics_log import MAIN_STAGE, MetricsLog
 from engine.optim import build_optimizer, lr_at, set_lr
 from engine.precision import Execution, grad_scaler, resolve_execution
 from engine.progress import run_line
-from engine.resume import load_resume_state
+from engine.resume import EPOCH_SEEDED, load_resume_state
 from engine.signals import Interrupted, stop_on_signals
 
 
@@ -191,6 +197,7 @@ class Trainer:
             epoch_offset += stage.epochs
 
     def _run_epoch(self, stage: Stage, epoch: int, global_epoch: int, optimizer) -> None:
+        seed_epoch(self.config.seed, global_epoch, self.ctx.rank)
         lr = stage.lr(epoch, self.config)
         set_lr(optimizer, lr)
         self.train_loader.set_epoch(global_epoch)
@@ -282,7 +289,7 @@ class Trainer:
                  "extra": self.task.extra_state(), "rows": self.log.rows, "elapsed": self.elapsed,
                  "seed": self.config.seed, "world_size": self.ctx.world_size, "side_best": self.side_best,
                  "execution": self.execution.record(), "skipped_images": self._skipped_images(),
-                 **self._identity()}
+                 EPOCH_SEEDED: True, **self._identity()}
         if self.scaler.is_enabled():
             state["scaler"] = self.scaler.state_dict()
         save_checkpoint(state, self.run_dir / runs.LAST_CKPT)
@@ -345,6 +352,11 @@ def hparam_record(config, model_name: str, describe: dict) -> dict:
             "kd_T": float(describe.get("kd_T", float("nan"))), "dataset": config.dataset,
             "epochs": config.epochs, "seed": config.seed, "trial": str(config.trial), "batch_size": config.batch_size,
             "lr": config.learning_rate}
+
+
+def seed_epoch(seed: int, global_epoch: int, rank: int) -> None:
+    """The global generators for one epoch of one rank (init stages count in `global_epoch`)."""
+    seed_generators(mix_seed(seed, global_epoch, rank, NETWORK_STREAM))
 
 
 def first_batch_shape(loader) -> tuple:
