@@ -4,6 +4,8 @@ bit-identical to the uninterrupted run, and a checkpoint from before that seedin
 one warning line."""
 import csv
 import random
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ import torch
 from torch import nn
 
 import train_teacher
-from conftest import crash_after_checkpoint, fast_args
+from conftest import ROOT, crash_after_checkpoint, fast_args
 from engine.checkpoint import save_checkpoint
 from engine.resume import EPOCH_SEEDED, load_resume_state
 from engine.trainer import seed_epoch
@@ -78,3 +80,41 @@ def test_a_checkpoint_from_before_epoch_seeds_resumes_with_one_warning(tmp_path,
     save_checkpoint({**state, EPOCH_SEEDED: True}, tmp_path / "ckpt_last.pth")
     load_resume_state(tmp_path, 1, 64, model, "linear")
     assert capsys.readouterr().err == ""
+
+
+# train_teacher.py whose rank 0 dies right after writing epoch 1's ckpt_last.pth (torchrun then
+# ends the other rank): a crash under torchrun, where no monkeypatch reaches
+CRASHING_TEACHER = """import os, sys
+sys.path.insert(0, {root!r})
+import engine.trainer, train_teacher
+real_save = engine.trainer.save_checkpoint
+def save_then_die(state, path):
+    real_save(state, path)
+    if str(path).endswith("ckpt_last.pth") and state["epoch"] == 1:
+        os._exit(3)
+engine.trainer.save_checkpoint = save_then_die
+train_teacher.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sys.platform != "linux" or not torch.distributed.is_available(), reason="Gloo ranks on Linux")
+def test_two_ranks_with_dropout_resumed_after_a_crash_end_as_the_uninterrupted_run(tmp_path):
+    crashing = tmp_path / "crashing_teacher.py"
+    crashing.write_text(CRASHING_TEACHER.format(root=str(ROOT)))
+    flags = ["--model", DROPPING_NETWORK, "--epochs", "2", "--batch_size", "64", "--amp", "off",
+             "--no-channels_last", "--num_workers", "0"]
+    assert _torchrun(ROOT / "train_teacher.py", fast_args(tmp_path / "full", *flags)).returncode == 0
+    assert _torchrun(crashing, fast_args(tmp_path / "cut", *flags)).returncode != 0
+    resumed = _torchrun(ROOT / "train_teacher.py", fast_args(tmp_path / "cut", *flags, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    [full], [cut] = (list((tmp_path / run / "teachers").iterdir()) for run in ("full", "cut"))
+    assert [row["epoch"] for row in _metrics(cut)] == ["1", "2"]
+    assert _metrics(full) == _metrics(cut)
+
+
+def _torchrun(script, argv) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(script), *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
