@@ -160,16 +160,22 @@ def check_precision(opts, device) -> list:
 
 # --------------------------------------------------------------------------- epochs, compile
 
+def execution(opts) -> dict:
+    """The runs' precision and memory format: the device's own choice on a GPU; fp32 NCHW in the
+    CPU dry run, where the choice would be the CPU speed probe's, a path no GPU takes."""
+    return {"amp": "off", "channels_last": False} if opts.device == "cpu" else {}
+
+
 def student_flags(opts, save: Path, teacher_ckpt: Path, method: str, **extra) -> dict:
     """train_student.py's flag values of a one-epoch digits run of `method`."""
     return {"dataset": "digits", "save_dir": str(save), "path_t": str(teacher_ckpt), "model_s": "resnet8",
             "distill": method, "epochs": 1, "init_epochs": 1, "sskd_head_epochs": 1, "nce_k": 64,
-            "batch_size": 128, "device": opts.device, "print_freq": 1000, **extra}
+            "batch_size": 128, "device": opts.device, "print_freq": 1000, **execution(opts), **extra}
 
 
 def train_digits_teacher(opts, save: Path) -> Path:
     teacher_run.train(TeacherConfig(dataset="digits", save_dir=str(save), model="resnet8", epochs=1, batch_size=128,
-                                    device=opts.device, print_freq=1000, trial="0"))
+                                    device=opts.device, print_freq=1000, trial="0", **execution(opts)))
     return save / TEACHER.kind / "resnet8_digits_trial0" / "best.pth"
 
 
@@ -256,7 +262,7 @@ def check_ddp(opts, work) -> dict:
         return {"backend": backend, "steps": rows, "torchrun_kd": None}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     flags = [word for flag, value in student_flags(opts, work["save"], work["teacher"], "kd", trial="torchrun").items()
-             for word in (f"--{flag}", str(value))]
+             for word in ((f"--{'' if value else 'no-'}{flag}",) if isinstance(value, bool) else (f"--{flag}", str(value)))]
     start = time.perf_counter()
     launched = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
                                str(ROOT / "train_student.py"), *flags], env=env, capture_output=True, text=True)

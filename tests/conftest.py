@@ -12,8 +12,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def fast_args(save_dir, *extra):
-    """Flags for a quick CPU run on the embedded digits data."""
-    return ["--dataset", "digits", "--save_dir", str(save_dir), "--print_freq", "5", *extra]
+    """Flags for a quick CPU run on the embedded digits data, in fp32 and NCHW: the speed probe
+    (engine/precision.py, tested on its own in test_first_contact.py and test_fast_path.py) would
+    otherwise time four candidates for every new pair of networks, the larger part of a short run."""
+    return ["--dataset", "digits", "--save_dir", str(save_dir), "--print_freq", "5", "--amp", "off",
+            "--no-channels_last", *extra]
 
 
 @pytest.fixture(scope="session")

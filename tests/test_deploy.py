@@ -45,11 +45,13 @@ def digits_split():
 @pytest.fixture(scope="session")
 def digits_student(digits_teacher):
     """A resnet8 student distilled (CE + 0.5 KD) from the digits teacher for 2 epochs at a constant
-    lr and batch 16 (61% test top-1; the one-epoch teacher's 15%): its run directory."""
+    lr of 0.02 and batch 16 (45% test top-1 in fp32; the one-epoch teacher's 15%; at lr 0.05 the
+    second epoch can fall back): its run directory."""
     save, teacher_dir = digits_teacher
     results = train_student.main(fast_args(save, "--path_t", str(teacher_dir / "best.pth"), "--model_s", "resnet8",
                                            "--distill", "kd", "-r", "1", "-a", "0.5", "--epochs", "2",
-                                           "--batch_size", "16", "--lr_decay_epochs", "100", "--trial", "deploy"))
+                                           "--batch_size", "16", "--lr_decay_epochs", "100", "--learning_rate", "0.02",
+                                           "--trial", "deploy"))
     return save / "students" / results["run_name"]
 
 
@@ -82,7 +84,7 @@ def test_ptq_keeps_accuracy(digits_student, digits_split, tmp_path):
         return 100.0 * batched_logits(run, images).argmax(1).eq(targets).double().mean().item()
 
     fp32, quantised = top1(torch_runner(model)), top1(ort_runner(ort_session(int8)))
-    assert fp32 > 40.0, "the fixture student should have learnt digits (chance is 10%)"
+    assert fp32 > 30.0, "the fixture student should have learnt digits (chance is 10%)"
     assert quantised >= fp32 - PTQ_MARGIN
     assert int8.stat().st_size < 0.5 * (tmp_path / "m.onnx").stat().st_size  # int8 weights
 

@@ -110,12 +110,12 @@ def test_resume_takes_speed_flags_given_on_the_command_line_else_the_runs(digits
                                      "--threads", "1"])
     merged, resume = session.configure(args, "teachers", TeacherConfig.from_dict, teacher_run.run_name)
     stored = session.runs.load_run_args(run_dir)
-    assert (stored["amp"], stored["compile"], stored["threads"]) == (None, None, None)
+    assert (stored["amp"], stored["channels_last"], stored["compile"], stored["threads"]) == ("off", False, None, None)
     assert (merged.amp, merged.channels_last, merged.compile, merged.threads) == ("bf16", True, True, 1)
     assert resume == run_dir
     kept, _ = session.configure(train_teacher.parse_args(["--resume", str(run_dir), "--print_freq", "7"]),
                                 "teachers", TeacherConfig.from_dict, teacher_run.run_name)
-    assert (kept.amp, kept.compile, kept.print_freq) == (None, None, 7)
+    assert (kept.amp, kept.channels_last, kept.compile, kept.print_freq) == ("off", False, None, 7)
 
 
 # --- logs and HParams ------------------------------------------------------------------------
