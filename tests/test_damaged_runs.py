@@ -14,6 +14,7 @@ import train_teacher
 from conftest import ROOT, crash_after_checkpoint, fast_args, read_json
 from deploy.network import run_data
 from engine.build import build_model
+from method_helpers import quarter_digits
 
 TEACHER = ["--model", "resnet8", "--epochs", "1", "--trial", "0"]  # digits_teacher's run
 
@@ -83,7 +84,9 @@ def student_args(path_t, save, *extra):
 def reference_student(digits_teacher, tmp_path_factory):
     """results.json of an uninterrupted 2-epoch DKD student (its options at their defaults)."""
     save = tmp_path_factory.mktemp("reference")
-    return train_student.main(student_args(str(digits_teacher[1] / "best.pth"), save))
+    with pytest.MonkeyPatch.context() as patch:
+        quarter_digits(patch)
+        return train_student.main(student_args(str(digits_teacher[1] / "best.pth"), save))
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +98,7 @@ def resumed_student(digits_teacher, tmp_path_factory):
     here, elsewhere = tmp_path_factory.mktemp("started_here"), tmp_path_factory.mktemp("resumed_elsewhere")
     shutil.copytree(teacher_dir, here / "teacher")
     with pytest.MonkeyPatch.context() as patch:
+        quarter_digits(patch)
         patch.chdir(here)
         crash_after_checkpoint(train_student.main, student_args("teacher/best.pth", "save"), patch, epoch=1)
         run_dir = next((here / "save" / "students").iterdir())

@@ -120,7 +120,7 @@ def test_resume_takes_speed_flags_given_on_the_command_line_else_the_runs(digits
 
 # --- logs and HParams ------------------------------------------------------------------------
 def test_parallel_runs_log_named_lines_without_carriage_returns(tmp_path):
-    lines = [f"python train_teacher.py --model resnet8 --dataset digits --epochs 2 --trial {t} "
+    lines = [f"python train_teacher.py --model resnet8 --dataset digits --epochs 2 --amp off --no-channels_last --trial {t} "
              f"--save_dir {tmp_path} --print_freq 1" for t in ("a", "b")]
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_commands.py"), "--jobs", "2"],
                           input="\n".join(lines), capture_output=True, text=True, cwd=ROOT, timeout=300,

@@ -14,6 +14,7 @@ import train_student
 from conftest import ROOT, crash_after_checkpoint, fast_args, read_json
 from distiller_zoo import ALIASES, METHODS
 from distiller_zoo.options import DataNeeds, Option, resolve_options
+from method_helpers import quarter_digits
 
 sys.path.insert(0, str(ROOT / "tests" / "plugins"))
 
@@ -103,6 +104,7 @@ def test_ctkd_flags_reach_the_method(digits_teacher):
 
 
 def test_resume_by_run_directory_alone(digits_teacher, tmp_path, monkeypatch):
+    quarter_digits(monkeypatch)
     save, teacher_dir = digits_teacher
     flags = ["--path_t", str(teacher_dir / "best.pth"), "--distill", "crd", "--nce_k", "64", "--epochs", "2",
              "--deterministic", "--amp", "off", "--no-channels_last"]

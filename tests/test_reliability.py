@@ -21,9 +21,20 @@ from conftest import ROOT, fast_args, read_json
 from core.errors import UserError
 from engine.signals import StopRequest
 from engine.teacher import build_teacher, find_best_teacher
+from method_helpers import quarter_digits
 
 RUN = "teachers/resnet8_digits_trial0"
 QUICK = ["--model", "resnet8", "--epochs", "1", "--batch_size", "256"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quarter_of_the_digits(digits_teacher):
+    """Every fourth digit for this module's in-process runs (what they test is the stop, the
+    message and the files, not the learning); the session's teacher is trained on every digit
+    before, whichever module asks for it first."""
+    with pytest.MonkeyPatch.context() as patch:
+        quarter_digits(patch)
+        yield
 
 
 @pytest.fixture(scope="module")

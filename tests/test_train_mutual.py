@@ -11,6 +11,7 @@ from engine.build import build_model
 from engine.config import MutualConfig
 from engine.mutual import MutualTask
 from engine.teacher import build_teacher, read_teacher
+from method_helpers import quarter_digits
 
 
 def hand_kl(p_from, logits_to):
@@ -40,7 +41,8 @@ def test_each_peer_gradient_holds_the_other_peers_kl():
         assert any(not torch.allclose(w, c, atol=1e-6) for w, c in zip(want, ce_only))
 
 
-def test_one_digits_epoch_saves_every_peer(tmp_path):
+def test_one_digits_epoch_saves_every_peer(tmp_path, monkeypatch):
+    quarter_digits(monkeypatch)
     results = train_mutual.main(fast_args(tmp_path, "--models", "resnet8,resnet14", "--epochs", "1",
                                           "--batch_size", "128"))
     run_dir = tmp_path / "mutual" / "DML-resnet8+resnet14_digits_trial1"

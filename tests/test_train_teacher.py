@@ -12,6 +12,7 @@ import train_teacher
 from conftest import ROOT, Crash, crash_after_checkpoint, fast_args, read_json
 from core.errors import UserError
 from engine.checkpoint import save_checkpoint
+from method_helpers import quarter_digits
 
 
 def test_run_directory_is_complete(digits_teacher):
@@ -56,6 +57,7 @@ def _rows(run_dir):
 
 
 def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatch, capsys):
+    quarter_digits(monkeypatch)
     flags = ["--model", "resnet8", "--epochs", "3", "--deterministic", "--batch_size", "128"]
     full_dir = tmp_path / "full"
     train_teacher.main(fast_args(full_dir, *flags))
@@ -74,6 +76,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
 
 
 def test_rows_logged_after_the_last_checkpoint_are_dropped_on_resume(tmp_path, monkeypatch):
+    quarter_digits(monkeypatch)
     flags = ["--model", "resnet8", "--epochs", "2", "--batch_size", "256"]
     real_save = engine.trainer.save_checkpoint
 
@@ -153,6 +156,7 @@ def test_command_line_error_has_no_traceback(tmp_path):
 
 
 def test_auto_resume_skips_a_finished_run_and_resumes_an_interrupted_one(tmp_path, monkeypatch, capsys):
+    quarter_digits(monkeypatch)
     flags = fast_args(tmp_path, "--model", "resnet8", "--epochs", "2", "--batch_size", "256", "--auto_resume")
     crash_after_checkpoint(train_teacher.main, flags, monkeypatch, epoch=1)
     results = train_teacher.main(flags)
