@@ -278,36 +278,39 @@ PREDICTIONS = ("top1_teacher", "ece_teacher", "mean_entropy_teacher", "agreement
 
 @pytest.mark.e2e
 def test_analysis_of_two_equal_teachers_gives_equal_sections_and_their_ensemble(digits_teacher, tmp_path):
-    """One checkpoint twice: both sections the same numbers, and the ensemble (the mean of two
-    equal distributions) predicts as that teacher does; with -a 0 the ensemble is no part of it."""
-    teacher = digits_teacher[1] / "best.pth"
+    """One checkpoint twice: both sections the same numbers, and the camkd ensemble (weights 1/2
+    for equal teachers) predicts as that teacher does, in its own section and figures."""
     run = run_with_teachers(digits_teacher, tmp_path / "twice", [untrained_resnet14(tmp_path / "r14.pth")] * 2,
-                            alpha=1.0, multi_teacher="average")
+                            alpha=1.0, multi_teacher="camkd")
     found = analyze.read_student(run)
     assert [ref["tag"] for ref in found["references"]] == ["teacher0", "teacher1", "ensemble"]
-    compared = analyze.measure(found, analyze.parse_args([str(run), *SMALL]), setup("cpu"), None)
-    first, second, ensemble = (analyze.summary(found, ref, m) for ref, m in zip(found["references"], compared))
+    args = analyze.parse_args([str(run), *SMALL, "--stage_images", "8"])
+    compared = analyze.measure(found, args, setup("cpu"), None)
+    records = [analyze.summary(found, ref, m) for ref, m in zip(found["references"], compared)]
+    first, second, ensemble = records
     assert first == second and first["agreement"] < 100
-    assert "cka" not in ensemble and ensemble["teacher"] == "average ensemble of resnet14 + resnet14"
+    assert "cka" not in ensemble and ensemble["teacher"] == "camkd ensemble of resnet14 + resnet14"
     for key in PREDICTIONS:
         assert ensemble[key] == pytest.approx(first[key], abs=1e-9)
-    quiet = run_with_teachers(digits_teacher, tmp_path / "no_kd", [teacher, teacher], alpha=0.0)
-    assert [ref["tag"] for ref in analyze.read_student(quiet)["references"]] == ["teacher0", "teacher1"]
+    text = analyze.report_markdown(found, records)
+    assert "## The camkd ensemble of the teachers" in text and "](per_class_accuracy_ensemble.png)" in text
+    figures = analyze.draw(compared[2], {"student": "s", "teacher": "e"}, args, analyze.PREDICTION_FIGURES, "_ensemble")
+    assert sorted(figures) == ["entropy_ensemble", "per_class_accuracy_ensemble", "reliability_ensemble"]
+    for figure in figures.values():
+        analyze.plt.close(figure)
 
 
 @pytest.mark.e2e
 def test_analysis_report_of_a_student_of_two_teachers(digits_teacher, tmp_path):
     """Teacher 1 is the student's own checkpoint, teacher 0 another network: a section, figures
-    and TensorBoard tags per teacher and one for the camkd ensemble, each with its own numbers."""
+    and TensorBoard tags per teacher, each with its own numbers; with -a 0 no ensemble."""
     teachers = [untrained_resnet14(tmp_path / "r14.pth"), digits_teacher[1] / "best.pth"]
-    run = run_with_teachers(digits_teacher, tmp_path / "two", teachers, alpha=1.0, multi_teacher="camkd")
+    run = run_with_teachers(digits_teacher, tmp_path / "two", teachers, alpha=0.0)
     [report] = analyze.main([str(run), *SMALL, "--tsne_images", "6", "--stage_images", "8"])
     text, folder = report.read_text(), run / "analysis"
-    sections = ["## Teacher 0: resnet14", "## Teacher 1: resnet8", "## The camkd ensemble of the teachers",
-                "## The student"]
+    sections = ["## Teacher 0: resnet14", "## Teacher 1: resnet8", "## The student"]
     assert [line for line in text.splitlines() if line.startswith("## ")] == sections
-    names = [f"{name}_teacher{k}" for k in (0, 1) for name in analyze.FIGURES if name != "confusion"]
-    names += [f"{name}_ensemble" for name in analyze.PREDICTION_FIGURES] + ["confusion"]
+    names = [f"{name}_teacher{k}" for k in (0, 1) for name in analyze.FIGURES if name != "confusion"] + ["confusion"]
     assert sorted(p.stem for p in folder.glob("*.png")) == sorted(names)
     assert all(f"]({name}.png)" in text for name in names)
     numbers = json.loads((folder / "analysis.json").read_text())
@@ -315,7 +318,7 @@ def test_analysis_report_of_a_student_of_two_teachers(digits_teacher, tmp_path):
     assert (itself["agreement"], itself["kl_teacher_student"], itself["cka_pooled"]) == (100, pytest.approx(0, abs=1e-12),
                                                                                         pytest.approx(1, abs=1e-9))
     assert other["teacher"] == "resnet14" and other["agreement"] < 100 and len(other["cka"]) == 3
-    assert numbers["ensemble"]["teacher"] == "camkd ensemble of resnet14 + resnet8" and "cka" not in numbers["ensemble"]
+    assert numbers["ensemble"] is None
     events = EventAccumulator(str(run)).Reload()
     assert {f"analysis/{name}" for name in names} == set(events.Tags()["images"])
     projector = (run / "projector_config.pbtxt").read_text()
