@@ -393,17 +393,22 @@ def report_markdown(found: dict, records: list) -> str:
              + (", then the ensemble its KD term learned from" if len(refs) > len(teachers) else "")
              + ", then the student's confusion matrix.", ""]
     for k, (ref, record) in enumerate(zip(refs, records)):
-        title = f"Teacher {k}: {ref['arch']}" if "state" in ref else f"The {ref['mode']} ensemble of the teachers"
-        note = (f"`{ref['path']}`" if "state" in ref else
-                f"The mixture sum_k w_k softmax(z_k) of the teachers' probabilities at T = 1 that the KD term's "
-                f"`--multi_teacher {ref['mode']}` target is (distiller_zoo/multi_teacher.py; "
-                + ("w_k = 1/K" if ref["mode"] == "average" else
-                   "CA-MKD's w_k, from each teacher's cross-entropy with the test label, so its top-1 uses the labels")
-                + "). It has no logits or features: no logit difference, CKA or t-SNE.")
-        lines += [f"## {title}", "", note, ""]
+        lines += section_intro(k, ref)
         lines += comparison_markdown(record, {f"{name}_{ref['tag']}": name for name in ref["figures"]}, 3,
                                      "teacher" if "state" in ref else "ensemble")
     return "\n".join(lines + ["## The student", ""] + figure_lines({name: name for name in STUDENT_FIGURES}, 3))
+
+
+def section_intro(k: int, ref: dict) -> list:
+    """The heading and first paragraph of teacher k's section, or of the ensemble's."""
+    if "state" in ref:
+        return [f"## Teacher {k}: {ref['arch']}", "", f"`{ref['path']}`", ""]
+    weights = ("w_k = 1/K" if ref["mode"] == "average" else
+               "CA-MKD's w_k, from each teacher's cross-entropy with the test label, so its top-1 uses the labels")
+    return [f"## The {ref['mode']} ensemble of the teachers", "",
+            f"The mixture sum_k w_k softmax(z_k) of the teachers' probabilities at T = 1 that the KD term's "
+            f"`--multi_teacher {ref['mode']}` target is (distiller_zoo/multi_teacher.py; {weights}). "
+            "It has no logits or features: no logit difference, CKA or t-SNE.", ""]
 
 
 def write_outputs(found: dict, compared: list, args) -> Path:
