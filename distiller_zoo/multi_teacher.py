@@ -15,6 +15,11 @@ camkd: Zhang, Chen & Wang, "Confidence-Aware Multi-Teacher Knowledge Distillatio
 
 Both are computed on log-probabilities, so a probability that underflows to 0 contributes 0,
 never NaN; in float32 with autocast off (float64 student logits stay float64).
+
+Either way the student's target is a mixture of the teachers' softened probabilities, sum_k w_k p_k
+with w_k = 1/K or CA-MKD's weights: camkd's loss differs from K^-1 KL(sum_k w_k p_k || p_s) only by a
+term without the student, so both have that KL's gradient. `ensemble_log_probs` gives the mixture
+(scripts/analyze.py compares a student with it).
 """
 import math
 from typing import Dict, List, Optional, Tuple
@@ -32,6 +37,14 @@ def camkd_weights(logits_t: List[Tensor], targets: Tensor) -> Tensor:
     """(K, B) per-sample teacher weights of CA-MKD (logits_t in the dtype to compute in)."""
     ce = torch.stack([F.cross_entropy(z, targets, reduction="none") for z in logits_t])
     return (1.0 - torch.softmax(ce, dim=0)) / (len(logits_t) - 1)
+
+
+def ensemble_log_probs(mode: str, logits_t: List[Tensor], targets: Tensor, T: float = 1.0) -> Tensor:
+    """(B, C) log of the target a `mode` ensemble of the teachers' logits sets, sum_k w_k softmax(z_k / T)."""
+    log_p_t = torch.stack([F.log_softmax(z / T, dim=1) for z in logits_t])
+    if mode == "average":
+        return torch.logsumexp(log_p_t, dim=0) - math.log(len(logits_t))
+    return torch.logsumexp(log_p_t + camkd_weights(logits_t, targets).log().unsqueeze(-1), dim=0)
 
 
 def ensemble_weights(mode: str, gamma: Optional[float], alpha: Optional[float]) -> Tuple[Optional[float], ...]:
@@ -60,10 +73,9 @@ class TeacherEnsemble(nn.Module):
         with torch.autocast(device_type=logits_s.device.type, enabled=False):
             logits_t = [z.to(dtype) for z in logits_t]
             log_p_s = F.log_softmax(logits_s.to(dtype) / T, dim=1)
-            log_p_t = torch.stack([F.log_softmax(z / T, dim=1) for z in logits_t])  # (K, B, C)
             batch, teachers = logits_s.shape[0], len(logits_t)
             if self.mode == "average":
-                log_mean = torch.logsumexp(log_p_t, dim=0) - math.log(teachers)
-                return kl_rows(log_mean, log_p_s).sum() * T ** 2 / batch
+                return kl_rows(ensemble_log_probs("average", logits_t, targets, T), log_p_s).sum() * T ** 2 / batch
+            log_p_t = torch.stack([F.log_softmax(z / T, dim=1) for z in logits_t])  # (K, B, C)
             weighted = camkd_weights(logits_t, targets) * kl_rows(log_p_t, log_p_s.unsqueeze(0))
             return weighted.sum() * T ** 2 / (batch * teachers)

@@ -23,6 +23,8 @@ from dataset.digits import load_digits_split
 from dataset.probe import STL10_FOLDER, probe_dataset
 from deploy import analysis
 from deploy.metrics import expected_calibration_error, prediction_entropy
+from engine.build import build_model
+from engine.checkpoint import save_checkpoint
 from method_helpers import one_digits_epoch, quarter_digits, wave
 from models import model_dict
 
@@ -245,11 +247,82 @@ def test_analysis_of_a_student_equal_to_its_teacher(digits_teacher, tmp_path):
     stored = json.loads((digits_teacher[1] / "args.json").read_text())
     (run / "args.json").write_text(json.dumps({**stored, "path_t": str(run / "best.pth")}))
     args = analyze.parse_args([str(run), *SMALL])
-    m = analyze.measure(analyze.read_student(run), args, setup("cpu"), None)
+    [m] = analyze.measure(analyze.read_student(run), args, setup("cpu"), None)
     assert torch.allclose(m["cka"].diagonal(), torch.ones(3, dtype=torch.float64), atol=1e-9)
     assert m["correlation_difference"].abs().max() == 0 and m["agreement"] == 100
     assert m["kl_teacher_student"] == pytest.approx(0, abs=1e-12)
     assert m["cka_pooled"] == pytest.approx(1, abs=1e-9)
+
+
+def run_with_teachers(digits_teacher, folder, teachers: list, **flags):
+    """The digits teacher's own run as a student of `teachers` (checkpoints), args.json changed alone."""
+    folder.mkdir()
+    shutil.copy(digits_teacher[1] / "best.pth", folder / "best.pth")
+    stored = json.loads((digits_teacher[1] / "args.json").read_text())
+    (folder / "args.json").write_text(json.dumps({**stored, "path_t": ",".join(map(str, teachers)), "distill": "kd",
+                                                  **flags}))
+    return folder
+
+
+def untrained_resnet14(path):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        save_checkpoint({"model": build_model("resnet14", 10).state_dict(), "arch": "resnet14", "dataset": "digits",
+                         "num_classes": 10}, path)
+    return path
+
+
+PREDICTIONS = ("top1_teacher", "ece_teacher", "mean_entropy_teacher", "agreement", "kl_teacher_student",
+               "per_class_top1_teacher")
+
+
+@pytest.mark.e2e
+def test_analysis_of_two_equal_teachers_gives_equal_sections_and_their_ensemble(digits_teacher, tmp_path):
+    """One checkpoint twice: both sections the same numbers, and the camkd ensemble (weights 1/2
+    for equal teachers) predicts as that teacher does, in its own section and figures."""
+    run = run_with_teachers(digits_teacher, tmp_path / "twice", [untrained_resnet14(tmp_path / "r14.pth")] * 2,
+                            alpha=1.0, multi_teacher="camkd")
+    found = analyze.read_student(run)
+    assert [ref["tag"] for ref in found["references"]] == ["teacher0", "teacher1", "ensemble"]
+    args = analyze.parse_args([str(run), *SMALL, "--stage_images", "8"])
+    compared = analyze.measure(found, args, setup("cpu"), None)
+    records = [analyze.summary(found, ref, m) for ref, m in zip(found["references"], compared)]
+    first, second, ensemble = records
+    assert first == second and first["agreement"] < 100
+    assert "cka" not in ensemble and ensemble["teacher"] == "camkd ensemble of resnet14 + resnet14"
+    for key in PREDICTIONS:
+        assert ensemble[key] == pytest.approx(first[key], abs=1e-9)
+    text = analyze.report_markdown(found, records)
+    assert "## The camkd ensemble of the teachers" in text and "](per_class_accuracy_ensemble.png)" in text
+    figures = analyze.draw(compared[2], {"student": "s", "teacher": "e"}, args, analyze.PREDICTION_FIGURES, "_ensemble")
+    assert sorted(figures) == ["entropy_ensemble", "per_class_accuracy_ensemble", "reliability_ensemble"]
+    for figure in figures.values():
+        analyze.plt.close(figure)
+
+
+@pytest.mark.e2e
+def test_analysis_report_of_a_student_of_two_teachers(digits_teacher, tmp_path):
+    """Teacher 1 is the student's own checkpoint, teacher 0 another network: a section, figures
+    and TensorBoard tags per teacher, each with its own numbers; with -a 0 no ensemble."""
+    teachers = [untrained_resnet14(tmp_path / "r14.pth"), digits_teacher[1] / "best.pth"]
+    run = run_with_teachers(digits_teacher, tmp_path / "two", teachers, alpha=0.0)
+    [report] = analyze.main([str(run), *SMALL, "--tsne_images", "6", "--stage_images", "8"])
+    text, folder = report.read_text(), run / "analysis"
+    sections = ["## Teacher 0: resnet14", "## Teacher 1: resnet8", "## The student"]
+    assert [line for line in text.splitlines() if line.startswith("## ")] == sections
+    names = [f"{name}_teacher{k}" for k in (0, 1) for name in analyze.FIGURES if name != "confusion"] + ["confusion"]
+    assert sorted(p.stem for p in folder.glob("*.png")) == sorted(names)
+    assert all(f"]({name}.png)" in text for name in names)
+    numbers = json.loads((folder / "analysis.json").read_text())
+    other, itself = numbers["teachers"]
+    assert (itself["agreement"], itself["kl_teacher_student"], itself["cka_pooled"]) == (100, pytest.approx(0, abs=1e-12),
+                                                                                        pytest.approx(1, abs=1e-9))
+    assert other["teacher"] == "resnet14" and other["agreement"] < 100 and len(other["cka"]) == 3
+    assert numbers["ensemble"] is None
+    events = EventAccumulator(str(run)).Reload()
+    assert {f"analysis/{name}" for name in names} == set(events.Tags()["images"])
+    projector = (run / "projector_config.pbtxt").read_text()
+    assert all(f"analysis_penultimate_{who}" in projector for who in ("student", "teacher0", "teacher1"))
 
 
 @pytest.mark.e2e

@@ -5,7 +5,7 @@ import torch
 
 import train_student
 from conftest import fast_args
-from distiller_zoo.multi_teacher import TeacherEnsemble, ensemble_weights
+from distiller_zoo.multi_teacher import TeacherEnsemble, ensemble_log_probs, ensemble_weights
 from engine.build import build_model
 from engine.checkpoint import save_checkpoint
 
@@ -42,6 +42,31 @@ def test_camkd_by_hand():
     want = T * T * sum(w[k] * kl_list(softmax_list(rows[k], T), p_s) for k in range(3)) / 3  # B = 1, K = 3
     got = TeacherEnsemble(T, "camkd")(torch.tensor([row_s]), [torch.tensor([r]) for r in rows], torch.tensor([label]))
     assert got.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_ensemble_target_is_the_mixture_of_the_teachers_probabilities_by_hand():
+    rows, label, T = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.5, 0.5, 3.0]], 1, 2.0
+    e = [math.exp(-math.log(softmax_list(r, 1.0)[label])) for r in rows]  # exp(CE_k), CE at T = 1
+    weights = {"average": [1 / 3] * 3, "camkd": [(1 - x / sum(e)) / 2 for x in e]}
+    for mode, w in weights.items():
+        want = [sum(w[k] * softmax_list(rows[k], T)[c] for k in range(3)) for c in range(3)]
+        got = ensemble_log_probs(mode, [torch.tensor([r], dtype=torch.float64) for r in rows], torch.tensor([label]), T)
+        assert got.exp()[0].tolist() == pytest.approx(want, rel=1e-12)
+
+
+def test_camkd_loss_has_the_gradient_of_kl_to_its_mixture():
+    """What scripts/analyze.py compares a camkd student with: sum_k w_k KL(p_k || q) and
+    KL(sum_k w_k p_k || q) differ by a term without q, so their gradients agree."""
+    logits_t, targets, T = [fixed((4, 6), phase, 3.0) for phase in (0.0, 1.0, 2.5)], torch.tensor([0, 3, 5, 1]), 4.0
+    grads = []
+    for loss_of in (lambda s: TeacherEnsemble(T, "camkd")(s, logits_t, targets),
+                    lambda s: T * T / (4 * 3) * torch.nn.functional.kl_div(
+                        torch.log_softmax(s / T, 1), ensemble_log_probs("camkd", logits_t, targets, T),
+                        reduction="sum", log_target=True)):
+        student = fixed((4, 6), 0.7, 2.0).requires_grad_()
+        loss_of(student).backward()
+        grads.append(student.grad)
+    assert torch.allclose(grads[0], grads[1], atol=1e-12) and grads[0].abs().max() > 1e-3
 
 
 # Rorozhl/CA-MKD at c2f39a9f13c1998e9971815760364587222581ce, run offline in float64:
