@@ -109,9 +109,14 @@ def add_common_args(parser: Parser) -> None:
                    help="comma-separated milestones; default 150,180,210 (imagenet: 30,60,90) scaled to --epochs")
     g.add_argument("--lr_decay_rate", type=float, default=0.1, help="factor at each milestone",
                    valid=within(0, 1, "(]"))
-    g.add_argument("--weight_decay", type=float, default=None, help="SGD weight decay; default 5e-4, or 1e-4 for "
+    g.add_argument("--weight_decay", type=float, default=None, help="weight decay; default 5e-4, or 1e-4 for "
                                                                      "imagenet", valid=NON_NEGATIVE)
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum", valid=within(0, 1, "[)"))
+    g.add_argument("--optimizer", type=str, default="sgd", choices=("sgd", "adamw"),
+                   help="the main stage's optimiser; adamw: torch's AdamW (betas 0.9, 0.999, eps 1e-8), "
+                        "--weight_decay on weights of 2 or more dimensions only, as timm's recipe (init stages keep SGD)")
+    g.add_argument("--clip_grad", type=float, default=None, metavar="NORM", valid=POSITIVE,
+                   help="clip the main stage's total gradient norm to NORM (after fp16's unscaling); default off")
     g.add_argument("--dataset", type=str, default="cifar100",
                    help="cifar100, cifar10, digits, imagenet, tinyimagenet")
     g.add_argument("-t", "--trial", type=str, default="0", help="trial name; part of the run directory", valid=NAME)

@@ -75,6 +75,8 @@ class RunConfig:
     lr_decay_rate: float = 0.1
     weight_decay: Optional[float] = None
     momentum: float = 0.9
+    optimizer: str = "sgd"               # the main stage's: sgd or adamw (engine/optim.py)
+    clip_grad: Optional[float] = None    # the main stage's total gradient norm bound; None: no clipping
     dataset: str = "cifar100"
     trial: str = "0"
     seed: Optional[int] = None
@@ -116,9 +118,10 @@ class RunConfig:
         raise NotImplementedError
 
     @property
-    def optimizer(self) -> str:
-        """The main stage's optimiser: "sgd", or "dot" (engine/dot.py) where a program offers it."""
-        return "sgd"
+    def main_optimizer(self) -> str:
+        """The main stage's optimiser: the --optimizer flag's, or "dot" (engine/dot.py) where a
+        program offers it."""
+        return self.optimizer
 
     def _resolved_defaults(self) -> dict:
         """The defaults that depend on other fields: RepDistiller's, the ImageNet recipe's."""
@@ -263,9 +266,9 @@ class StudentConfig(RunConfig):
         return self.teacher_archs[self.feature_teacher], self.model_s
 
     @property
-    def optimizer(self) -> str:
-        """The main stage's optimiser: DOT (engine/dot.py) or SGD."""
-        return "dot" if self.dot else "sgd"
+    def main_optimizer(self) -> str:
+        """DOT (engine/dot.py) with --dot, else the --optimizer flag's."""
+        return "dot" if self.dot else self.optimizer
 
     @classmethod
     def split(cls, values: Mapping) -> dict:

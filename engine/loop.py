@@ -75,10 +75,10 @@ def check_finite(means: dict, where: str) -> None:
 
 def train_epoch(step_module, loader, optimizer, scaler, *, device, amp_dtype, channels_last,
                 print_freq: int, desc: str, show_progress: bool, with_accuracy: bool = True, run: str = "",
-                stop=None) -> dict:
+                stop=None, clip_grad=None) -> dict:
     """Optimise over one pass of `loader`. `step_module(*batch)` returns (terms, logits);
     terms['loss'] is minimised (engine/optim.py's `minimise`: the optimiser may step shares of it
-    apart, as DOT does), every term is reported. `stop` (engine.signals.StopRequest) ends
+    apart, as DOT does; `clip_grad` bounds the gradients' total norm), every term is reported. `stop` (engine.signals.StopRequest) ends
     the epoch between steps with Interrupted. Returns means, seconds, images/s."""
     meter = EpochMeter(device)
     start = time.perf_counter()
@@ -88,7 +88,7 @@ def train_epoch(step_module, loader, optimizer, scaler, *, device, amp_dtype, ch
         with autocast(device, amp_dtype):
             terms, logits = step_module(images, targets, *rest)
         optimizer.zero_grad(set_to_none=True)
-        minimise(optimizer, scaler, terms)
+        minimise(optimizer, scaler, terms, clip_grad)
         meter.add(terms, logits, targets)
         bar.update(1)
         if step % print_freq == 0:

@@ -95,7 +95,7 @@ def configure(flags: Mapping) -> StudentRun:
     ensemble = f"+{flags['multi_teacher']}" if len(states) > 1 and objective.alpha else ""
     config = StudentConfig.from_dict({
         **flags, **options, "model_t": ",".join(archs), "gamma": objective.gamma, "alpha": objective.alpha,
-        "kd_T": kd_T, "method": objective.name + ensemble + ("+dot" if flags["dot"] else ""),  # its own table row
+        "kd_T": kd_T, "method": objective.name + ensemble + optimizer_label(flags),  # its own table row
         "beta_label": objective.beta_label, "option_sources": sources})
     return StudentRun(config, objective, states)
 
@@ -136,12 +136,24 @@ def read_teachers(flags: Mapping):
     return [state for state, _ in read], [arch for _, arch in read]
 
 
+def optimizer_label(flags: Mapping) -> str:
+    """What the method label says of an optimiser other than SGD: a run of its own (directory,
+    table row), never mistaken for the SGD run of the same pair and trial."""
+    if flags["dot"]:
+        return "+dot"
+    return "" if flags.get("optimizer", "sgd") == "sgd" else f"+{flags['optimizer']}"
+
+
 def check_dot(flags: Mapping) -> None:
     """DOT differentiates the two shares of the loss itself (engine/dot.py), so fp16's loss
     scaling and DistributedDataParallel's gradient averaging, which hook into backward(), never
     see its gradients."""
     if not flags["dot"]:
         return
+    if flags.get("optimizer", "sgd") != "sgd":
+        raise UserError(f"--dot is a variant of SGD with momentum; drop --optimizer {flags['optimizer']} or --dot")
+    if flags.get("clip_grad") is not None:
+        raise UserError("--dot steps its two gradient shares itself and does not clip them; drop --clip_grad or --dot")
     if flags["amp"] == "fp16":
         raise UserError("--dot does not work with --amp fp16 (no loss scaling for DOT's gradients); "
                         "use --amp bf16 or --amp off")

@@ -211,7 +211,7 @@ class Trainer:
                               amp_dtype=self.amp_dtype, channels_last=self.channels_last,
                               print_freq=self.config.print_freq, desc=desc,
                               show_progress=self.ctx.is_main, with_accuracy=stage.evaluate, run=self.run_dir.name,
-                              stop=self.stop)
+                              stop=self.stop, clip_grad=self.config.clip_grad if stage.name == MAIN_STAGE else None)
         average_buffers(self.task.deployed_network())
         for _, network in self.side.values():
             average_buffers(network)
