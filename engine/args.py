@@ -109,6 +109,14 @@ def add_common_args(parser: Parser) -> None:
                    help="comma-separated milestones; default 150,180,210 (imagenet: 30,60,90) scaled to --epochs")
     g.add_argument("--lr_decay_rate", type=float, default=0.1, help="factor at each milestone",
                    valid=within(0, 1, "(]"))
+    g.add_argument("--lr_schedule", type=str, default="step", choices=("step", "cosine"),
+                   help="step: x --lr_decay_rate at each --lr_decay_epochs milestone; cosine: from --learning_rate "
+                        "down to --min_lr over --epochs, per epoch (timm's CosineLRScheduler, as OFA-KD trains)")
+    g.add_argument("--warmup_epochs", type=int, default=0, valid=at_least(0),
+                   help="first epochs at a rate rising linearly from --warmup_lr (either schedule)")
+    g.add_argument("--warmup_lr", type=float, default=0.0, valid=NON_NEGATIVE, help="the warm-up's first epoch's rate")
+    g.add_argument("--min_lr", type=float, default=0.0, valid=NON_NEGATIVE,
+                   help="the cosine schedule's floor (below --learning_rate)")
     g.add_argument("--weight_decay", type=float, default=None, help="weight decay; default 5e-4, or 1e-4 for "
                                                                      "imagenet", valid=NON_NEGATIVE)
     g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum", valid=within(0, 1, "[)"))

@@ -73,6 +73,10 @@ class RunConfig:
     learning_rate: Optional[float] = None
     lr_decay_epochs: Optional[Tuple[int, ...]] = None
     lr_decay_rate: float = 0.1
+    lr_schedule: str = "step"            # step: the milestones above; cosine: down to min_lr (engine/optim.py)
+    warmup_epochs: int = 0
+    warmup_lr: float = 0.0
+    min_lr: float = 0.0
     weight_decay: Optional[float] = None
     momentum: float = 0.9
     optimizer: str = "sgd"               # the main stage's: sgd or adamw (engine/optim.py)
@@ -105,12 +109,21 @@ class RunConfig:
         self._check()
         for key, value in self._resolved_defaults().items():
             self._set(key, value)
+        self._check_schedule()
 
     def _set(self, key: str, value) -> None:
         object.__setattr__(self, key, value)
 
     def _check(self) -> None:
         """A program's checks of its own fields (one clear line each), before anything is resolved."""
+
+    def _check_schedule(self) -> None:
+        """The warm-up and the cosine's floor against the resolved epochs and learning rate."""
+        if self.warmup_epochs >= self.epochs:
+            raise UserError(f"--warmup_epochs {self.warmup_epochs} leaves no epoch of the schedule "
+                            f"(--epochs {self.epochs}); give fewer")
+        if self.lr_schedule == "cosine" and self.min_lr >= self.learning_rate:
+            raise UserError(f"--min_lr {self.min_lr:g} must be below --learning_rate {self.learning_rate:g}")
 
     @property
     def trained_model(self) -> str:

@@ -1,7 +1,9 @@
 """The optimiser a run's configuration names (SGD; AdamW, Loshchilov & Hutter, *Decoupled Weight
 Decay Regularization*, ICLR 2019, for --optimizer adamw; DOT for the main stage of a --dot run),
-gradient-norm clipping (--clip_grad) and RepDistiller's step schedule: lr * rate ** (number of
-milestones passed)."""
+gradient-norm clipping (--clip_grad), and the learning-rate schedule: RepDistiller's steps,
+lr * rate ** (number of milestones passed), or a cosine (Loshchilov & Hutter, *SGDR*, ICLR 2017),
+either after an optional linear warm-up."""
+import math
 from typing import Optional
 
 import torch
@@ -40,7 +42,16 @@ def build_optimizer(params, config, device: torch.device, main_stage: bool) -> t
 
 
 def lr_at(epoch: int, config) -> float:
-    """Learning rate of 1-indexed `epoch`; decays once epoch exceeds each milestone."""
+    """Learning rate of 1-indexed `epoch`, set once per epoch as timm's schedulers do with epoch
+    steps (OFA-KD's train.py): the first `warmup_epochs` rise linearly from `warmup_lr` towards
+    the learning rate; after them the step schedule (decayed once epoch exceeds each milestone)
+    or the cosine, which runs over all epochs from the first, warm-up included (timm's
+    CosineLRScheduler without warmup_prefix), from the learning rate down to `min_lr`."""
+    t = epoch - 1
+    if t < config.warmup_epochs:
+        return config.warmup_lr + t * (config.learning_rate - config.warmup_lr) / config.warmup_epochs
+    if config.lr_schedule == "cosine":
+        return config.min_lr + 0.5 * (config.learning_rate - config.min_lr) * (1 + math.cos(math.pi * t / config.epochs))
     passed = sum(epoch > m for m in config.lr_decay_epochs)
     return config.learning_rate * config.lr_decay_rate ** passed
 

@@ -1,5 +1,6 @@
-"""--optimizer adamw and --clip_grad (engine/optim.py): the optimiser the flags build, the bound
-on the gradients' total norm (checked by hand, under fp16's loss scaling too), the bad inputs,
+"""--optimizer adamw, --clip_grad and --lr_schedule cosine with --warmup_epochs (engine/optim.py):
+the optimiser the flags build, the bound on the gradients' total norm (checked by hand, under
+fp16's loss scaling too), the schedule (by hand and against timm's scheduler), the bad inputs,
 and an exact resume of an AdamW run."""
 import csv
 import math
@@ -15,7 +16,7 @@ from engine import student_run
 from engine.build import build_model
 from engine.checkpoint import save_checkpoint
 from engine.config import TeacherConfig
-from engine.optim import build_optimizer, minimise
+from engine.optim import build_optimizer, lr_at, minimise
 from method_helpers import quarter_digits
 
 CPU = torch.device("cpu")
@@ -68,7 +69,48 @@ def test_adamw_is_built_from_the_flags_with_decay_on_weights_only():
     assert (default.optimizer, default.clip_grad) == ("sgd", None)
 
 
+def _schedule(**flags):
+    config = TeacherConfig(model="resnet8", dataset="digits", epochs=10, learning_rate=5e-4, **flags)
+    return [lr_at(epoch, config) for epoch in range(1, 11)]
+
+
+def test_cosine_schedule_after_a_linear_warm_up():
+    lrs = _schedule(lr_schedule="cosine", warmup_epochs=3, warmup_lr=5e-7, min_lr=1e-5)
+    step = (5e-4 - 5e-7) / 3
+    assert lrs[:3] == pytest.approx([5e-7, 5e-7 + step, 5e-7 + 2 * step], rel=1e-12)
+    # epoch 4 is t = 3 of the cosine over all 10 epochs: 1e-5 + 0.5 * 4.9e-4 * (1 + cos(0.3 pi))
+    assert lrs[3] == pytest.approx(1e-5 + 0.245e-3 * (1 + 0.5877852522924731), rel=1e-12)
+    assert lrs[9] == pytest.approx(1e-5 + 0.245e-3 * (1 - 0.9510565162951535), rel=1e-12)
+    timm_scheduler = pytest.importorskip("timm.scheduler")   # the scheduler OFA-KD's train.py steps per epoch
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=5e-4)
+    reference = timm_scheduler.CosineLRScheduler(opt, t_initial=10, lr_min=1e-5, warmup_lr_init=5e-7, warmup_t=3)
+    timm_lrs = []
+    for t in range(10):
+        reference.step(t)
+        timm_lrs.append(opt.param_groups[0]["lr"])
+    assert lrs == pytest.approx(timm_lrs, rel=1e-12)
+
+
+def test_step_schedule_is_unchanged_and_takes_the_warm_up():
+    assert _schedule(lr_decay_epochs=[5, 8]) == pytest.approx([5e-4] * 5 + [5e-5] * 3 + [5e-6] * 2)
+    warm = _schedule(lr_decay_epochs=[5, 8], warmup_epochs=2)
+    assert warm == pytest.approx([0.0, 2.5e-4] + [5e-4] * 3 + [5e-5] * 3 + [5e-6] * 2)
+
+
 @pytest.mark.parametrize("flags, message", [
+    (["--epochs", "3", "--warmup_epochs", "3"], "--warmup_epochs 3 leaves no epoch of the schedule"),
+    (["--lr_schedule", "cosine", "--min_lr", "0.1", "--learning_rate", "0.1"], "--min_lr 0.1 must be below"),
+])
+def test_a_schedule_that_cannot_run_is_one_line(flags, message):
+    with pytest.raises(UserError, match=message):
+        TeacherConfig.from_dict(vars(train_teacher.parse_args(["--model", "resnet8", *flags])))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lr_schedule", "linear"], "--lr_schedule"),
+    (["--warmup_epochs", "-1"], "--warmup_epochs must be an integer >= 0"),
+    (["--warmup_lr", "nan"], "--warmup_lr must be a number >= 0"),
+    (["--min_lr=-1e-5"], "--min_lr must be a number >= 0"),
     (["--optimizer", "adam"], "--optimizer"),
     (["--clip_grad", "0"], "--clip_grad must be a positive number, got 0"),
     (["--clip_grad", "-1"], "--clip_grad must be a positive number"),
