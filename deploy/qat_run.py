@@ -101,7 +101,8 @@ def run_name(config: StudentConfig) -> str:
 def configure(flags: Mapping) -> "QATRun":
     """The QAT run of train_student.py's flag values (a resumed run's stored ones): the student's
     architecture from --init_student, and the flags in the names every run uses (what args.json
-    records and the trainer reads): QAT's epochs and constant learning rate, deploy/data.py's
+    records and the trainer reads): QAT's epochs and constant learning rate with SGD, unclipped
+    (the distillation's --optimizer, --clip_grad and schedule are not QAT's), deploy/data.py's
     batch on the CPU in fp32, KD at T = 1 unless given."""
     extras.require()
     if flags["init_student"] is None:
@@ -115,6 +116,7 @@ def configure(flags: Mapping) -> "QATRun":
         path_t = str(find_best_teacher(flags["save_dir"], flags["dataset"]))
     return QATRun(StudentConfig.from_dict({
         **flags, "model_s": arch, "method": METHOD, "epochs": flags["qat_epochs"], "learning_rate": flags["qat_lr"],
+        "optimizer": "sgd", "clip_grad": None, "lr_schedule": "step", "warmup_epochs": 0,
         "gamma": 1.0 if flags["gamma"] is None else flags["gamma"], "alpha": alpha, "path_t": path_t,
         "kd_T": 1.0 if flags["kd_T"] is None else flags["kd_T"], "batch_size": deploy_data.BATCH,
         "device": "cpu", "amp": "off", "channels_last": False, "compile": False}))

@@ -21,7 +21,7 @@ class Task(nn.Module):
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def main_constant_lr(self):
-        """The main stage's constant learning rate; None: the step-decay schedule."""
+        """The main stage's constant learning rate; None: the configuration's schedule."""
         return None
 
     def model_state(self) -> dict:

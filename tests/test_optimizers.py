@@ -12,6 +12,7 @@ import train_student
 import train_teacher
 from conftest import crash_after_checkpoint, fast_args, read_json
 from core.errors import UserError
+from deploy import qat_run
 from engine import student_run
 from engine.build import build_model
 from engine.checkpoint import save_checkpoint
@@ -146,6 +147,16 @@ def test_an_adamw_student_is_a_run_and_table_row_of_its_own(random_teacher):
     assert student_run.configure(vars(args)).config.method == "kd+adamw"
     args = train_student.parse_args(["--dataset", "digits", "--path_t", random_teacher])
     assert student_run.configure(vars(args)).config.method == "kd"
+
+
+def test_qat_keeps_its_own_recipe(random_teacher):
+    """QAT after distillation steps SGD at its constant --qat_lr whatever the distillation's
+    optimiser and schedule flags say."""
+    args = train_student.parse_args(["--dataset", "digits", "--qat_epochs", "2", "--init_student", random_teacher,
+                                     "--optimizer", "adamw", "--clip_grad", "5", "--lr_schedule", "cosine",
+                                     "--warmup_epochs", "5"])
+    config = qat_run.configure(vars(args)).config
+    assert (config.main_optimizer, config.clip_grad, config.warmup_epochs) == ("sgd", None, 0)
 
 
 def _rows(run_dir):
