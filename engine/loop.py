@@ -78,8 +78,9 @@ def train_epoch(step_module, loader, optimizer, scaler, *, device, amp_dtype, ch
                 stop=None, clip_grad=None) -> dict:
     """Optimise over one pass of `loader`. `step_module(*batch)` returns (terms, logits);
     terms['loss'] is minimised (engine/optim.py's `minimise`: the optimiser may step shares of it
-    apart, as DOT does; `clip_grad` bounds the gradients' total norm), every term is reported. `stop` (engine.signals.StopRequest) ends
-    the epoch between steps with Interrupted. Returns means, seconds, images/s."""
+    apart, as DOT does), every term is reported. `clip_grad` bounds the gradients' total norm
+    (None: unclipped). `stop` (engine.signals.StopRequest) ends the epoch between steps with
+    Interrupted. Returns means, seconds, images/s."""
     meter = EpochMeter(device)
     start = time.perf_counter()
     bar = epoch_bar(len(loader), run, desc, enabled=show_progress)
