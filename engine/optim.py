@@ -11,11 +11,14 @@ import torch
 from engine.dot import DOT
 
 
+def fast_kernels(device: torch.device) -> dict:
+    """Fused kernels on CUDA, foreach (multi-tensor) elsewhere: one launch per step, not per tensor."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
 def build_sgd(params, config, device: torch.device) -> torch.optim.SGD:
-    # fused kernels on CUDA, foreach (multi-tensor) elsewhere: one launch per step, not per tensor
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
     return torch.optim.SGD(params, lr=config.learning_rate, momentum=config.momentum,
-                           weight_decay=config.weight_decay, **fast)
+                           weight_decay=config.weight_decay, **fast_kernels(device))
 
 
 def build_adamw(params, config, device: torch.device) -> torch.optim.AdamW:
@@ -25,8 +28,7 @@ def build_adamw(params, config, device: torch.device) -> torch.optim.AdamW:
     params = list(params)
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(groups, lr=config.learning_rate, **fast)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, **fast_kernels(device))
 
 
 def build_optimizer(params, config, device: torch.device, main_stage: bool) -> torch.optim.Optimizer:

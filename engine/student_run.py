@@ -173,7 +173,8 @@ def run_name(config: StudentConfig) -> str:
 def build_task(run: StudentRun, ctx, train_loader, info) -> DistillTask:
     """The teachers, the student and every method's connectors (built on the first batch's features)."""
     config = run.config
-    features_t = FeaturePaths(config.feat_t, config.head_t, "t", recipe=config.distiller is not None)  # the feature teacher's alone
+    recipe = config.distiller is not None  # the module paths are its recorders (in error messages)
+    features_t = FeaturePaths(config.feat_t, config.head_t, "t", recipe=recipe)  # the feature teacher's alone
     teachers = [build_teacher(state, arch, info.num_classes, path, config.dataset,
                               features_t if k == config.feature_teacher else None).to(ctx.device)
                 for k, (state, arch, path) in enumerate(zip(run.teacher_states, config.teacher_archs,
@@ -181,8 +182,7 @@ def build_task(run: StudentRun, ctx, train_loader, info) -> DistillTask:
     teacher = teachers.pop(config.feature_teacher)
     teacher_name = config.feature_pair[0]
     student = build_model(config.model_s, info.num_classes, config.dataset,
-                          FeaturePaths(config.feat_s, config.head_s, "s", recipe=config.distiller is not None),
-                          "--model_s").to(ctx.device)
+                          FeaturePaths(config.feat_s, config.head_s, "s", recipe=recipe), "--model_s").to(ctx.device)
     feat_s, feat_t = sample_features([student, teacher], train_loader, ctx.device)
     temperature = temperature_from_args(config)
     methods = []
