@@ -39,7 +39,7 @@ Source: the official code, Hao840/OFAKD (distillers/ofa.py `ofa_loss`, `OFA`; di
 `SepConv`, `PatchMerging`, `init_weights`; timm 0.6.5's `Block`). Departures (README, Decisions,
 "OFA-KD"): the stages are the student's `stages` whatever their number (the official code
 numbers four by hand per architecture); a stage takes the token branch where the student's
-stage output is a token layout (`token_stages` of a library network), per stage rather than
+stage output is a token layout (`Features.tokens` of a library network), per stage rather than
 per network; the token branch reads the patch tokens alone (the suite's stages drop the class
 token; the official code, under its timm 0.6.5, finds no `num_tokens` on a ViT and fails on its
 class token); one ε for every stage (the official --ofa-eps also takes one per stage); the
@@ -249,7 +249,7 @@ class OFA(Distiller):
         opts = ctx.options
         self.eps, self.T, self.logit_weight = opts.ofa_eps, opts.ofa_temperature, opts.ofa_logit_weight
         self.stages = chosen_stages(opts.ofa_stages, ctx.feat_s.stages)
-        tokens = getattr(ctx.student, "token_stages", None) or [False] * len(ctx.feat_s.stages)
+        tokens = ctx.feat_s.tokens or (False,) * len(ctx.feat_s.stages)  # as a recipe selected them
         self.branches = nn.ModuleList(build_branch(ctx, i, tokens[i]) for i in self.stages)
         kinds = [f"{i + 1} ({'tokens' if tokens[i] else 'map'})" for i in self.stages]
         print(f"ofa: branches on student stages {', '.join(kinds)}; eps {self.eps:g}, T {self.T:g}, "

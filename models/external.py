@@ -17,7 +17,8 @@ probe forward that takes the last module at each spatial resolution after the st
 input of the classifier (timm's `get_classifier()`, torchvision's `fc`/`classifier`/`head`/`heads`,
 else the last nn.Linear), `logits` the network's output. Token sequences (B x N x C) become maps
 (B x C x H x W) with the class/distillation/register tokens dropped, so every method that reads
-stages sees maps; `token_stages` says which stages were tokens (OFA-KD's branch follows it).
+stages sees maps; `token_stages` says which stages were tokens, and `Features.tokens` carries it
+(OFA-KD's branch follows it).
 `preact` is the stage outputs themselves: a library network's pre-activations are not known
 without its code.
 """
@@ -190,7 +191,8 @@ class LibraryFeatures:
         logits = out if torch.is_tensor(out) else out[0]  # (logits, aux) of Inception/GoogLeNet in training
         stages = [self._as_map(got[name], channels) for name, channels in zip(self.feature_stages, self._declared_channels)]
         return Features(stem=self._as_map(got[INPUT + self.feature_stem], None), stages=stages, preact=list(stages),
-                        pooled=got[INPUT + self.feature_head].flatten(1), logits=logits)
+                        pooled=got[INPUT + self.feature_head].flatten(1), logits=logits,
+                        tokens=tuple(getattr(self, "token_stages", ())))
 
     def _as_map(self, t: Tensor, channels: Optional[int]) -> Tensor:
         if t.ndim == 3:

@@ -21,6 +21,8 @@ class Features:
              output (the stage output itself where no ReLU follows).
     pooled:  the flattened penultimate embedding (RepDistiller's feats[-1]).
     logits:  the classifier output.
+    tokens:  per stage, whether the network gave it as tokens, turned into the map (a library
+             ViT's, Swin's or MLP's; models/external.py); empty where every stage is a map.
     """
 
     stem: Tensor
@@ -28,19 +30,21 @@ class Features:
     preact: List[Tensor]
     pooled: Tensor
     logits: Tensor
+    tokens: Tuple[bool, ...] = ()
 
     def rows(self, start: int, stop: int) -> "Features":
         """The features of batch rows start..stop-1 (views of every tensor, no copy)."""
         return Features(stem=self.stem[start:stop], stages=[t[start:stop] for t in self.stages],
                         preact=[t[start:stop] for t in self.preact], pooled=self.pooled[start:stop],
-                        logits=self.logits[start:stop])
+                        logits=self.logits[start:stop], tokens=self.tokens)
 
     def select(self, indices: Optional[Sequence[int]]) -> "Features":
         """The features with `stages` and `preact` cut down to the stages `indices` names, in
         that order (None: all): what one loss of a recipe sees (distiller_zoo/recipe.py)."""
         if indices is None:
             return self
-        return replace(self, stages=[self.stages[i] for i in indices], preact=[self.preact[i] for i in indices])
+        return replace(self, stages=[self.stages[i] for i in indices], preact=[self.preact[i] for i in indices],
+                       tokens=tuple(self.tokens[i] for i in indices) if self.tokens else ())
 
     @staticmethod
     def cat(parts: Sequence["Features"]) -> "Features":
@@ -49,7 +53,7 @@ class Features:
                         stages=[torch.cat(ts) for ts in zip(*(p.stages for p in parts))],
                         preact=[torch.cat(ts) for ts in zip(*(p.preact for p in parts))],
                         pooled=torch.cat([p.pooled for p in parts]),
-                        logits=torch.cat([p.logits for p in parts]))
+                        logits=torch.cat([p.logits for p in parts]), tokens=parts[0].tokens)
 
 
 @dataclass(frozen=True)

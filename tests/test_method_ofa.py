@@ -63,9 +63,10 @@ OFFICIAL_TOKEN_BRANCHES = {
 }
 
 
-def fixed_features(z, width, maps=None):
+def fixed_features(z, width, maps=None, tokens=()):
     maps = maps or [wave(B, *s, phase=10.0 + i) for i, s in enumerate(STAGES)]
-    return Features(stem=maps[0], stages=maps, preact=maps, pooled=wave(B, width, phase=20.0), logits=z)
+    return Features(stem=maps[0], stages=maps, preact=maps, pooled=wave(B, width, phase=20.0), logits=z,
+                    tokens=tokens)
 
 
 def token_maps():
@@ -74,16 +75,12 @@ def token_maps():
             for i, (side, c) in enumerate(TOKEN_STAGES)]
 
 
-class TokenStudent(nn.Identity):
-    token_stages = [True] * len(TOKEN_STAGES)
-
-
 def fixed_ofa(eps, T, tokens=False):
     z_s, z_t = logits()
-    student = TokenStudent() if tokens else nn.Identity()
-    feat_s = fixed_features(z_s, D_S_TOKENS, token_maps()) if tokens else fixed_features(z_s, D_S)
+    feat_s = (fixed_features(z_s, D_S_TOKENS, token_maps(), tokens=(True,) * len(TOKEN_STAGES)) if tokens
+              else fixed_features(z_s, D_S))
     feat_t = fixed_features(z_t, D_T)
-    ctx = BuildContext(student, nn.Identity(), feat_s, feat_t,
+    ctx = BuildContext(nn.Identity(), nn.Identity(), feat_s, feat_t,
                        defaults(OFA.options, ofa_eps=eps, ofa_temperature=T), n_train=100, num_classes=K)
     ofa = OFA(ctx).train()
     with torch.no_grad():
@@ -172,7 +169,7 @@ def test_a_timm_vit_student_gets_token_branches_and_gradients():
 ])
 def test_token_stages_the_official_branch_cannot_take(stage, width, message):
     maps = [wave(B, *stage)]
-    ctx = BuildContext(TokenStudent(), nn.Identity(), fixed_features(logits()[0], width, maps),
+    ctx = BuildContext(nn.Identity(), nn.Identity(), fixed_features(logits()[0], width, maps, tokens=(True,)),
                        fixed_features(logits()[1], D_T), defaults(OFA.options), n_train=100, num_classes=K)
     with pytest.raises(UserError, match=message):
         OFA(ctx)

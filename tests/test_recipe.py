@@ -112,6 +112,9 @@ def test_features_select_the_mapped_stages():
     seen_s, seen_t = StageSelection(student=(2, 0))(feat, feat)
     assert [float(m) for m in seen_s.stages] == [2.0, 0.0] and [float(m) for m in seen_s.preact] == [12.0, 10.0]
     assert seen_t is feat and StageSelection()(None, feat) == (None, feat)
+    mixed = Features(stem=maps[0], stages=maps, preact=maps, pooled=torch.zeros(1, 1), logits=torch.zeros(1, 2),
+                     tokens=(False, False, True))  # which stages were tokens follows the selection (OFA-KD's branch)
+    assert StageSelection(student=(2, 0))(mixed, feat)[0].tokens == (True, False)
 
 
 class StagesSeen(nn.Module):
